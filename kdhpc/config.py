@@ -1,0 +1,444 @@
+"""One dataclass tree: the only home of kdhpc's defaults.
+
+A run's configuration is built in three layers, later ones winning:
+
+1. the defaults below (every field documented in its ``help``),
+2. a YAML file of overrides (``load_config("configs/recon_default.yaml")``),
+3. dotted command-line overrides (``loss.alpha=0.5 train.epochs=3``).
+
+Every layer is checked where it enters: an unknown key, a value of the wrong type or a value
+out of range stops with a :class:`ConfigError` naming the file (or ``command line``), the dotted
+key, what was expected and what was found. Values in YAML and on the command line are parsed as
+YAML scalars (``0.5``, ``true``, ``[1, 2]``), then checked against the field's type; an int is
+accepted where a float is expected, nothing else is coerced.
+
+Conventions (DESIGN.md): ``loss.alpha`` is the weight of the distillation term and ``1 - alpha``
+goes to the data term (KD-MRI's paper writes it the other way round; its configs map onto ours).
+The temperature KL is multiplied by T^2 (Hinton) unless ``loss.kl_t2_scaling`` is false.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names source, key, expected, found."""
+
+
+def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, hi_open: bool = False, factory: bool = False):
+    """A documented field with an optional numeric range [lo, hi] (open ends where flagged)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    if factory:
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Which data a run reads and how it is cut into training samples."""
+
+    dataset: Literal["default_brain", "default_cardiac", "fastmri", "kdmri", "acdc"] = _f(
+        "default_brain", "dataset layout: the embedded defaults (generated on first use), fastMRI "
+        "HDF5, KD-MRI HDF5 or ACDC/M&Ms NIfTI")
+    root: str = _f("", "dataset root folder; empty means the embedded default data in the cache "
+                   "directory (KDHPC_DATA, else the user cache dir)")
+    challenge: Literal["singlecoil", "multicoil"] = _f(
+        "singlecoil", "fastMRI challenge: single-coil (_esc targets) or multi-coil (_rss targets)")
+    train_split: str = _f("train", "sub-folder (or split name) used for training")
+    val_split: str = _f("val", "sub-folder (or split name) used for validation/model selection")
+    test_split: str = _f("test", "sub-folder (or split name) used only for the final report")
+    crop: list[int] = _f([320, 320], "centre crop (H, W) of targets and outputs; fastMRI metrics "
+                         "use 320x320", factory=True)
+    patch_size: int = _f(0, "training patch size in pixels (0 = whole slices)", lo=0)
+    slice_fraction: float = _f(1.0, "fraction of central slices of each volume to use",
+                               lo=0.0, hi=1.0, lo_open=True)
+    max_volumes: int = _f(0, "cap on volumes per split (0 = all); for quick runs", lo=0)
+    num_workers: int = _f(0, "DataLoader workers per rank", lo=0)
+
+
+@dataclass
+class MaskConfig:
+    """Undersampling mask (REFERENCE.md s.1 and s.4)."""
+
+    kind: Literal["kdmri", "random", "equispaced", "file"] = _f(
+        "kdmri", "kdmri: fixed 1-D variable-density lines with a fully sampled centre block; "
+        "random / equispaced: fastMRI RandomMaskFunc / EquispacedMaskFractionFunc; file: a .npy")
+    acceleration: float = _f(4.0, "undersampling factor (4, 5 and 8 are the published ones)", lo=1.0)
+    center_fraction: float = _f(0.08, "fraction of fully sampled central lines", lo=0.0, hi=1.0,
+                                lo_open=True, hi_open=True)
+    layout: Literal["unshifted", "centered"] = _f(
+        "unshifted", "k-space layout the mask is expressed in: unshifted (DC at index 0, KD-MRI) "
+        "or centred (DC in the middle, fastMRI)")
+    path: str = _f("", "mask .npy file when kind=file")
+    seed: int = _f(42, "seed of a fixed mask (kdmri) and base of the per-file validation seeds")
+
+
+@dataclass
+class DegradeConfig:
+    """How the network input is made from the target (kdhpc/data/degrade.py)."""
+
+    task: Literal["undersample", "denoise", "superres"] = _f(
+        "undersample", "undersample: masked k-space; denoise: reduced-NSA k-space noise; "
+        "superres: phase-encode / central-block k-space truncation")
+    nsa_factor: float = _f(4.0, "denoise: the input emulates 1/r of the averages (noise std x "
+                           "sqrt(r))", lo=1.0)
+    noise_sigma: float = _f(0.02, "denoise: k-space noise std at NSA factor 1, relative to the "
+                            "slice's image max", lo=0.0)
+    noise_jitter: list[float] = _f([1.0, 1.0], "training: random multiplier range of the noise "
+                                   "level (augmentation); [1, 1] = fixed", factory=True)
+    sr_scale: float = _f(4.0, "superres: keep the central 1/s of lines (s = 4 is KD-MRI's "
+                         "64 of 256)", lo=1.0)
+    sr_mode: Literal["phase_encode", "central_block"] = _f(
+        "central_block", "superres: truncate phase encodes only, or the central block on both axes")
+    dihedral: bool = _f(True, "training views include the 8 flips/rot90s (view id 0-7)")
+    views_per_sample: int = _f(8, "size of each sample's enumerated view pool (dihedral id x "
+                               "noise seed); the teacher cache holds one record per view", lo=1)
+
+
+@dataclass
+class DefaultDataConfig:
+    """The embedded default data (python -m kdhpc.data.default)."""
+
+    seed: int = _f(0, "generation seed; the same seed gives byte-identical files")
+    brain_subjects: int = _f(12, "pseudo-subjects made from the MNI ICBM152 template", lo=3)
+    brain_slices: int = _f(16, "axial slices per brain subject", lo=1)
+    brain_size: int = _f(160, "brain image size (square, pixels) before k-space simulation", lo=32)
+    brain_coils: int = _f(8, "simulated receive coils", lo=1)
+    cardiac_patients: int = _f(20, "analytic short-axis pseudo-patients", lo=3)
+    cardiac_slices: int = _f(8, "short-axis slices per frame", lo=1)
+    cardiac_size: int = _f(192, "cardiac image size (square, pixels)", lo=64)
+    split: list[float] = _f([0.6, 0.2, 0.2], "train/val/test fractions, split by subject",
+                            factory=True)
+
+
+@dataclass
+class ModelConfig:
+    """Networks by registry name (kdhpc/models); named sizes live in the registry."""
+
+    teacher: str = _f("dccnn_teacher", "teacher architecture (registry name)")
+    student: str = _f("dccnn_student", "student architecture (registry name)")
+    teacher_checkpoint: str = _f("", "trained teacher weights; empty = the recipe trains one")
+    experts: list[str] = _f([], "task-based KD: one teacher checkpoint per task (enhancement)",
+                            factory=True)
+
+
+@dataclass
+class LossConfig:
+    """Data and distillation terms. alpha weighs the distillation term (DESIGN.md)."""
+
+    alpha: float = _f(0.5, "weight of the distillation term; 1 - alpha goes to the data term",
+                      lo=0.0, hi=1.0)
+    temperature: float = _f(1.0, "softmax temperature of the KL term", lo=0.0, lo_open=True)
+    kl_t2_scaling: bool = _f(True, "multiply the temperature KL by T^2 (Hinton)")
+    at_mode: Literal["paper", "kdmri_code"] = _f(
+        "paper", "attention transfer: per-sample L2 norm and L2 distance (paper) or batch-dim "
+        "normalisation and L1 mean (released KD-MRI code)")
+    at_p: float = _f(2.0, "attention map exponent: Q = sum_c |A_c|^p", lo=0.0, lo_open=True)
+    l1_weight: float = _f(1.0, "weight of L1 inside the data term", lo=0.0)
+    ssim_weight: float = _f(0.0, "weight of (1 - SSIM) inside the data term", lo=0.0)
+    perceptual_weight: float = _f(0.0, "weight of the perceptual term inside the data term", lo=0.0)
+    perceptual_checkpoint: str = _f("", "feature network for the perceptual term; empty = the "
+                                    "frozen teacher's early layers")
+    ds_weights: list[float] = _f([], "deep-supervision weights, highest resolution first; "
+                                 "empty = nnU-Net's 1/2^i, lowest 0, normalised", factory=True)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser (KD-MRI: Adam 1e-3; nnU-Net: SGD 1e-2, momentum 0.99 Nesterov, wd 3e-5)."""
+
+    name: Literal["adam", "adamw", "sgd"] = _f("adam", "optimiser")
+    lr: float = _f(1e-3, "learning rate", lo=0.0, lo_open=True)
+    weight_decay: float = _f(0.0, "weight decay", lo=0.0)
+    momentum: float = _f(0.99, "SGD momentum", lo=0.0, hi=1.0)
+    nesterov: bool = _f(True, "SGD Nesterov momentum")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, in optimiser steps."""
+
+    kind: Literal["constant", "step", "poly", "cosine"] = _f("step", "schedule shape")
+    step_size: int = _f(40, "step: decay every this many epochs", lo=1)
+    gamma: float = _f(0.1, "step: decay factor", lo=0.0, hi=1.0, lo_open=True)
+    power: float = _f(0.9, "poly: exponent", lo=0.0)
+    warmup_steps: int = _f(0, "linear warm-up steps (cosine and poly)", lo=0)
+
+
+@dataclass
+class TrainConfig:
+    """The DeepSpeed loop (kdhpc/train.py)."""
+
+    epochs: int = _f(150, "training epochs", lo=1)
+    max_steps: int = _f(0, "stop after this many optimiser steps (0 = run all epochs)", lo=0)
+    batch_size: int = _f(4, "global batch size (micro batch x ranks x accumulation)", lo=1)
+    grad_accum: int = _f(1, "gradient accumulation steps", lo=1)
+    grad_clip: float = _f(0.0, "gradient norm clip (0 = off)", lo=0.0)
+    precision: Literal["fp32", "bf16"] = _f("fp32", "training precision")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage", lo=0, hi=3)
+    deepspeed_config: str = _f("", "DeepSpeed JSON to start from; empty = configs/deepspeed/"
+                               "zero<stage>_<precision>.json")
+    eval_every: int = _f(0, "evaluate every N optimiser steps (0 = at each epoch end)", lo=0)
+    checkpoint_every: int = _f(0, "checkpoint every N steps (0 = at each epoch end)", lo=0)
+    keep_last: int = _f(2, "checkpoints kept besides the best", lo=1)
+    best_metric: str = _f("val_loss", "metric that selects the best checkpoint")
+    best_mode: Literal["min", "max"] = _f("min", "whether lower or higher best_metric is better")
+    max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0)
+    log_every: int = _f(10, "log every N steps", lo=1)
+    seed: int = _f(42, "run seed; ranks and workers derive theirs from it")
+    threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0)
+
+
+@dataclass
+class TeacherConfig:
+    """Where teacher targets come from (kdhpc/teacher)."""
+
+    mode: Literal["precompute", "stream"] = _f(
+        "precompute", "precompute: an HDF5 cache filled once; stream: the frozen teacher runs on "
+        "each batch's exact views")
+    cache_dir: str = _f("", "teacher cache folder; empty = <run_dir>/teacher_cache")
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = _f(
+        "float16", "stored dtype of cached teacher outputs")
+    compression: Literal["none", "gzip", "lzf"] = _f("none", "HDF5 compression of the cache")
+    stream_bf16: bool = _f(False, "run a streamed teacher under bf16 autocast")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and report."""
+
+    batch_size: int = _f(8, "evaluation batch size per rank", lo=1)
+    latency_repeats: int = _f(20, "timed repetitions for per-slice latency", lo=1)
+    tta_flip: bool = _f(True, "segmentation: flip test-time augmentation for the teacher")
+
+
+@dataclass
+class Config:
+    """A whole run: recipe, data, models, losses, optimisation and outputs."""
+
+    recipe: Literal["reconstruction", "superres", "enhancement", "segmentation", "data"] = _f(
+        "reconstruction", "which recipe python -m kdhpc.distill runs")
+    run_dir: str = _f("runs/default", "output folder: checkpoints, caches, metrics, report")
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    default_data: DefaultDataConfig = field(default_factory=DefaultDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming source and key."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: expected {expected}, found {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            fail(_type_name(tp))
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail(_type_name(tp))
+        (inner,) = typing.get_args(tp)
+        return [_check_value(v, inner, meta, key, source) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            fail("a finite number")
+    elif tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+    if tp in (int, float):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+        too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+        if too_low or too_high:
+            left = "(" if meta.get("lo_open") or lo is None else "["
+            right = ")" if meta.get("hi_open") or hi is None else "]"
+            fail(f"a value in {left}{'-inf' if lo is None else lo}, "
+                 f"{'inf' if hi is None else hi}{right}")
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(node: Any, updates: dict, source: str, prefix: str = "") -> None:
+    """Set ``updates`` (a nested dict) on the dataclass ``node`` with full checking."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or '<top>'}: expected a mapping, "
+                          f"found {updates!r}")
+    hints = _hints(type(node))
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    for name, value in updates.items():
+        key = prefix + str(name)
+        if name not in fields:
+            close = [k for k in fields if k.startswith(str(name)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: {key}: unknown key; expected one of "
+                              f"{', '.join(fields)}{hint}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(node, name), value, source, key + ".")
+        else:
+            setattr(node, name, _check_value(value, tp, fields[name].metadata, key, source))
+
+
+def _check_cross(cfg: Config, source: str) -> None:
+    """Constraints that involve more than one field."""
+    lo, hi = cfg.degrade.noise_jitter if len(cfg.degrade.noise_jitter) == 2 else (1, 0)
+    if len(cfg.degrade.noise_jitter) != 2 or not 0 < lo <= hi:
+        raise ConfigError(f"{source}: degrade.noise_jitter: expected [low, high] with "
+                          f"0 < low <= high, found {cfg.degrade.noise_jitter!r}")
+    if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 1:
+        raise ConfigError(f"{source}: data.crop: expected [H, W] of positive integers, "
+                          f"found {cfg.data.crop!r}")
+    split = cfg.default_data.split
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise ConfigError(f"{source}: default_data.split: expected three non-negative fractions "
+                          f"summing to 1, found {split!r}")
+    if cfg.mask.kind == "file" and not cfg.mask.path:
+        raise ConfigError(f"{source}: mask.path: expected a .npy file when mask.kind is 'file', "
+                          f"found ''")
+    if any(w < 0 for w in cfg.loss.ds_weights):
+        raise ConfigError(f"{source}: loss.ds_weights: expected non-negative weights, "
+                          f"found {cfg.loss.ds_weights!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'loss.alpha=0.5'`` -> ``('loss.alpha', 0.5)``; the value is parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"command line: {text!r}: expected key=value (e.g. loss.alpha=0.5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"command line: {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: {key}: cannot parse value {raw!r}: {err}") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then dotted ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        _apply(cfg, data, source)
+        _check_cross(cfg, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "command line")
+    if overrides:
+        _check_cross(cfg, "command line")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (what is written into run directories)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Rebuild a Config from :func:`to_dict` output (checked like a YAML file)."""
+    cfg = Config()
+    _apply(cfg, data, source)
+    _check_cross(cfg, source)
+    return cfg
+
+
+def digest(data: Any) -> str:
+    """SHA-256 of a config subtree (or any JSON-able data); names what a stage or cache depends on."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary name, so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def save_config(cfg: Config, run_dir: str | os.PathLike | None = None) -> Path:
+    """Write the resolved config as ``<run_dir>/config.yaml`` (atomically) and return its path."""
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    return write_atomic(run_dir / "config.yaml",
+                        yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every field; used by ``--help`` texts and the README."""
+    rows = []
+    hints = _hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, f.metadata.get("help", ""), getattr(inst, f.name)))
+    return rows
