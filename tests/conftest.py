@@ -1,7 +1,10 @@
-"""Test-wide settings: CPU-only DeepSpeed, Triton's interpreter, a private data cache."""
+"""Test-wide settings: CPU-only DeepSpeed, Triton's interpreter where there is no GPU."""
 
 import os
 
+import torch
+
 # Set before anything imports deepspeed or triton.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TRITON_INTERPRET", "1")

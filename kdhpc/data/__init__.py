@@ -1,0 +1,1 @@
+"""MRI data: file formats, masks, degradations and the embedded default dataset."""
