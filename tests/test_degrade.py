@@ -1,4 +1,4 @@
-"""Degradations: FFT conventions, undersampling, NSA noise statistics, truncation, dihedral views."""
+"""Degradations: FFT conventions, undersampling, NSA noise, truncation, dihedral views."""
 
 import dataclasses
 import math

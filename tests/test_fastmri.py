@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import h5py
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
 from kdhpc.data.fastmri import (DataFormatError, FastMRISliceDataset, read_header,
                                 write_fastmri)
@@ -48,9 +49,12 @@ def test_singlecoil_round_trip_with_header_attrs_and_extra(tmp_path):
         assert np.array_equal(item["kspace"].numpy(), kspace[s])
         assert np.array_equal(item["target"].numpy(), target[s])
         assert np.array_equal(item["extra"]["tissue"].numpy(), tissue[s])
-        assert item["slice"] == s and item["fname"] == str(path) and item["mask"] is None
+        assert item["slice"] == s and item["fname"] == str(path) and "mask" not in item
     assert item["attrs"]["acquisition"] == "CORPD_FBK" and item["attrs"]["patient_id"] == "p7"
     assert item["header"] == header
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert np.array_equal(batch["kspace"].numpy(), kspace[:3])
+    assert np.array_equal(batch["extra"]["tissue"].numpy(), tissue[:3])
     # Lazy: no open handle is kept, so the dataset pickles into DataLoader workers.
     clone = pickle.loads(pickle.dumps(ds))
     assert np.array_equal(clone[2]["kspace"].numpy(), kspace[2])

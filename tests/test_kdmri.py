@@ -9,7 +9,7 @@ import pytest
 from kdhpc.config import MaskConfig
 from kdhpc.data.fastmri import DataFormatError, write_fastmri
 from kdhpc.data.kdmri import KDMRISliceDataset, acc_key, convert_fastmri, write_kdmri
-from kdhpc.data.masks import make_mask, to_layout
+from kdhpc.data.masks import make_mask
 
 
 def centred_fft(x):
@@ -58,6 +58,7 @@ def test_round_trip_two_accelerations_and_acc_folder(tmp_path):
         assert np.array_equal(item["mask"].numpy(), mask4)
     eight = KDMRISliceDataset(tmp_path / "acc_4x", "8x")[2]
     assert np.allclose(eight["kspace"].numpy(), k8[:, :, 2], atol=1e-6)
+    assert "mask" not in eight
 
 
 @pytest.mark.parametrize("challenge", ["singlecoil", "multicoil"])

@@ -9,6 +9,8 @@ Layout (ACDC challenge; nnU-Net's dataset conversion reads the same, REFERENCE.m
 Labels: 0 background, 1 right-ventricle cavity (RV), 2 left-ventricle myocardium, 3 left-ventricle
 cavity (LV). Frame numbers are 1-based as in ACDC; ED/ES in Info.cfg name the labelled frames.
 Images are written as float32 and labels as uint8, with affine ``diag(spacing, 1)`` (mm).
+M&Ms data are read in this layout too: convert them with :func:`write_acdc_patient`, remapping
+their labels to ACDC's numbering first (M&Ms's own files number LV 1 and RV 3).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Layout (github facebookresearch/fastMRI, REFERENCE.md s.4), one file per volume:
   *centred* layout: ``k = fftshift(fft2(ifftshift(x), norm="ortho"))`` (see
   :func:`kdhpc.data.degrade.fft2` with ``centered=True``). H is the readout (frequency-encode)
   axis, W the phase-encode axis that 1-D masks act on.
-- ``reconstruction_esc`` (single-coil) or ``reconstruction_rss`` (multi-coil): float32 ``(S, h, w)``.
+- ``reconstruction_esc`` (single-coil) or ``reconstruction_rss`` (multi-coil): float32
+  ``(S, h, w)``.
   Test files have no reconstruction; they carry a 1-D ``mask`` over W and attr ``acceleration``.
 - ``ismrmrd_header``: ISMRMRD XML; encodedSpace / reconSpace ``matrixSize`` (x, y, z) and
   ``encodingLimits/kspace_encoding_step_1`` ``center`` / ``maximum`` (see :func:`read_header`).
@@ -354,9 +355,10 @@ class FastMRISliceDataset(VolumeSliceDataset):
 
     - ``kspace``: complex64 ``[H, W]`` or ``[C, H, W]`` (centred layout)
     - ``target``: float32 ``[h, w]``, or None on test files
-    - ``mask``: float32 ``[W]`` (test files only), ``attrs``: the file's attrs,
-      ``header``: :func:`parse_header` dict (or None), ``fname``, ``slice``, ``volume``,
-      ``extra``: ``{name: tensor slice}``.
+    - ``attrs``: the file's attrs, ``fname``, ``slice``, ``volume`` (number in ``volumes``),
+      ``extra``: ``{name: tensor slice}``
+    - only when the file has them: ``mask`` float32 ``[W]`` (test files) and ``header``
+      (:func:`parse_header` dict), so that ``default_collate`` batches ordinary files.
     """
 
     def __init__(self, root_or_files: str | os.PathLike | Sequence[str | os.PathLike],
@@ -429,13 +431,15 @@ class FastMRISliceDataset(VolumeSliceDataset):
                 target = read_h5(fname, f, self.recon_key, s)  # [h, w]
                 check_finite(target, f"{fname}: {self.recon_key}[{s}]")
                 target = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
-            mask = None
+            optional = {}
             if "mask" in f:
-                mask = torch.from_numpy(read_h5(fname, f, "mask").astype(np.float32))  # [W]
+                mask = read_h5(fname, f, "mask").astype(np.float32)  # [W]
+                optional["mask"] = torch.from_numpy(mask)
+            if self.headers[number] is not None:
+                optional["header"] = self.headers[number]
             extra = {k: torch.from_numpy(np.ascontiguousarray(read_h5(fname, f, k, s)))
                      for k in self._extra_keys[number]}
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
         return {"kspace": torch.from_numpy(kspace.astype(np.complex64)), "target": target,
-                "mask": mask, "attrs": attrs,
-                "header": self.headers[number], "fname": fname, "slice": s,
-                "volume": number, "extra": extra}
+                "attrs": attrs, "fname": fname, "slice": s, "volume": number, "extra": extra,
+                **optional}

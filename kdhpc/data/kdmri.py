@@ -82,7 +82,8 @@ class KDMRISliceDataset(VolumeSliceDataset):
 
     ``root`` is a folder of ``.h5`` files, or its parent holding ``acc_<acc>/``. ``mask``
     (an array or a ``.npy`` path, unshifted layout, 1-D ``[W]`` or 2-D ``[H, W]``) is returned
-    with each item when given; KD-MRI keeps masks beside the data, not in the files. Items:
+    with each item only when given (so ``default_collate`` works either way); KD-MRI keeps
+    masks beside the data, not in the files. Items:
     ``target`` float32 ``[H, W]`` (volfs), ``image`` float32 ``[H, W]`` (zero-filled),
     ``kspace`` complex64 ``[H, W]`` (unshifted), ``mask``, ``fname``, ``slice``, ``volume``.
     """
@@ -137,10 +138,13 @@ class KDMRISliceDataset(VolumeSliceDataset):
                       for key in ("volfs", self.image_key, self.kspace_key)}  # each [H, W]
         for key, array in arrays.items():
             check_finite(array, f"{fname}: {key}[:, :, {s}]")
-        return {"target": torch.from_numpy(arrays["volfs"].astype(np.float32)),
+        item = {"target": torch.from_numpy(arrays["volfs"].astype(np.float32)),
                 "image": torch.from_numpy(arrays[self.image_key].astype(np.float32)),
                 "kspace": torch.from_numpy(arrays[self.kspace_key].astype(np.complex64)),
-                "mask": self.mask, "fname": fname, "slice": s, "volume": number}
+                "fname": fname, "slice": s, "volume": number}
+        if self.mask is not None:
+            item["mask"] = self.mask
+        return item
 
 
 def _fastmri_images(fname: Path, challenge: str, from_kspace: bool) -> np.ndarray:
