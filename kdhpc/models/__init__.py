@@ -1,0 +1,107 @@
+"""Every network kdhpc distils, by registry name: ``build_model(name, **overrides)``.
+
+Names (``MODEL_NAMES``) and what they build:
+
+| name | network | notes |
+|---|---|---|
+| dccnn_teacher / dccnn_student | :class:`~kdhpc.models.dccnn.DCCNN` 5 x 5 / 5 x 3 convs | 141,765 / 49,285 params |
+| vdsr_teacher / vdsr_student | :class:`~kdhpc.models.vdsr.VDSR` 11 / 7 convs | 333,569 / 185,857 params |
+| swinir_denoise | SwinIR, published grey denoising size | D 180, depths [6]*6, window 8 |
+| swinir_lightweight_sr | SwinIR, published lightweight-SR body, same grid | D 60, depths [6]*4 |
+| swinir_small | SwinIR for CPU runs and tests | |
+| edsr_baseline / edsr_small | EDSR, published 16 x 64 / CPU size | res_scale 1 |
+| edsr_multitask_baseline / edsr_multitask_small | EDSR + FiLM task conditioning | forward(x, task) |
+| unet_teacher / unet_teacher_small | nnU-Net-style 2-D U-Net, deep supervision | base 32 / 8 |
+| mobilenet_unet_student / mobilenet_unet_student_small | MobileNetV2-encoder U-Net | expansion 8 |
+
+``overrides`` are constructor keyword arguments of the class (e.g.
+``build_model("dccnn_teacher", centered=True)`` for fastMRI's centred k-space); an unknown name or
+argument is an error that lists the valid ones.
+
+Call conventions:
+
+- reconstruction: ``DCCNN(x_zf [B,1,H,W] real, k0 [B,1,H,W] complex, mask)``; SR / enhancement:
+  ``model(x [B,1,H,W])``; multi-task EDSR: ``model(x, task)`` (ids or names).
+- segmentation: ``model(x [B,1,H,W])`` returns the list of 4 deep-supervision logits, highest
+  resolution first, in train and eval mode alike; the prediction is ``model(x)[0]``.
+
+Feature distillation convention: a distillable model has an attribute ``feature_layers``, the
+tuple of its module names (``model.get_submodule(name)``) whose outputs it exposes, and
+``forward(..., return_features=True)`` returns ``(output, features)`` where ``features[i]`` is the
+output of ``feature_layers[i]`` in that same call. A teacher and its student expose the same number
+of layers and pair them by position: pair i = (teacher ``features[i]``, student ``features[i]``).
+DC-CNN: ReLU(conv3) of the teacher <-> ReLU(conv2) of the student in each of the 5 cascades
+(5 pairs); VDSR: ReLU(conv6) <-> ReLU(conv4) (1 pair). Models without feature taps
+(SwinIR, EDSR, U-Nets) have no ``feature_layers``; :func:`feature_layers` returns ``()`` for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from kdhpc.models.dccnn import DCCNN
+from kdhpc.models.edsr import EDSR, MultiTaskEDSR
+from kdhpc.models.mobilenet_unet import MobileNetUNet
+from kdhpc.models.swinir import SwinIR
+from kdhpc.models.unet import UNet, segment
+from kdhpc.models.vdsr import VDSR
+
+# name -> (class, the named size's constructor arguments)
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "dccnn_teacher": (DCCNN, dict(n_cascades=5, n_convs=5, channels=32)),
+    "dccnn_student": (DCCNN, dict(n_cascades=5, n_convs=3, channels=32)),
+    "vdsr_teacher": (VDSR, dict(n_convs=11, channels=64)),
+    "vdsr_student": (VDSR, dict(n_convs=7, channels=64)),
+    "swinir_denoise": (SwinIR, dict(embed_dim=180, depths=[6] * 6, heads=[6] * 6, window=8,
+                                    mlp_ratio=2.0)),
+    "swinir_lightweight_sr": (SwinIR, dict(embed_dim=60, depths=[6] * 4, heads=[6] * 4,
+                                           window=8, mlp_ratio=2.0)),
+    "swinir_small": (SwinIR, dict(embed_dim=48, depths=[4, 4], heads=[4, 4], window=8,
+                                  mlp_ratio=2.0)),
+    "edsr_baseline": (EDSR, dict(n_blocks=16, features=64, res_scale=1.0)),
+    "edsr_small": (EDSR, dict(n_blocks=8, features=32, res_scale=1.0)),
+    "edsr_multitask_baseline": (MultiTaskEDSR, dict(n_blocks=16, features=64, res_scale=1.0,
+                                                    n_tasks=2)),
+    "edsr_multitask_small": (MultiTaskEDSR, dict(n_blocks=8, features=32, res_scale=1.0,
+                                                 n_tasks=2)),
+    "unet_teacher": (UNet, dict(base_features=32, max_features=512, n_stages=6, n_heads=4)),
+    "unet_teacher_small": (UNet, dict(base_features=8, max_features=64, n_stages=5, n_heads=4)),
+    "mobilenet_unet_student": (MobileNetUNet, dict(channels=(16, 24, 32, 64, 96), expansion=8,
+                                                   n_heads=4)),
+    "mobilenet_unet_student_small": (MobileNetUNet, dict(channels=(8, 8, 16, 16, 24),
+                                                         expansion=4, blocks_per_level=1,
+                                                         n_heads=4)),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "feature_layers", "segment",
+           "DCCNN", "VDSR", "EDSR", "MultiTaskEDSR", "SwinIR", "UNet", "MobileNetUNet"]
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Build the network registered as ``name`` with its named size, ``overrides`` replacing
+    constructor arguments."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model name: expected one of {', '.join(MODEL_NAMES)}, found {name!r}")
+    cls, defaults = _REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} ({cls.__name__}): unknown argument(s) {unknown}; "
+                         f"expected some of {accepted}")
+    return cls(**{**defaults, **overrides})
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def feature_layers(model: nn.Module) -> tuple[str, ...]:
+    """Module names whose outputs ``model`` returns with ``return_features=True`` (in order);
+    ``()`` for a model without feature taps."""
+    return tuple(getattr(model, "feature_layers", ()))

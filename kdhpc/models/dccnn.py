@@ -1,0 +1,157 @@
+"""DC-CNN: cascades of a small CNN and a data-consistency step (KD-MRI's reconstruction nets).
+
+Architecture (REFERENCE.md s.1, KD-MRI ``reconstruction/models.py``): ``n_cascades`` times
+
+    z = CNN_c(x)                                  # 3x3 convs, 32 ch, bias, ReLU but the last, no BN
+    x = Re(IFFT2(M * k0 + (1 - M) * FFT2(z)))    # hard DC, lam = 1 (orthonormal FFT)
+
+with ``CNN_c = conv(1->C), (n_convs - 2) x conv(C->C), conv(C->1)``. There is no residual
+connection inside a cascade: the CNN output goes straight into DC. The general soft DC is
+``k + lam * M * (k0 - k)``; ``lam = 1`` is KD-MRI's hard replacement. The DC step is
+:func:`kdhpc.ops.data_consistency.data_consistency` (C++/CUDA fast path with a PyTorch reference).
+
+Teacher: 5 cascades x 5 convs, 141,765 parameters; student: 5 x 3 convs, 49,285 parameters.
+
+FFT layout: ``centered=False`` is KD-MRI's unshifted k-space (DC at index 0);
+``centered=True`` is fastMRI's centred k-space (see :mod:`kdhpc.data.degrade`).
+
+Feature taps (see :mod:`kdhpc.models`): in every cascade the ReLU output of convolution number
+``feature_conv`` (1-based), by default the middle one, ``(n_convs + 1) // 2``: conv3 of the
+teacher, conv2 of the student, KD-MRI's attention-transfer pairs (one per cascade).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdhpc.ops.data_consistency import data_consistency
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, as GEMMs when one side has a
+    single channel.
+
+    oneDNN's direct kernels run a 1 -> C or C -> 1 conv 4-5x slower than their FLOPs suggest
+    (16 ms for 1 -> 32 at 320 x 320 on one thread, about as long as 32 -> 32, which has 32x the
+    FLOPs); these thin convs are a fixed cost of every cascade, so they also decide how much of the
+    teacher/student FLOP ratio survives. With ``K`` the 9 kernel taps, offsets ``(dy, dx)``:
+
+    - 1 -> C: ``y = W[C, 9] @ unfold(x)[9, HW]`` (im2col of one channel is 9 shifted copies);
+    - C -> 1: ``t = W[C, 9]^T @ x[C, HW]`` gives each tap's contribution [9, H, W]; then
+      ``y[i, j] = sum_k t_k[i + dy_k - 1, j + dx_k - 1]`` (zero outside), 9 shifted adds.
+
+    Same values as ``F.conv2d`` up to float summation order, and differentiable.
+    """
+    b, cin, h, w = x.shape
+    cout = weight.shape[0]
+    if weight.shape[-2:] != (3, 3) or (cin != 1 and cout != 1):
+        return F.conv2d(x, weight, bias, padding=1)
+    if cin == 1:
+        cols = F.unfold(x, 3, padding=1)  # [B, 9, H*W]
+        y = torch.matmul(weight.reshape(cout, 9), cols)  # [B, C, H*W]
+        if bias is not None:
+            y = y + bias.view(1, cout, 1)
+        return y.view(b, cout, h, w)
+    taps = torch.matmul(weight.reshape(cin, 9).t(), x.reshape(b, cin, h * w))  # [B, 9, H*W]
+    taps = F.pad(taps.view(b, 9, h, w), (1, 1, 1, 1))  # [B, 9, H+2, W+2]
+    y = taps[:, 0:1, 0:h, 0:w] if bias is None else taps[:, 0:1, 0:h, 0:w] + bias.view(1, 1, 1, 1)
+    for k in range(1, 9):
+        dy, dx = divmod(k, 3)
+        y = y + taps[:, k:k + 1, dy:dy + h, dx:dx + w]
+    return y  # [B, 1, H, W]
+
+
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(cin, cout, 3, padding=1)`` (same parameters and state-dict keys) whose forward
+    is :func:`conv3x3`, so that thin convs take the GEMM form and hooks still see the module."""
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__(cin, cout, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3x3(x, self.weight, self.bias)
+
+
+class CascadeCNN(nn.Module):
+    """``n_convs`` 3x3 convs, ReLU after every one but the last; returns the output and the
+    ReLU output of conv ``feature_index + 1`` (the feature tap)."""
+
+    def __init__(self, n_convs: int, channels: int, feature_index: int, in_channels: int = 1):
+        super().__init__()
+        widths = [in_channels] + [channels] * (n_convs - 1) + [in_channels]
+        self.convs = nn.ModuleList(Conv3x3(widths[i], widths[i + 1]) for i in range(n_convs))
+        # One ReLU instance per conv so that each activation is addressable by name (hooks).
+        self.acts = nn.ModuleList(nn.ReLU(inplace=True) for _ in range(n_convs - 1))
+        self.feature_index = feature_index
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        tap = x
+        for i, act in enumerate(self.acts):
+            h = act(self.convs[i](h))  # [B, C, H, W]
+            if i == self.feature_index:
+                tap = h
+        return self.convs[-1](h), tap  # [B, 1, H, W], [B, C, H, W]
+
+
+class DCCNN(nn.Module):
+    """Cascaded CNN + hard data consistency, image domain, one real channel.
+
+    Args:
+        n_cascades: CNN + DC blocks (5 in KD-MRI).
+        n_convs: convolutions per cascade CNN (teacher 5, student 3; >= 2).
+        channels: hidden width (32 in KD-MRI).
+        feature_conv: 1-based conv whose ReLU output is tapped in each cascade;
+            None = ``(n_convs + 1) // 2``.
+        centered: k-space layout of ``k0`` and ``mask`` (False: KD-MRI, True: fastMRI).
+        dc_lam: DC weight ``lam`` in ``k + lam * M * (k0 - k)``; 1 = hard replacement.
+    """
+
+    def __init__(self, n_cascades: int = 5, n_convs: int = 5, channels: int = 32,
+                 feature_conv: int | None = None, centered: bool = False, dc_lam: float = 1.0):
+        super().__init__()
+        if n_cascades < 1:
+            raise ValueError(f"DCCNN n_cascades: expected >= 1, found {n_cascades}")
+        if n_convs < 2:
+            raise ValueError(f"DCCNN n_convs: expected >= 2, found {n_convs}")
+        feature_conv = (n_convs + 1) // 2 if feature_conv is None else feature_conv
+        if not 1 <= feature_conv <= n_convs - 1:
+            raise ValueError(f"DCCNN feature_conv: expected 1..{n_convs - 1} (a conv followed "
+                             f"by a ReLU), found {feature_conv}")
+        self.cascades = nn.ModuleList(CascadeCNN(n_convs, channels, feature_conv - 1)
+                                      for _ in range(n_cascades))
+        self.centered = bool(centered)
+        self.dc_lam = float(dc_lam)
+        self.feature_layers = tuple(f"cascades.{c}.acts.{feature_conv - 1}"
+                                    for c in range(n_cascades))
+
+    def forward(self, x_zf: torch.Tensor, k0: torch.Tensor, mask: torch.Tensor,
+                return_features: bool = False):
+        """Reconstruct from the zero-filled image.
+
+        Args:
+            x_zf: zero-filled image, real, [B, 1, H, W].
+            k0: measured k-space, complex, [B, 1, H, W] (zeros off the mask).
+            mask: sampling mask, broadcastable to [H, W] ([H, 1], [1, W] or [H, W]), 1 = sampled.
+            return_features: also return the per-cascade feature taps.
+
+        Returns:
+            the reconstruction [B, 1, H, W], or ``(reconstruction, [tap_c] * n_cascades)`` with
+            ``tap_c`` [B, C, H, W].
+        """
+        if x_zf.dim() != 4 or x_zf.shape[1] != 1 or x_zf.is_complex():
+            raise ValueError(f"DCCNN x_zf: expected a real [B, 1, H, W] image, found "
+                             f"{tuple(x_zf.shape)} {x_zf.dtype}")
+        if tuple(k0.shape) != tuple(x_zf.shape) or not k0.is_complex():
+            raise ValueError(f"DCCNN k0: expected complex k-space of shape {tuple(x_zf.shape)}, "
+                             f"found {tuple(k0.shape)} {k0.dtype}")
+        x = x_zf
+        features = []
+        for cascade in self.cascades:
+            z, tap = cascade(x)  # [B, 1, H, W], [B, C, H, W]
+            features.append(tap)
+            x = data_consistency(z, k0, mask, lam=self.dc_lam, centered=self.centered,
+                                 output="real")  # [B, 1, H, W]
+        return (x, features) if return_features else x
