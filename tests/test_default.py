@@ -154,7 +154,7 @@ def test_tissue_labels_follow_the_acquisition_contrast(tiny_root):
 
 
 def test_anatomy_is_the_template_but_not_a_copy():
-    cfg = dataclasses.replace(TINY, brain_size=64, brain_slices=5)
+    cfg = TINY  # same sizes as the generated set: reuses the smoothed template
     slices = []
     for index in range(3):
         rng = default.subject_rng(cfg.seed, 1, index)
@@ -273,6 +273,9 @@ def test_damaged_cache_is_refused_and_force_regenerates(tiny_root, tmp_path):
     default.ensure_default(TINY, "cardiac", tmp_path, force=True)
     assert default.verify_default(folder)["digest"].startswith(folder.name.split("-")[1])
     assert dataset_hashes(folder) == dataset_hashes(tiny_root / folder.name)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(default.DefaultDataError, match="manifest.json: missing"):
+        default.ensure_default(TINY, "cardiac", tmp_path)
 
 
 def _generate_in_child(root: str, barrier, results) -> None:

@@ -54,7 +54,8 @@ Each pseudo-subject draws, from ``numpy.random.default_rng([seed, 1, subject])``
 Multi-coil files hold ``kspace`` ``(S, C, N, N)`` complex64 and ``reconstruction_rss`` =
 ``sqrt(sum_c |F^-1 k_c|^2)`` of the stored k-space. Single-coil files emulate one coil
 (fastMRI's "esc"): ``x_sc = sum_c conj(S_c) F^-1 k_c``, ``kspace = F x_sc`` ``(S, N, N)`` and
-``reconstruction_esc = |F^-1 kspace|``. Both carry the extra dataset ``tissue`` ``(S, N, N)``
+``reconstruction_esc = |F^-1 kspace|``. Every split, test included, is fully sampled with its
+target (masks are applied by the training code, :mod:`kdhpc.data.masks`). Both carry the extra dataset ``tissue`` ``(S, N, N)``
 uint8 (0 background, 1 CSF, 2 GM, 3 WM; argmax of the sampled probabilities inside
 ``b >= 0.5``) for SNR regions of interest. Intensities are in arbitrary units with the
 white matter near 1 (real fastMRI files are ~1e-4: normalise per slice either way).
@@ -388,8 +389,11 @@ def simulate_brain_kspace(magnitude: np.ndarray, subject: BrainSubject, coils: i
     maps = coil_maps(rng, size, coils)  # [C, N, N]
     kspace = centred_fft2(image[:, None] * maps[None])  # [S, C, N, N]
     sigma = subject.noise_fraction * float(np.median(magnitude[magnitude > 0.1 * magnitude.max()]))
-    noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(sigma / np.sqrt(2))
-    kspace = (kspace + (noise[0] + 1j * noise[1])).astype(np.complex64)
+    noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32)
+    noise *= np.float32(sigma / np.sqrt(2))
+    kspace = kspace.astype(np.complex64)
+    kspace.real += noise[0]
+    kspace.imag += noise[1]
     coil_images = centred_fft2(kspace, inverse=True)  # [S, C, N, N]
     single = centred_fft2(np.sum(np.conj(maps)[None] * coil_images, axis=1)).astype(np.complex64)
     return {"kspace_multicoil": kspace,
@@ -750,12 +754,14 @@ def find_or_generate(cfg: DefaultDataConfig, kind: str, root: str | os.PathLike 
     name = dataset_name(cfg, kind)
     base = cache_root(root)
     final = base / name
-    if not force and (final / MANIFEST).is_file():
+    # Sets appear by an atomic rename, so an existing folder is complete unless damaged since:
+    # read_manifest refuses a damaged one rather than silently generating over it.
+    if not force and final.exists():
         read_manifest(final)
         return final, False
     base.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(base / f".{name}.lock"):
-        if not force and (final / MANIFEST).is_file():   # another process made it meanwhile
+        if not force and final.exists():   # another process made it while this one waited
             read_manifest(final)
             return final, False
         # Holding the lock, any temporary folder of this name is a crashed run's leftover.
