@@ -30,8 +30,9 @@ Brain (fastMRI layout, centred orthonormal FFT, :func:`kdhpc.data.degrade.fft2`)
 ---------------------------------------------------------------------------------
 Anatomy is the MNI ICBM152 2009a symmetric template shipped in the nilearn wheel (T1 and grey/
 white-matter probability maps, 197 x 233 x 189 at 1 mm, skull stripped), read by path with
-nibabel. Brain probability ``b = [T1 > 0]``; CSF probability ``p_csf = clip(b - p_gm - p_wm, 0, 1)``.
-Each pseudo-subject draws, from ``numpy.random.default_rng([seed, 1, subject])``:
+nibabel. Brain probability ``b = [T1 > 0]``; CSF probability
+``p_csf = clip(b - p_gm - p_wm, 0, 1)``. Each pseudo-subject draws, from
+``numpy.random.default_rng([seed, 1, subject])``:
 
 - a geometry: in-plane rotation, pitch, anisotropic scale, translation and a smooth random
   displacement field (cubic-spline upsampled coarse Gaussian grid), applied by
@@ -55,18 +56,19 @@ Multi-coil files hold ``kspace`` ``(S, C, N, N)`` complex64 and ``reconstruction
 ``sqrt(sum_c |F^-1 k_c|^2)`` of the stored k-space. Single-coil files emulate one coil
 (fastMRI's "esc"): ``x_sc = sum_c conj(S_c) F^-1 k_c``, ``kspace = F x_sc`` ``(S, N, N)`` and
 ``reconstruction_esc = |F^-1 kspace|``. Every split, test included, is fully sampled with its
-target (masks are applied by the training code, :mod:`kdhpc.data.masks`). Both carry the extra dataset ``tissue`` ``(S, N, N)``
-uint8 (0 background, 1 CSF, 2 GM, 3 WM; argmax of the sampled probabilities inside
-``b >= 0.5``) for SNR regions of interest. Intensities are in arbitrary units with the
-white matter near 1 (real fastMRI files are ~1e-4: normalise per slice either way).
+target (masks are applied by the training code, :mod:`kdhpc.data.masks`). Both carry the
+extra dataset ``tissue`` ``(S, N, N)`` uint8 (0 background, 1 CSF, 2 GM, 3 WM; argmax of the
+sampled probabilities inside ``b >= 0.5``) for SNR regions of interest. Intensities are in
+arbitrary units with the white matter near 1 (real fastMRI files are ~1e-4: normalise per
+slice either way).
 
 Cardiac (ACDC layout, :func:`kdhpc.data.acdc.write_acdc_patient`)
 -----------------------------------------------------------------
 An analytic short-axis cine generator on a 288 mm field of view (``cardiac_size`` pixels):
-body ellipse with subcutaneous fat, lungs, vertebral body, descending aorta, pericardial fat, LV myocardium
-(annulus with harmonic boundary irregularity; infarcts thin a sector), LV blood pool with
-papillary muscles, RV blood crescent (an ellipse beside the LV minus the LV epicardium) with
-its free wall. ``cardiac_slices`` slices go from base to 85 % of the LV long axis; radii
+body ellipse with subcutaneous fat, lungs, vertebral body, descending aorta, pericardial fat,
+LV myocardium (annulus with harmonic boundary irregularity; infarcts thin a sector), LV blood
+pool with papillary muscles, RV blood crescent (an ellipse beside the LV minus the LV
+epicardium) with its free wall. ``cardiac_slices`` slices go from base to 85 % of the LV long axis; radii
 follow a half-ellipsoid ``r(z) = r_0 sqrt(1 - (z / L)^2)`` so the cavity shrinks to the apex
 and the shorter RV disappears first. End systole shortens the long axis, shrinks the cavities
 by a group-dependent factor and thickens the wall at constant myocardial area per slice. Groups
@@ -182,8 +184,8 @@ def pixel_centres_mm(size: int, fov_mm: float) -> np.ndarray:
     return ((np.arange(size) + 0.5) * (fov_mm / size) - fov_mm / 2).astype(np.float32)
 
 
-def ellipse_radius(x: np.ndarray, y: np.ndarray, centre: Sequence[float], semi_axes: Sequence[float],
-                   angle: float) -> np.ndarray:
+def ellipse_radius(x: np.ndarray, y: np.ndarray, centre: Sequence[float],
+                   semi_axes: Sequence[float], angle: float) -> np.ndarray:
     """Normalised elliptical radius: < 1 inside the ellipse of ``semi_axes`` (a, b) rotated by
     ``angle`` (rad) about ``centre``."""
     dx, dy = x - centre[0], y - centre[1]
@@ -603,7 +605,8 @@ def render_cardiac(patient: CardiacPatient, regions: np.ndarray,
     pixel_sigma = 0.6
     image = ndimage.gaussian_filter(image, (0, pixel_sigma, pixel_sigma), mode="constant")
     image *= bias
-    noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * np.float32(patient.noise_sigma)
+    noise = rng.standard_normal((2, *image.shape), dtype=np.float32)
+    noise *= np.float32(patient.noise_sigma)
     return np.hypot(image + noise[0], noise[1]).astype(np.float32)
 
 
