@@ -68,9 +68,9 @@ An analytic short-axis cine generator on a 288 mm field of view (``cardiac_size`
 body ellipse with subcutaneous fat, lungs, vertebral body, descending aorta, pericardial fat,
 LV myocardium (annulus with harmonic boundary irregularity; infarcts thin a sector), LV blood
 pool with papillary muscles, RV blood crescent (an ellipse beside the LV minus the LV
-epicardium) with its free wall. ``cardiac_slices`` slices go from base to 85 % of the LV long axis; radii
-follow a half-ellipsoid ``r(z) = r_0 sqrt(1 - (z / L)^2)`` so the cavity shrinks to the apex
-and the shorter RV disappears first. End systole shortens the long axis, shrinks the cavities
+epicardium) with its free wall. ``cardiac_slices`` slices go from base to 85 % of the LV long
+axis; radii follow a half-ellipsoid ``r(z) = r_0 sqrt(1 - (z / L)^2)`` so the cavity shrinks
+to the apex and the shorter RV disappears first. End systole shortens the long axis, shrinks the cavities
 by a group-dependent factor and thickens the wall at constant myocardial area per slice. Groups
 (Info.cfg) cycle through ACDC's NOR, MINF, DCM, HCM, RV and set the parameter ranges.
 
