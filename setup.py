@@ -18,7 +18,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def extensions():
-    """The DC extension: C++ always; CUDA only when CUDA_HOME is set (not when a GPU is seen)."""
+    """The DC extension ``kdhpc._C``: C++ always; CUDA only when CUDA_HOME is set.
+
+    CUDA follows CUDA_HOME, not a visible GPU, so that a GPU-less build node can compile CUDA
+    and a laptop with a GPU but no toolkit still builds. csrc/*.cpp holds the op and the CUDA
+    glue (compiled only with KDHPC_WITH_CUDA); csrc/cuda/*.cu the raw kernels. The C++ standard
+    is left to torch (2.13 needs C++20), and the module name comes from TORCH_EXTENSION_NAME.
+    """
     try:
         from torch.utils import cpp_extension
     except ImportError:  # metadata-only invocations (egg_info) before torch is installed
@@ -26,15 +32,16 @@ def extensions():
     sources = [str(p.relative_to(HERE)) for p in sorted((HERE / "csrc").glob("*.cpp"))]
     if not sources:
         return [], {}
-    define = [("KDHPC_EXT_NAME", "_C")]
-    cxx = ["-O3", "-std=c++17"]
+    include_dirs = [str(HERE / "csrc")]
+    cxx = ["-O3"]
     if os.environ.get("CUDA_HOME"):
         sources += [str(p.relative_to(HERE)) for p in sorted((HERE / "csrc" / "cuda").glob("*.cu"))]
         ext = cpp_extension.CUDAExtension(
-            "kdhpc._C", sources, define_macros=define + [("KDHPC_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
+            "kdhpc._C", sources, include_dirs=include_dirs,
+            define_macros=[("KDHPC_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
-        ext = cpp_extension.CppExtension("kdhpc._C", sources, define_macros=define,
+        ext = cpp_extension.CppExtension("kdhpc._C", sources, include_dirs=include_dirs,
                                          extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
