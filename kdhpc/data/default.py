@@ -70,9 +70,10 @@ LV myocardium (annulus with harmonic boundary irregularity; infarcts thin a sect
 pool with papillary muscles, RV blood crescent (an ellipse beside the LV minus the LV
 epicardium) with its free wall. ``cardiac_slices`` slices go from base to 85 % of the LV long
 axis; radii follow a half-ellipsoid ``r(z) = r_0 sqrt(1 - (z / L)^2)`` so the cavity shrinks
-to the apex and the shorter RV disappears first. End systole shortens the long axis, shrinks the cavities
-by a group-dependent factor and thickens the wall at constant myocardial area per slice. Groups
-(Info.cfg) cycle through ACDC's NOR, MINF, DCM, HCM, RV and set the parameter ranges.
+to the apex and the shorter RV disappears first. End systole shortens the long axis, shrinks
+the cavities by a group-dependent factor and thickens the wall at constant myocardial area per
+slice. Groups (Info.cfg) cycle through ACDC's NOR, MINF, DCM, HCM, RV and set the parameter
+ranges.
 
 Labels (0 background, 1 RV cavity, 2 LV myocardium, 3 LV cavity; papillary muscles belong to
 the LV cavity as in ACDC) are the drawn regions exactly. The image assigns each drawn region a
