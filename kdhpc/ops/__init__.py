@@ -1,1 +1,2 @@
 from kdhpc.ops.data_consistency import data_consistency, data_consistency_reference  # noqa: F401
+from kdhpc.ops.attention_map import attention_map, attention_map_loss  # noqa: F401
