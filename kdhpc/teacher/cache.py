@@ -1,0 +1,638 @@
+"""Precomputed teacher targets in HDF5 shards: fill once, read in every run and sweep trial.
+
+Run::
+
+    python -m kdhpc.teacher.cache CONFIG [key=value ...] [--force] [--verify]
+    torchrun --nproc-per-node=4 -m kdhpc.teacher.cache CONFIG        # or srun, one task per GPU
+
+The CLI asks the recipe layer for the teacher, its ``extract`` function and the training
+dataset of views (``kdhpc.distill.teacher_cache_parts(cfg) -> (teacher, extract, dataset)``)
+and calls :func:`fill_cache`. ``--force`` deletes a cache that does not match the config;
+``--verify`` re-hashes every shard against the index.
+
+Views are enumerated: sample i has views ``0 .. num_views-1`` (the dataset's pool: dihedral
+id, mask seed, noise seed), and the cache holds one record per (index, view), so whatever view
+training draws (:func:`kdhpc.train.epoch_plan`) has its target, computed on that exact input.
+
+Layout of ``cache_dir``:
+
+- ``manifest.json``: ``schema_version``, ``teacher_sha256`` (:func:`teacher_fingerprint`),
+  ``data_config`` (the data and view config, :func:`cache_config`) and its ``data_digest``,
+  ``num_samples``, ``num_views``, ``dtype``, ``compression``, ``world_size``. Written first; a
+  fill or a read whose teacher or config differs is refused with what changed.
+- ``shard-RRRRR-of-WWWWW.h5``, one per rank: rank r holds record ids ``[N r / W, N (r+1) / W)``
+  of ``N = num_samples * num_views`` (record id = index * num_views + view). Datasets, one row
+  per record: ``targets/<name>`` (stored dtype: float16, float32, or bfloat16 kept as its uint16
+  bit pattern), ``index`` and ``view`` (int64), ``view_key`` (int64 [K], when the dataset has
+  ``view_key(index, view)``), ``crc32`` (uint32 over the record's index, view, view key and
+  target bytes) and ``written`` (uint8, set after the row is on disk).
+- ``shard-RRRRR-of-WWWWW.json``: the finished shard's size, SHA-256 and target schema.
+- ``index.json``: written when every shard is finished: the shards, their sizes and SHA-256.
+
+Integrity: a reader checks each shard's size on open (truncation) and each record's CRC-32 on
+read (any flipped byte in a record), and refuses a record it cannot read; it never returns
+zeros for a damaged record. :meth:`CachedTeacher.verify` re-hashes whole shards.
+
+Resuming: a killed fill leaves ``*.h5.partial`` files; the next fill keeps the rows whose
+``written`` flag is set and whose CRC checks, and computes the rest. A partial file HDF5 cannot
+open any more (killed inside a metadata write) is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import default_collate
+
+from kdhpc.config import Config, ConfigError, digest, load_config, write_atomic
+from kdhpc.teacher.stream import Extract, StreamTeacher
+
+log = logging.getLogger("kdhpc.teacher.cache")
+
+SCHEMA_VERSION = 1
+MANIFEST, INDEX = "manifest.json", "index.json"
+DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+COMPRESSION = {"none": None, "gzip": "gzip", "lzf": "lzf"}
+
+
+class CacheError(RuntimeError):
+    """A teacher cache that is stale, incomplete or damaged; the message says which and how."""
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints and config comparison
+
+def teacher_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the teacher's weights: every tensor of the state dict in key order, with its
+    name, dtype and shape (the container file format does not matter)."""
+    state = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
+             else model_or_state)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted differences between two nested dicts: ``"degrade.views_per_sample: 8 -> 4"``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}{key}"
+            if key not in old:
+                out.append(f"{name}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} -> (absent)")
+            else:
+                out += describe_changes(old[key], new[key], name + ".")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def cache_config(cfg: Config) -> dict:
+    """The part of the config a teacher cache depends on: data, mask, degradation and views
+    (worker count excluded: it does not change a single value)."""
+    data = dataclasses.asdict(cfg.data)
+    data.pop("num_workers")
+    return {"recipe": cfg.recipe, "data": data, "mask": dataclasses.asdict(cfg.mask),
+            "degrade": dataclasses.asdict(cfg.degrade),
+            "default_data": dataclasses.asdict(cfg.default_data)}
+
+
+def default_cache_dir(cfg: Config) -> Path:
+    """``teacher.cache_dir``, else ``<run_dir>/teacher_cache``."""
+    return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.run_dir) / "teacher_cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# storage conversions
+
+def to_storage(tensor: torch.Tensor, dtype: str, name: str) -> np.ndarray:
+    """A float tensor as the stored numpy array; refuses values the dtype cannot hold."""
+    if dtype == "bfloat16":
+        stored = tensor.detach().to(torch.bfloat16).cpu()
+        back = stored.float()
+        array = stored.view(torch.int16).numpy().view(np.uint16)
+    else:
+        array = tensor.detach().float().cpu().numpy().astype(DTYPES[dtype])
+        back = torch.from_numpy(array.astype(np.float32))
+    lost = torch.isfinite(tensor.detach().float().cpu()) & ~torch.isfinite(back)
+    if bool(lost.any()):
+        raise CacheError(f"teacher target '{name}': {int(lost.sum())} finite values overflow "
+                         f"{dtype} (max |x| = {tensor.detach().abs().max().item():.4g}); use "
+                         f"teacher.cache_dtype=float32 or bfloat16")
+    return array
+
+
+def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`to_storage`, as float32."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def record_crc(index: int, view: int, view_key: np.ndarray | None, rows: list[np.ndarray]) -> int:
+    """CRC-32 of one record: index, view, view key and each target row (in key order)."""
+    crc = zlib.crc32(np.array([index, view], dtype=np.int64).tobytes())
+    if view_key is not None:
+        crc = zlib.crc32(np.ascontiguousarray(view_key, dtype=np.int64).tobytes(), crc)
+    for row in rows:
+        crc = zlib.crc32(np.ascontiguousarray(row).tobytes(), crc)
+    return crc
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.h5"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: cannot read (truncated or corrupted?): {err}") from None
+
+
+def _refusal(path: Path, manifest: dict, wanted: dict) -> str | None:
+    """What differs between a cache's manifest and what this run needs, or None."""
+    problems = []
+    if manifest.get("schema_version") != wanted["schema_version"]:
+        problems.append(f"schema version {manifest.get('schema_version')} -> "
+                        f"{wanted['schema_version']}")
+    if wanted.get("teacher_sha256") and manifest.get("teacher_sha256") != wanted["teacher_sha256"]:
+        problems.append(f"teacher weights changed (SHA-256 {manifest.get('teacher_sha256', '?')[:12]}"
+                        f"... -> {wanted['teacher_sha256'][:12]}...)")
+    if wanted.get("data_config") is not None:
+        changes = describe_changes(manifest.get("data_config"), wanted["data_config"])
+        if changes:
+            problems.append("data/view config changed: " + "; ".join(changes))
+    for key in ("num_samples", "num_views", "dtype", "compression", "world_size"):
+        if key in wanted and manifest.get(key) != wanted[key]:
+            problems.append(f"{key}: {manifest.get(key)!r} -> {wanted[key]!r}")
+    if not problems:
+        return None
+    return f"{path}: teacher cache does not match this run: " + "; ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# filling
+
+class CacheParts(NamedTuple):
+    """What the recipe layer hands the CLI: ``kdhpc.distill.teacher_cache_parts(cfg)``."""
+
+    teacher: nn.Module
+    extract: Extract
+    dataset: Any  # a dataset of views (kdhpc.train.ViewDataset)
+
+
+def _distributed() -> tuple[int, int] | None:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _open_partial(path: Path, n_records: int, manifest_digest: str) -> tuple[h5py.File | None, int]:
+    """Reopen a partial shard and count its leading verified records (0: start over)."""
+    try:
+        f = h5py.File(path, "r+")
+    except OSError as err:
+        log.warning("%s: cannot reopen (%s); recomputing this shard", path, err)
+        path.unlink()
+        return None, 0
+    if f.attrs.get("manifest_digest") != manifest_digest or f.attrs.get("records") != n_records:
+        f.close()
+        path.unlink()
+        return None, 0
+    if "written" not in f:
+        return f, 0
+    written = f["written"][:].astype(bool)
+    done = int(np.argmin(written)) if not written.all() else n_records
+    # Re-check the rows we keep: the kill may have hit mid-row.
+    for row in range(done):
+        if _stored_crc_ok(f, row) is False:
+            done = row
+            break
+    return f, done
+
+
+def _stored_crc_ok(f: h5py.File, row: int) -> bool:
+    names = sorted(f["targets"])
+    key = f["view_key"][row] if "view_key" in f else None
+    crc = record_crc(int(f["index"][row]), int(f["view"][row]), key,
+                     [f["targets"][n][row] for n in names])
+    return crc == int(f["crc32"][row])
+
+
+def _create_datasets(f: h5py.File, n: int, targets: dict[str, np.ndarray], dtype: str,
+                     compression: str, key_len: int | None) -> None:
+    comp = COMPRESSION[compression]
+    group = f.create_group("targets")
+    for name, array in targets.items():
+        shape = (n, *array.shape[1:])
+        chunks = (1, *array.shape[1:]) if comp else None
+        ds = group.create_dataset(name, shape=shape, dtype=array.dtype, compression=comp,
+                                  chunks=chunks)
+        ds.attrs["kdhpc_dtype"] = dtype
+    f.create_dataset("index", shape=(n,), dtype=np.int64)
+    f.create_dataset("view", shape=(n,), dtype=np.int64)
+    if key_len is not None:
+        f.create_dataset("view_key", shape=(n, key_len), dtype=np.int64)
+    f.create_dataset("crc32", shape=(n,), dtype=np.uint32)
+    f.create_dataset("written", shape=(n,), dtype=np.uint8, fillvalue=0)
+    f.flush()
+
+
+def _schema(f: h5py.File) -> dict:
+    return {name: {"shape": list(ds.shape[1:]), "dtype": ds.attrs["kdhpc_dtype"]}
+            for name, ds in sorted(f["targets"].items())}
+
+
+def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extract, dataset, *,
+               data_config: dict, dtype: str = "float16", compression: str = "none",
+               batch_size: int = 8, bf16: bool = False, device: torch.device | str | None = None,
+               rank: int | None = None, world_size: int | None = None, force: bool = False,
+               progress: bool = False, on_batch: Callable[[int], None] | None = None) -> Path:
+    """Compute and store ``extract(teacher, batch)`` for every (index, view) of ``dataset``.
+
+    Distributed when torch.distributed is initialised (rank / world size from it), else rank
+    ``rank`` of ``world_size`` (default 0 of 1; the call that finishes the last shard writes
+    the index). Resumes a killed fill; refuses a cache made for another teacher or config
+    unless ``force``. ``on_batch(records_done)`` is called after each flushed batch (progress
+    hooks, drills). Returns ``cache_dir``.
+    """
+    from kdhpc.train import ViewItems, check_view_dataset
+
+    check_view_dataset(dataset, "fill_cache: dataset")
+    if dtype not in DTYPES:
+        raise ConfigError(f"teacher.cache_dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+    if compression not in COMPRESSION:
+        raise ConfigError(f"teacher.compression: expected one of {sorted(COMPRESSION)}, found "
+                          f"{compression!r}")
+    dist_ranks = _distributed()
+    if dist_ranks is not None:
+        rank, world_size = dist_ranks
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"fill_cache: expected 0 <= rank < world_size, found {rank}, {world_size}")
+    cache_dir = Path(cache_dir)
+    num_views, n_samples = dataset.num_views, len(dataset)
+    manifest = {"schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_fingerprint(teacher),
+                "data_config": data_config, "data_digest": digest(data_config),
+                "num_samples": n_samples, "num_views": num_views, "dtype": dtype,
+                "compression": compression, "world_size": world_size}
+    manifest_path = cache_dir / MANIFEST
+    if rank == 0 or dist_ranks is None:
+        if manifest_path.is_file():
+            problem = _refusal(cache_dir, _read_json(manifest_path), manifest)
+            if problem and force and rank == 0:
+                for path in cache_dir.iterdir():
+                    if path.name.startswith("shard-") or path.name in (MANIFEST, INDEX):
+                        path.unlink()
+            elif problem:
+                raise CacheError(problem + "; fill a new teacher.cache_dir or pass --force")
+        if not manifest_path.is_file():
+            write_atomic(manifest_path, json.dumps(manifest, indent=1))
+    _barrier()
+    problem = _refusal(cache_dir, _read_json(manifest_path), manifest)
+    if problem:
+        raise CacheError(problem)
+    manifest_digest = digest(manifest)
+
+    n_total = n_samples * num_views
+    if n_total < world_size:
+        raise ValueError(f"fill_cache: {n_total} records cannot fill {world_size} shards; "
+                         f"use fewer ranks")
+    lo, hi = n_total * rank // world_size, n_total * (rank + 1) // world_size
+    n = hi - lo
+    final = cache_dir / shard_name(rank, world_size)
+    sidecar = final.with_suffix(".json")
+    if not (final.is_file() and sidecar.is_file()):
+        _fill_shard(final, lo, n, manifest_digest, teacher, extract, ViewItems(dataset), dtype,
+                    compression, batch_size, bf16, device, progress, on_batch)
+    _barrier()
+    if rank == 0 or dist_ranks is None:
+        _write_index(cache_dir, world_size)
+    _barrier()
+    return cache_dir
+
+
+def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.Module,
+                extract: Extract, items, dtype: str, compression: str, batch_size: int,
+                bf16: bool, device, progress: bool, on_batch) -> None:
+    num_views = items.dataset.num_views
+    has_key = hasattr(items.dataset, "view_key")
+    partial = final.with_name(final.name + ".partial")
+    f, done = (_open_partial(partial, n, manifest_digest) if partial.is_file() else (None, 0))
+    if f is None:
+        f = h5py.File(partial, "w")
+        f.attrs["manifest_digest"] = manifest_digest
+        f.attrs["records"] = n
+        f.attrs["first_record"] = lo
+    if done:
+        log.info("%s: resuming at record %d of %d", partial, done, n)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    source = StreamTeacher(teacher, extract, bf16=bf16)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, initial=done, desc=final.name)
+    try:
+        with f:
+            for start in range(done, n, batch_size):
+                ids = range(lo + start, lo + min(n, start + batch_size))
+                keys = [(rid // num_views, rid % num_views) for rid in ids]
+                batch = default_collate([items[k] for k in keys])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+                stored = {name: to_storage(t, dtype, name)
+                          for name, t in sorted(source.targets(batch).items())}
+                view_keys = (np.array([list(items.dataset.view_key(i, v)) for i, v in keys],
+                                      dtype=np.int64) if has_key else None)
+                if "targets" not in f:
+                    _create_datasets(f, n, stored, dtype, compression,
+                                     view_keys.shape[1] if has_key else None)
+                elif sorted(f["targets"]) != sorted(stored):
+                    raise CacheError(f"{partial}: extract returned {sorted(stored)}, the shard "
+                                     f"holds {sorted(f['targets'])}")
+                rows = slice(start, start + len(keys))
+                for name, array in stored.items():
+                    f["targets"][name][rows] = array
+                index = np.array([k[0] for k in keys], dtype=np.int64)
+                view = np.array([k[1] for k in keys], dtype=np.int64)
+                f["index"][rows], f["view"][rows] = index, view
+                if has_key:
+                    f["view_key"][rows] = view_keys
+                f["crc32"][rows] = np.array(
+                    [record_crc(int(index[j]), int(view[j]), view_keys[j] if has_key else None,
+                                [stored[name][j] for name in stored]) for j in range(len(keys))],
+                    dtype=np.uint32)
+                f.flush()
+                # The flag goes down after the row's data is on disk, so a kill between the
+                # two loses the row instead of keeping a half-written one.
+                f["written"][rows] = 1
+                f.flush()
+                if bar is not None:
+                    bar.update(len(keys))
+                if on_batch is not None:
+                    on_batch(start + len(keys))
+            schema = _schema(f)
+    finally:
+        if bar is not None:
+            bar.close()
+    info = {"file": final.name, "records": n, "first_record": lo, "size": partial.stat().st_size,
+            "sha256": _sha256_file(partial), "schema": schema}
+    write_atomic(final.with_suffix(".json"), json.dumps(info, indent=1))
+    os.replace(partial, final)
+
+
+def _write_index(cache_dir: Path, world_size: int) -> None:
+    """Write index.json once every shard's sidecar exists (else leave the cache incomplete)."""
+    shards = []
+    for r in range(world_size):
+        final = cache_dir / shard_name(r, world_size)
+        sidecar = final.with_suffix(".json")
+        if not (final.is_file() and sidecar.is_file()):
+            return
+        shards.append(_read_json(sidecar))
+    schemas = {json.dumps(s["schema"], sort_keys=True) for s in shards}
+    if len(schemas) != 1:
+        raise CacheError(f"{cache_dir}: shards disagree on the stored targets: "
+                         f"{[s['schema'] for s in shards]}")
+    write_atomic(cache_dir / INDEX, json.dumps({"shards": shards, "schema": shards[0]["schema"]},
+                                               indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+class CachedTeacher:
+    """Teacher targets read from a filled cache: ``targets(batch) -> dict[str, Tensor]``.
+
+    ``teacher_sha256`` and ``data_config``, when given, must match the manifest (else a
+    :class:`CacheError` saying what changed). Targets come back as float32 on the batch's
+    device, keyed by the batch's ``index`` and ``view``; a batch ``view_key`` [B, K], when
+    present, must equal the stored one.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, teacher_sha256: str | None = None,
+                 data_config: dict | None = None):
+        self.cache_dir = Path(cache_dir)
+        manifest_path = self.cache_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise CacheError(f"{self.cache_dir}: no teacher cache here ({MANIFEST} missing); fill "
+                             f"it with python -m kdhpc.teacher.cache CONFIG")
+        self.manifest = _read_json(manifest_path)
+        problem = _refusal(self.cache_dir, self.manifest,
+                           {"schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_sha256,
+                            "data_config": data_config})
+        if problem:
+            raise CacheError(problem + "; refill the cache (python -m kdhpc.teacher.cache "
+                             "CONFIG --force) or point teacher.cache_dir elsewhere")
+        index_path = self.cache_dir / INDEX
+        if not index_path.is_file():
+            world = self.manifest["world_size"]
+            done = sum((self.cache_dir / shard_name(r, world)).with_suffix(".json").is_file()
+                       for r in range(world))
+            raise CacheError(f"{self.cache_dir}: incomplete teacher cache ({done} of {world} "
+                             f"shards finished); finish it with python -m kdhpc.teacher.cache "
+                             f"CONFIG on {world} rank(s)")
+        self.index = _read_json(index_path)
+        self.dtype = self.manifest["dtype"]
+        self.num_views = self.manifest["num_views"]
+        self.num_samples = self.manifest["num_samples"]
+        self.names = sorted(self.index["schema"])
+        for shard in self.index["shards"]:
+            path = self.cache_dir / shard["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != shard["size"]:
+                raise CacheError(f"{path}: expected {shard['size']} bytes, found "
+                                 f"{'no file' if size is None else size} (truncated or replaced "
+                                 f"shard); refill the cache")
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        self._build_lookup()
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # h5py handles must not cross a fork
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            path = self.cache_dir / self.index["shards"][shard]["file"]
+            try:
+                self._files[shard] = h5py.File(path, "r")
+            except OSError as err:
+                raise CacheError(f"{path}: cannot open as HDF5 (corrupted shard?): {err}; refill "
+                                 f"the cache") from None
+        return self._files[shard]
+
+    def _read(self, shard: int, key: str, rows) -> np.ndarray:
+        try:
+            return self._file(shard)[key][rows]
+        except (OSError, KeyError, ValueError) as err:
+            path = self.cache_dir / self.index["shards"][shard]["file"]
+            raise CacheError(f"{path}: cannot read '{key}' (corrupted shard?): {err}") from None
+
+    def _build_lookup(self) -> None:
+        n_total = self.num_samples * self.num_views
+        self._shard = np.full(n_total, -1, dtype=np.int64)
+        self._row = np.full(n_total, -1, dtype=np.int64)
+        for s, shard in enumerate(self.index["shards"]):
+            index, view = self._read(s, "index", ()), self._read(s, "view", ())
+            ids = index * self.num_views + view
+            bad = (index < 0) | (index >= self.num_samples) | (view < 0) | (view >= self.num_views)
+            if bad.any() or len(ids) != shard["records"] or (self._shard[ids] >= 0).any():
+                raise CacheError(f"{self.cache_dir / shard['file']}: record keys out of range "
+                                 f"or repeated (corrupted shard?); refill the cache")
+            self._shard[ids] = s
+            self._row[ids] = np.arange(len(ids))
+        if (self._shard < 0).any():
+            missing = int((self._shard < 0).sum())
+            raise CacheError(f"{self.cache_dir}: {missing} of {n_total} (index, view) records "
+                             f"missing; refill the cache")
+
+    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
+        index = batch["index"].detach().cpu().numpy().astype(np.int64)
+        view = batch["view"].detach().cpu().numpy().astype(np.int64)
+        out_of_range = (index < 0) | (index >= self.num_samples) | (view < 0) | (view >= self.num_views)
+        if out_of_range.any():
+            j = int(np.argmax(out_of_range))
+            raise CacheError(f"{self.cache_dir}: no record for (index={index[j]}, view={view[j]}); "
+                             f"the cache holds indices 0..{self.num_samples - 1} x views "
+                             f"0..{self.num_views - 1}")
+        ids = index * self.num_views + view
+        shards, rows = self._shard[ids], self._row[ids]
+        out = {name: [None] * len(ids) for name in self.names}
+        for s in np.unique(shards):
+            mine = np.flatnonzero(shards == s)
+            wanted, inverse = np.unique(rows[mine], return_inverse=True)  # h5py wants increasing
+            stored = {name: self._read(s, f"targets/{name}", wanted) for name in self.names}
+            keys = self._read(s, "view_key", wanted) if "view_key" in self._file(s) else None
+            crc = self._read(s, "crc32", wanted)
+            got_index, got_view = self._read(s, "index", wanted), self._read(s, "view", wanted)
+            for j, row in enumerate(wanted):
+                rows_j = [stored[name][j] for name in self.names]
+                key_j = keys[j] if keys is not None else None
+                if record_crc(int(got_index[j]), int(got_view[j]), key_j, rows_j) != int(crc[j]):
+                    path = self.cache_dir / self.index["shards"][s]["file"]
+                    raise CacheError(f"{path}: record {row} (index={got_index[j]}, view="
+                                     f"{got_view[j]}) fails its CRC-32 check (corrupted shard); "
+                                     f"refill the cache")
+            for k, b in enumerate(mine):
+                j = inverse[k]
+                if got_index[j] != index[b] or got_view[j] != view[b]:
+                    raise CacheError(f"{self.cache_dir}: lookup of (index={index[b]}, view="
+                                     f"{view[b]}) found ({got_index[j]}, {got_view[j]})")
+                if keys is not None and "view_key" in batch:
+                    want = batch["view_key"][b].detach().cpu().numpy().astype(np.int64)
+                    if not np.array_equal(want, keys[j]):
+                        raise CacheError(f"{self.cache_dir}: (index={index[b]}, view={view[b]}): "
+                                         f"batch view_key {want.tolist()} differs from the "
+                                         f"cached {keys[j].tolist()}; the data/view code changed "
+                                         f"since the cache was filled")
+                for name in self.names:
+                    out[name][b] = stored[name][j]
+        device = batch["index"].device
+        return {name: from_storage(np.stack(rows_), self.dtype).to(device)
+                for name, rows_ in out.items()}
+
+    def verify(self) -> list[str]:
+        """Re-hash every shard against the index; returns the problems found (empty: intact)."""
+        problems = []
+        for shard in self.index["shards"]:
+            path = self.cache_dir / shard["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif _sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: SHA-256 differs from the index (corrupted)")
+        return problems
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def _cache_parts(cfg: Config) -> CacheParts:
+    try:
+        from kdhpc import distill
+    except ModuleNotFoundError as err:
+        if err.name not in ("kdhpc.distill",):
+            raise
+        distill = None
+    parts_fn = getattr(distill, "teacher_cache_parts", None)
+    if parts_fn is None:
+        raise SystemExit("python -m kdhpc.teacher.cache: kdhpc.distill.teacher_cache_parts(cfg) "
+                         "does not exist yet; the recipe layer must provide it, returning "
+                         "(teacher, extract, dataset of views). Meanwhile call "
+                         "kdhpc.teacher.cache.fill_cache(...) from Python.")
+    parts = parts_fn(cfg)
+    if not (isinstance(parts, tuple) and len(parts) == 3):
+        raise TypeError(f"kdhpc.distill.teacher_cache_parts: expected (teacher, extract, "
+                        f"dataset), found {type(parts).__name__}")
+    return CacheParts(*parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdhpc.teacher.cache",
+                                     description="Fill (or verify) a run's teacher cache.")
+    parser.add_argument("config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.cache_dtype=float32")
+    parser.add_argument("--force", action="store_true",
+                        help="delete a cache made for another teacher or config")
+    parser.add_argument("--verify", action="store_true", help="re-hash every shard and report")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    cache_dir = default_cache_dir(cfg)
+    if args.verify:
+        problems = CachedTeacher(cache_dir).verify()
+        print("\n".join(problems) if problems else f"{cache_dir}: every shard intact")
+        return 1 if problems else 0
+    parts = _cache_parts(cfg)
+    from kdhpc.train import init_distributed
+
+    init_distributed()
+    fill_cache(cache_dir, parts.teacher, parts.extract, parts.dataset,
+               data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
+               compression=cfg.teacher.compression, batch_size=cfg.eval.batch_size,
+               bf16=cfg.teacher.stream_bf16, force=args.force,
+               progress=not _distributed() or dist.get_rank() == 0)
+    if not _distributed() or dist.get_rank() == 0:
+        print(f"{cache_dir}: teacher cache complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
