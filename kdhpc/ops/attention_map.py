@@ -207,7 +207,7 @@ def _pair_loss_reference(student: torch.Tensor, teacher: torch.Tensor, teacher_i
                          p: float, mode: str, weight: float) -> torch.Tensor:
     dim = 1 if mode == "paper" else 0         # per sample, or per pixel along the batch
     q_s = F.normalize(_raw_map_reference(student, p), dim=dim, eps=EPS)          # [B, N]
-    q_t = teacher.to(q_s.dtype) if teacher_is_map else _raw_map_reference(teacher, p)
+    q_t = teacher if teacher_is_map else _raw_map_reference(teacher, p)            # [B, N]
     diff = q_s - F.normalize(q_t.to(q_s.dtype), dim=dim, eps=EPS)                # [B, N]
     if mode == "paper":
         return torch.linalg.vector_norm(diff, dim=1).mean() * weight
