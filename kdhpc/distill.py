@@ -1,0 +1,161 @@
+"""Run a distillation recipe end to end: ``python -m kdhpc.distill CONFIG [key=value ...]``.
+
+One process (a laptop CPU) or many: ``torchrun --nproc-per-node=N -m kdhpc.distill CONFIG`` or
+``sbatch slurm/distill.sh CONFIG`` (one task per GPU; ranks from the SLURM variables).
+
+A recipe (``config.recipe``: reconstruction, superres, enhancement, segmentation, data) is a
+module in ``kdhpc/recipes/`` with ``run(cfg, stages) -> dict`` and, for the teacher-cache CLI,
+``teacher_cache_parts(cfg) -> (teacher, extract, dataset of views)``. Its work is a chain of
+named :class:`Stages` (teacher, cache, student baseline, KD stages, evaluation, report), each
+resumable:
+
+- a stage's identity is a digest of what it depends on (the config subtrees it reads and the
+  results of the stages it builds on); a rerun skips a finished stage whose digest is unchanged
+  and reruns one whose inputs changed, and then everything downstream of it, because their
+  digests include its result;
+- an unfinished stage resumes from its own checkpoints (the engine resumes automatically from
+  ``<run_dir>/<stage>/checkpoints``); a stage whose inputs changed starts from an empty folder.
+
+The resolved config is written to ``<run_dir>/config.yaml``. Rank 0 writes every stage record;
+all ranks run every stage (training stages are distributed by the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from kdhpc.config import Config, ConfigError, digest, load_config, save_config, write_atomic
+
+RECIPES = {
+    "reconstruction": "kdhpc.recipes.reconstruction",
+    "superres": "kdhpc.recipes.reconstruction",
+    "enhancement": "kdhpc.recipes.enhancement",
+    "segmentation": "kdhpc.recipes.segmentation",
+    "data": "kdhpc.data.default",
+}
+
+STAGE_RECORD = "stage.json"
+STAGE_INPUTS = ".inputs"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Stages:
+    """Resumable, digest-keyed stages under one run directory.
+
+    ``stages.run(name, depends, fn)`` returns ``fn(stage_dir)``'s result dict (JSON-able) with
+    its ``"digest"`` added; pass that result inside a later stage's ``depends`` to chain them.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.log = log or (lambda msg: print(msg, flush=True) if _rank() == 0 else None)
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def record(self, name: str) -> dict | None:
+        """The finished stage's record, or None."""
+        path = self.run_dir / name / STAGE_RECORD
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # an unreadable record is a stage that must run again
+
+    def run(self, name: str, depends: dict[str, Any], fn: Callable[[Path], dict]) -> dict:
+        stage_dir = self.run_dir / name
+        key = digest({"stage": name, "depends": depends})
+        done = self.record(name)
+        if done is not None and done.get("digest") == key:
+            self.skipped.append(name)
+            self.log(f"stage {name}: up to date, skipped")
+            return done["result"]
+        inputs = stage_dir / STAGE_INPUTS
+        if _rank() == 0:
+            if stage_dir.exists() and (not inputs.is_file() or inputs.read_text() != key):
+                # Inputs changed since this folder was started: its checkpoints are not ours.
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(inputs, key)
+        _barrier()
+        self.log(f"stage {name}: running")
+        start = time.perf_counter()
+        result = dict(fn(stage_dir))
+        result["digest"] = key
+        seconds = time.perf_counter() - start
+        if _rank() == 0:
+            write_atomic(stage_dir / STAGE_RECORD,
+                         json.dumps({"digest": key, "seconds": seconds, "result": result},
+                                    indent=1, default=str))
+        _barrier()
+        self.ran.append(name)
+        self.log(f"stage {name}: done in {seconds:.1f} s")
+        return result
+
+
+def recipe_module(cfg: Config):
+    """The module that implements ``cfg.recipe``."""
+    return importlib.import_module(RECIPES[cfg.recipe])
+
+
+def teacher_cache_parts(cfg: Config):
+    """(teacher, extract, dataset of views) for ``python -m kdhpc.teacher.cache``."""
+    module = recipe_module(cfg)
+    parts = getattr(module, "teacher_cache_parts", None)
+    if parts is None:
+        raise ConfigError(f"recipe: {cfg.recipe!r} has no teacher cache (it distils no teacher "
+                          f"outputs)")
+    return parts(cfg)
+
+
+def run(cfg: Config) -> dict:
+    """Run ``cfg``'s recipe in ``cfg.run_dir`` and return its summary."""
+    from kdhpc.train import init_distributed
+
+    init_distributed()
+    if _rank() == 0:
+        save_config(cfg, cfg.run_dir)
+    _barrier()
+    return recipe_module(cfg).run(cfg, Stages(cfg.run_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdhpc.distill",
+                                     description="Run a distillation recipe end to end.")
+    parser.add_argument("config", help="YAML config, e.g. configs/recon_default.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from kdhpc.train import Preempted
+
+    try:
+        run(cfg)
+    except Preempted as stop:  # checkpointed on SIGTERM/SIGUSR1: let SLURM requeue us
+        return int(stop.code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
