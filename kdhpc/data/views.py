@@ -1,0 +1,247 @@
+"""A dataset of views over image slices: the engine's view protocol for every image-to-image task.
+
+:class:`SliceViews` wraps a (volume, slice) dataset whose items carry a real ``target`` image
+(:class:`kdhpc.data.fastmri.FastMRISliceDataset`: its ``reconstruction_esc`` / ``_rss``;
+:class:`kdhpc.data.kdmri.KDMRISliceDataset`: its ``volfs``) and makes network inputs from the
+target by the degradation that ``cfg.degrade.task`` names (:func:`kdhpc.data.degrade.make_view`):
+
+- ``undersample``: Cartesian undersampling with the mask of ``cfg.mask`` (KD-MRI reconstruction);
+- ``denoise``: reduced-NSA complex Gaussian k-space noise (enhancement);
+- ``superres``: central k-space truncation (KD-MRI super-resolution: the central 64 x 64 of
+  256 x 256 at ``sr_scale = 4`` with ``sr_mode: central_block``).
+
+It implements the protocol of :mod:`kdhpc.train`: ``len``, ``num_views``,
+``get_view(index, view)``, ``volume_of(index)``, and ``view_key(index, view)`` so that a teacher
+cache stores each record's key and refuses a view made differently.
+
+Conventions (decided here, used by every recipe that reads these views):
+
+- Simulation from the target. The input is always simulated from the real target image, never
+  read from the file's own k-space: ``k = fft2(target, centered)``, then the degradation. This
+  is KD-MRI's data model (its ``volfs`` is a magnitude image and its k-space the unshifted FFT
+  of it). fastMRI files store *centred* k-space; a DC-CNN works in KD-MRI's *unshifted* layout,
+  so a view is made explicitly in the layout ``centered`` names (``False`` for DC-CNN) and the
+  file's k-space is never ``ifftshift``-ed (for even sizes that would differ by a
+  ``(-1)^(i+j)`` checkerboard, i.e. move the image by half the field of view).
+- Crop. ``crop = (h, w)``: the central ``min(h, H) x min(w, W)`` of the target, before anything
+  else (fastMRI's 320 x 320 convention; a crop larger than the image keeps the image).
+- Normalisation (``normalize``): ``"volume"`` (default) divides every slice of a volume by the
+  volume's maximum ``R`` (the file attribute ``max`` when present, fastMRI's data range; else
+  the maximum over the volume's indexed slices), so targets lie in [0, 1] as in KD-MRI;
+  ``"slice"`` divides by each slice's own maximum; ``"none"`` keeps the stored scale. The
+  degradations are linear in the image (the noise level of ``denoise`` is relative to the image
+  max), so normalising the target before degrading equals normalising the input. Each item
+  carries ``scale`` (the divisor) and ``volume_max`` (``R``, original units): metrics go back to
+  the original scale with ``pred * scale`` and use ``data_range = volume_max``.
+- Network input (``input_kind``): ``"real"`` takes ``Re(ifft2(k_degraded))`` (DC-CNN's one real
+  channel: every cascade after the first also sees a real part, the output of its DC step);
+  ``"magnitude"`` takes ``|ifft2(k_degraded)|`` (KD-MRI's ``img_volus`` and its SR input).
+- Masks. ``mask.kind: kdmri`` and ``file`` are fixed masks (one per dataset and acceleration, as
+  KD-MRI ships them), drawn once with ``mask.seed``; ``random`` and ``equispaced`` are drawn per
+  view from the view key's mask seed (so every view, and view 0 that evaluation reads, is
+  reproducible in every process). A mask is built for the width of the (transformed) image in
+  ``mask.layout`` and moved to the layout ``centered`` names.
+- Views. ``num_views = degrade.views_per_sample``; view ``v`` of sample ``i`` is
+  :func:`kdhpc.data.degrade.view_key` of ``"<file name>:<slice>"`` (the file's name, not its
+  folder, so keys survive moving the data) with ``base_seed``; view 0 is the un-augmented one
+  when ``degrade.dihedral`` is false, and always has dihedral id 0.
+
+Items (``get_view``), all tensors so that ``default_collate`` batches them:
+
+- ``input`` float32 ``[1, H, W]``, ``target`` float32 ``[1, H, W]`` (normalised),
+- ``kspace`` complex64 ``[1, H, W]``: the degraded k-space in the ``centered`` layout (DC's k0),
+- ``mask`` float32 ``[1, 1, W]`` (``undersample`` only; batches to ``[B, 1, 1, W]``, which
+  broadcasts against ``[B, 1, H, W]``),
+- ``scale``, ``volume_max`` float32 scalars; ``volume``, ``slice`` int64 scalars;
+  ``view_key`` int64 ``[3]`` (dihedral id, mask seed, noise seed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdhpc.config import DegradeConfig, MaskConfig
+from kdhpc.data.degrade import ViewKey, make_view, view_key
+from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset
+from kdhpc.data.masks import make_mask, to_layout
+
+NORMALIZATIONS = ("volume", "slice", "none")
+INPUT_KINDS = ("real", "magnitude")
+FIXED_MASKS = ("kdmri", "file")
+
+
+def center_crop(image: torch.Tensor, size: tuple[int, int] | list[int] | None) -> torch.Tensor:
+    """The central ``min(h, H) x min(w, W)`` of ``image`` ``[..., H, W]`` (``None``: unchanged).
+
+    The crop starts at ``(H - h) // 2`` (fastMRI's ``center_crop``), so odd margins leave the
+    extra row or column at the end.
+    """
+    if size is None:
+        return image
+    height, width = image.shape[-2:]
+    h, w = min(int(size[0]), height), min(int(size[1]), width)
+    top, left = (height - h) // 2, (width - w) // 2
+    return image[..., top:top + h, left:left + w]
+
+
+class SliceViews:
+    """Views of the slices of ``slices`` made by ``degrade`` (see the module docstring).
+
+    Args:
+        slices: a :class:`~kdhpc.data.fastmri.VolumeSliceDataset` whose items have a real
+            ``target`` ``[H, W]``, ``fname`` and ``slice`` (and optionally ``attrs["max"]``).
+        degrade: the degradation and view pool (``cfg.degrade``).
+        mask: the undersampling mask config (``cfg.mask``), required for ``undersample``.
+        centered: k-space layout of the views: ``False`` is KD-MRI's / DC-CNN's unshifted FFT,
+            ``True`` fastMRI's centred one.
+        crop: centre crop ``(h, w)`` of the target, or None.
+        normalize: ``"volume"``, ``"slice"`` or ``"none"``.
+        input_kind: ``"real"`` or ``"magnitude"`` of the degraded image.
+        base_seed: mixed into every view's seeds (``cfg.mask.seed`` in the recipes).
+    """
+
+    def __init__(self, slices: VolumeSliceDataset, degrade: DegradeConfig, *,
+                 mask: MaskConfig | None = None, centered: bool = False,
+                 crop: tuple[int, int] | list[int] | None = None, normalize: str = "volume",
+                 input_kind: str = "real", base_seed: int = 0):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"SliceViews normalize: expected one of {NORMALIZATIONS}, found "
+                             f"{normalize!r}")
+        if input_kind not in INPUT_KINDS:
+            raise ValueError(f"SliceViews input_kind: expected one of {INPUT_KINDS}, found "
+                             f"{input_kind!r}")
+        if degrade.task == "undersample" and mask is None:
+            raise ValueError("SliceViews: degrade.task is 'undersample', expected a mask config, "
+                             "found None")
+        if crop is not None and (len(crop) != 2 or min(crop) < 1):
+            raise ValueError(f"SliceViews crop: expected (h, w) of positive integers, found "
+                             f"{crop!r}")
+        if len(slices) == 0:
+            raise ValueError(f"SliceViews: {type(slices).__name__} holds no slices")
+        self.slices, self.degrade, self.mask_cfg = slices, degrade, mask
+        self.centered, self.crop = bool(centered), None if crop is None else tuple(crop)
+        self.normalize, self.input_kind, self.base_seed = normalize, input_kind, int(base_seed)
+        self.num_views = int(degrade.views_per_sample)
+        self._volume_max: dict[int, float] = {}
+        self._fixed_masks: dict[int, torch.Tensor] = {}
+
+    # -- the engine's protocol ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def _location(self, index: int) -> tuple[int, int]:
+        # VolumeSliceDataset's documented subclass contract: _index holds (volume, slice).
+        if not 0 <= index < len(self.slices):
+            raise IndexError(f"SliceViews index: expected 0..{len(self.slices) - 1}, found "
+                             f"{index}")
+        return self.slices._index[index]
+
+    def volume_of(self, index: int) -> int:
+        """The volume number of item ``index`` (evaluation keeps a volume on one rank)."""
+        return self._location(index)[0]
+
+    def sample_key(self, index: int) -> str:
+        """``"<file name>:<slice>"``: what names a sample in its view seeds."""
+        volume, slice_number = self._location(index)
+        return f"{Path(self.slices.volumes[volume][0]).name}:{slice_number}"
+
+    def view_key(self, index: int, view: int) -> ViewKey:
+        """The :class:`~kdhpc.data.degrade.ViewKey` of view ``view`` of item ``index``."""
+        return view_key(self.sample_key(index), view, self.degrade, base_seed=self.base_seed)
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        key = self.view_key(index, view)
+        item = self.slices[index]
+        target = self._target(item, index)  # [H, W] original units
+        volume = self.volume_of(index)
+        volume_max = self.volume_max(volume, item)
+        if self.normalize == "volume":
+            scale = volume_max
+        elif self.normalize == "slice":
+            scale = float(target.max())
+        else:
+            scale = 1.0
+        if not scale > 0:
+            raise DataFormatError(f"{item.get('fname')}: slice {item.get('slice')}: expected a "
+                                  f"positive {self.normalize} maximum to normalise by, found "
+                                  f"{scale}")
+        target = center_crop(target / scale, self.crop)
+        mask = None
+        if self.degrade.task == "undersample":
+            # rot90 by an odd number of quarter turns swaps H and W before the mask is applied.
+            width = target.shape[-1] if key.dihedral % 2 == 0 else target.shape[-2]
+            mask = self.mask_for(width, key)
+        out = make_view(target, key, self.degrade, centered=self.centered, mask=mask)
+        image = out["image"]  # [H, W] complex
+        net_input = image.real if self.input_kind == "real" else image.abs()
+        item_out = {
+            "input": net_input.float().contiguous()[None],           # [1, H, W]
+            "target": out["target"].float().contiguous()[None],      # [1, H, W]
+            "kspace": out["kspace"].to(torch.complex64).contiguous()[None],  # [1, H, W]
+            "scale": torch.tensor(scale, dtype=torch.float32),
+            "volume_max": torch.tensor(volume_max, dtype=torch.float32),
+            "volume": torch.tensor(volume, dtype=torch.int64),
+            "slice": torch.tensor(int(item["slice"]), dtype=torch.int64),
+            "view_key": torch.tensor(list(key), dtype=torch.int64),
+        }
+        if mask is not None:
+            item_out["mask"] = mask.reshape(1, 1, -1)  # [1, 1, W]
+        return item_out
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _target(item: dict, index: int) -> torch.Tensor:
+        target = item.get("target")
+        if target is None:
+            raise DataFormatError(f"{item.get('fname')}: slice {item.get('slice')} (item "
+                                  f"{index}) has no target image (a fastMRI test file?); views "
+                                  f"are simulated from targets, expected train/val files")
+        target = torch.as_tensor(target)
+        if target.dim() != 2 or target.is_complex():
+            raise DataFormatError(f"{item.get('fname')}: target: expected a real [H, W] image, "
+                                  f"found shape {tuple(target.shape)} {target.dtype}")
+        return target.float()
+
+    def volume_max(self, volume: int, item: dict | None = None) -> float:
+        """The maximum ``R`` of volume number ``volume`` in original units (cached): the file's
+        ``max`` attribute when present, else the maximum of its indexed slices' targets."""
+        if volume not in self._volume_max:
+            attrs = (item or {}).get("attrs") or {}
+            if "max" in attrs:
+                peak = float(attrs["max"])
+            else:
+                peak = max(float(self._target(self.slices[i], i).max())
+                           for i in self.slices.volume_indices(volume))
+            self._volume_max[volume] = peak
+        return self._volume_max[volume]
+
+    def mask_for(self, width: int, key: ViewKey) -> torch.Tensor:
+        """float32 ``[W]`` mask in the layout ``centered`` names: a fixed mask (``kdmri``,
+        ``file``) drawn once with ``mask.seed``, else one drawn from the view's mask seed."""
+        cfg = self.mask_cfg
+        fixed = cfg.kind in FIXED_MASKS
+        if fixed and width in self._fixed_masks:
+            return self._fixed_masks[width]
+        mask = make_mask(cfg, width, seed=None if fixed else key.mask_seed)
+        if mask.ndim != 1:
+            raise ValueError(f"{cfg.path or 'mask'}: expected a 1-D [W] line mask for views, "
+                             f"found shape {mask.shape}")
+        layout = "centered" if self.centered else "unshifted"
+        mask = torch.from_numpy(np.ascontiguousarray(to_layout(mask, cfg.layout, layout)))
+        if fixed:
+            self._fixed_masks[width] = mask
+        return mask
+
+
+def describe_views(views: SliceViews) -> dict[str, Any]:
+    """A JSON-able summary of a view dataset (sizes, task, layout), for logs and reports."""
+    return {"slices": len(views), "volumes": len(views.slices.volumes),
+            "num_views": views.num_views, "task": views.degrade.task,
+            "centered": views.centered, "crop": views.crop, "normalize": views.normalize,
+            "input_kind": views.input_kind}
