@@ -142,12 +142,18 @@ def attention_transfer_loss(student_features: Sequence[torch.Tensor],
 def enhancement_loss(pred: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None,
                      alpha: float, l1_weight: float = 1.0, ssim_weight: float = 0.0,
                      perceptual: PerceptualLoss | None = None,
-                     perceptual_weight: float = 0.0) -> Terms:
-    """Shou et al.: ``alpha * L1(S, T) + (1 - alpha) * (w1 L1 + ws (1 - SSIM) + wp P)``."""
+                     perceptual_weight: float = 0.0,
+                     data_range: torch.Tensor | float | None = None) -> Terms:
+    """Shou et al.: ``alpha * L1(S, T) + (1 - alpha) * (w1 L1 + ws (1 - SSIM) + wp P)``.
+
+    ``teacher=None`` gives the data term alone (the no-KD model). ``data_range`` (scalar or
+    ``[B]``) is SSIM's R; pass the whole slice's maximum when training on patches, where a
+    patch's own maximum (the default) would make a background patch's noise look like structure.
+    """
     terms: Terms = {"l1": F.l1_loss(pred, target)}
     data_weights = {"l1": l1_weight}
     if ssim_weight:
-        terms["ssim"] = ssim_loss(pred, target)
+        terms["ssim"] = ssim_loss(pred, target, data_range)
         data_weights["ssim"] = ssim_weight
     if perceptual_weight:
         if perceptual is None:
