@@ -1,0 +1,1175 @@
+"""Shou et al.'s MRI enhancement recipe: model-based and task-based knowledge distillation.
+
+Run::
+
+    python -m kdhpc.distill configs/enh_default.yaml            # CPU default, about 10 minutes
+    python -m kdhpc.distill configs/enh_tiny.yaml run_dir=/tmp/enh   # seconds (tests)
+    torchrun --nproc-per-node=2 -m kdhpc.distill configs/enh_default.yaml
+    python -m kdhpc.teacher.cache configs/enh_default.yaml      # fill the SwinIR cache by itself
+
+Stages (each resumable, :class:`kdhpc.distill.Stages`)::
+
+    data -> teacher (SwinIR on degrade.task) -> teacher_cache -> student_a<alpha> for each alpha
+         -> expert_denoise, expert_superres (EDSR) -> expert_cache
+         -> multitask_nokd, multitask_kd (multi-task EDSR) -> evaluate (test split) -> timing
+         -> report
+
+Model-based KD: one SwinIR teacher trained on ``degrade.task`` (denoise in the paper) and one
+cache of its outputs on every training view, shared by EDSR students at each alpha of
+:data:`ALPHA_GRID`; alpha 0 is the no-KD student (trained on the input/reference pairs only),
+all students start from the same initial weights. Task-based KD: an EDSR denoising (DNE) expert
+and an EDSR super-resolution (SRE) expert (``model.experts`` may name trained ones, DNE first),
+one cache of the *routed* experts (:class:`TaskExperts`: each view's task picks its expert)
+over the mixed training set, and a multi-task EDSR (``model.student`` with ``multitask`` in the
+name, FiLM task conditioning, see :mod:`kdhpc.models.edsr`) trained on the mixed pairs without
+KD and with KD at ``loss.alpha`` (the paper's multi-task figure uses 0.75).
+
+Loss (:func:`kdhpc.losses.enhancement_loss`):
+``alpha * L1(S, T) + (1 - alpha) * (l1_weight L1 + ssim_weight (1 - SSIM) + perceptual_weight P)``.
+The perceptual term P compares frozen features of an MRI-trained network, nothing downloaded:
+``loss.perceptual_checkpoint`` (a state dict of the ``model.teacher`` architecture) when given,
+else the trained SwinIR teacher; its *early layers* (:class:`EarlyLayers`: the input conv and
+the first :data:`PERCEPTUAL_DEPTH` Swin layer(s), or residual block(s) for an EDSR) give the
+features. Every EDSR (students, experts, multi-task) uses that same feature network, so their
+data terms are identical; the SwinIR teacher itself is trained without P unless a checkpoint
+is given (it cannot judge itself before it is trained), and the report says so.
+
+Data (:class:`EnhancementViews`): fastMRI-layout volumes (the default brain set, or
+``data.dataset: fastmri`` with ``data.root`` holding ``<challenge>_<split>/`` or ``<split>/``
+folders). Each slice's complex image ``x = ifft2(kspace)`` (centred) is cropped to the
+reconstruction's size and then to ``data.crop``; a view (:func:`kdhpc.data.degrade.make_view`)
+applies a dihedral transform and the task's k-space degradation to the whole field of view
+(reduced-NSA noise with ``degrade.nsa_factor``, ``noise_sigma`` and random levels from
+``noise_jitter``; or phase-encode truncation with ``sr_scale``, ``sr_mode``); input and target
+are magnitudes (root-sum-of-squares over coils), both divided by the input's maximum (known at
+inference). Training crops ``data.patch_size`` patches *after* the degradation (the k-space
+operations act on the whole field of view, as in a scanner); the patch origin is drawn from a
+seed of (slice, view), so it is part of the view key and a cached teacher output always matches
+the student's patch. ``patch_size: 0`` trains on whole slices (needs square crops when dihedral
+views are on). Validation (model selection on ``val_loss``) uses the same patches at view 0;
+the test split is evaluated on whole slices at view 0 (fixed noise per slice).
+
+Evaluation (:func:`evaluate_models`): per test slice, PSNR and SSIM (fastMRI definitions,
+data range = the volume's target maximum) and SNR in ROIs (:func:`kdhpc.metrics.snr_roi`):
+mean over a tissue ROI / sample std over the background ROI of the same slice. ROIs come from
+the ``tissue`` label map in the files (default data: 0 background, 1 CSF, 2 GM, 3 WM; a user's
+fastMRI files may carry the same dataset): tissue ROIs GM and WM, background = label 0 farther
+than :data:`ROI_MARGIN` pixels from the head. Without a label map, ROIs are automatic
+(:func:`roi_labels`). Comparisons are paired over the same (slice, ROI) units (SNR) or slices
+(PSNR, SSIM); "KD >= no-KD" is tested one-sided. A linear mixed model (SNR ~ model, random
+intercept per ROI unit; the paper's random-effects model) is added when statsmodels imports.
+Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES` test inputs,
+``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
+
+Config fields this recipe would like (derived meanwhile): ``loss.alpha_grid`` (list of float,
+:data:`ALPHA_GRID`), ``model.multitask_student`` (str, :func:`multitask_arch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from scipy import ndimage
+from torch import nn
+
+from kdhpc.config import Config, ConfigError, write_atomic
+from kdhpc.data.degrade import dihedral
+from kdhpc.data.views import center_crop
+from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
+from kdhpc.data.masks import seed_from
+from kdhpc.losses import PerceptualLoss, enhancement_loss
+from kdhpc.metrics import paired_test, psnr, snr_roi, ssim_per_slice, summarize
+from kdhpc.models import EDSR, MODEL_NAMES, MultiTaskEDSR, SwinIR, build_model
+
+TASKS = ("denoise", "superres")
+"""Task ids of the multi-task EDSR (its ``task_names``) and order of ``model.experts``."""
+TASK_LABELS = {"denoise": "DNE", "superres": "SRE"}
+
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""KD weights of the model-based students (the paper's 0:0.25:1); alpha 0 is the no-KD model."""
+
+ROI_LABEL_KEY = "tissue"
+ROI_NAMES = {2: "GM", 3: "WM", 9: "object"}
+"""SNR ROIs: grey and white matter from a tissue map; ``object`` for automatic ROIs."""
+ROI_BACKGROUND = 0
+ROI_MARGIN = 4
+"""Pixels between the head and the background ROI (edge blur and ringing are not noise)."""
+AUTO_OBJECT_FRACTION = 0.1
+"""Automatic ROIs: the object is where the target exceeds this fraction of its maximum."""
+
+PERCEPTUAL_DEPTH = 1
+"""Early layers of the perceptual feature network: the input conv plus this many Swin layers
+(SwinIR) or residual blocks (EDSR)."""
+
+TIMING_SLICES = 2
+"""Test slices timed in each repeat (sec/slice = their total / their number)."""
+
+OUTPUT_KEY = "output"
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration helpers
+
+def model_task(cfg: Config) -> str:
+    """The model-based KD task (``degrade.task``), checked."""
+    if cfg.degrade.task not in TASKS:
+        raise ConfigError(f"degrade.task: the enhancement recipe expected one of {TASKS} (the "
+                          f"model-based KD task), found {cfg.degrade.task!r}")
+    return cfg.degrade.task
+
+
+def task_config(cfg: Config, task: str) -> Config:
+    """``cfg`` with ``degrade.task`` set to ``task`` (every other degradation field kept)."""
+    return dataclasses.replace(cfg, degrade=dataclasses.replace(cfg.degrade, task=task))
+
+
+def multitask_arch(student: str) -> str:
+    """The multi-task EDSR matching ``model.student`` (``edsr_small`` -> ``edsr_multitask_small``)."""
+    name = student.replace("edsr_", "edsr_multitask_", 1) if student.startswith("edsr_") else ""
+    if name not in MODEL_NAMES or "multitask" in student:
+        single = [n for n in MODEL_NAMES if n.startswith("edsr_") and "multitask" not in n]
+        raise ConfigError(f"model.student: the enhancement recipe expected a single-task EDSR "
+                          f"with a multi-task sibling (one of {', '.join(single)}), found "
+                          f"{student!r}")
+    return name
+
+
+def alpha_grid(cfg: Config) -> tuple[float, ...]:
+    """The alphas of the model-based students (:data:`ALPHA_GRID`; wanted: ``loss.alpha_grid``)."""
+    grid = tuple(getattr(cfg.loss, "alpha_grid", ALPHA_GRID) or ALPHA_GRID)
+    if 0.0 not in grid:
+        raise ConfigError(f"loss.alpha_grid: expected a grid containing 0 (the no-KD student), "
+                          f"found {list(grid)}")
+    return grid
+
+
+def alpha_name(alpha: float) -> str:
+    return f"student_a{alpha:.2f}"
+
+
+def _sub(cfg: Config, *names: str) -> dict:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def split_folder(cfg: Config, root: Path, split: str) -> Path:
+    """``<root>/<challenge>_<split>`` (fastMRI and the default brain set) or ``<root>/<split>``."""
+    candidates = [root / f"{cfg.data.challenge}_{split}", root / split]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise DataFormatError(f"data.root: expected a folder {candidates[0]} or {candidates[1]} for "
+                          f"split {split!r}, found neither")
+
+
+def slice_dataset(cfg: Config, root: Path, split: str) -> FastMRISliceDataset:
+    if cfg.data.dataset not in ("default_brain", "fastmri"):
+        raise ConfigError(f"data.dataset: the enhancement recipe reads fastMRI-layout volumes "
+                          f"(default_brain or fastmri), found {cfg.data.dataset!r}")
+    return FastMRISliceDataset(split_folder(cfg, root, split), challenge=cfg.data.challenge,
+                               slice_fraction=cfg.data.slice_fraction,
+                               max_volumes=cfg.data.max_volumes)
+
+
+def roi_labels(tissue: np.ndarray | None, target: np.ndarray) -> np.ndarray:
+    """SNR ROI map ``[H, W]`` int64: tissue ROIs (:data:`ROI_NAMES`), 0 = background ROI,
+    -1 = neither.
+
+    With a ``tissue`` map (0 outside the head): GM (2) and WM (3) as labelled; background = label
+    0 more than :data:`ROI_MARGIN` pixels from any head pixel. Without one, the object is
+    ``target > AUTO_OBJECT_FRACTION * max``; its interior (eroded by the margin) is the ``object``
+    ROI (9) and the background is as above.
+    """
+    rois = np.full(target.shape, -1, dtype=np.int64)
+    if tissue is not None:
+        head = tissue > 0
+        for label in (2, 3):
+            rois[tissue == label] = label
+    else:
+        head = target > AUTO_OBJECT_FRACTION * float(target.max())
+        rois[ndimage.binary_erosion(head, iterations=ROI_MARGIN)] = 9
+    far = ~ndimage.binary_dilation(head, iterations=ROI_MARGIN) if head.any() else \
+        np.ones_like(head)
+    rois[far] = ROI_BACKGROUND
+    return rois
+
+
+class EnhancementViews:
+    """Dataset of views (:mod:`kdhpc.train` protocol) of one enhancement task over one split.
+
+    A wrapper of :class:`kdhpc.data.views.SliceViews` (the shared view conventions: input
+    simulated from the target, centre crop ``data.crop``, per-volume normalisation, magnitude
+    input, centred k-space) that adds what this recipe needs: training patches, the task id
+    and SNR ROI maps. ``get_view(index, view)`` returns ``input`` / ``target`` ``[1, p, p]`` (or
+    the whole ``[1, h, w]`` slice when ``patch_size`` is 0), ``scale`` and ``volume_max`` (image
+    units = normalised x scale), ``data_range`` (the volume maximum after normalisation: SSIM's
+    R), ``task`` (int64 id in :data:`TASKS`), ``view_key`` (int64: dihedral id, mask seed, noise
+    seed, patch top, patch left, task id) and, for whole slices, ``roi`` ``[h, w]`` int64
+    (:func:`roi_labels` of the file's ``tissue`` map under the view's dihedral transform).
+    """
+
+    def __init__(self, slices: FastMRISliceDataset, cfg: Config, task: str, patch_size: int):
+        from kdhpc.data.views import SliceViews
+
+        if task not in TASKS:
+            raise ConfigError(f"task: expected one of {TASKS}, found {task!r}")
+        self.task, self.task_id, self.patch_size = task, TASKS.index(task), patch_size
+        self.base = SliceViews(slices, task_config(cfg, task).degrade, centered=True,
+                               crop=cfg.data.crop, normalize="volume", input_kind="magnitude",
+                               base_seed=cfg.mask.seed)
+        self.num_views = self.base.num_views
+        self._shapes: dict[int, tuple[int, int]] = {}  # volume number -> cropped (h, w)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def volume_of(self, index: int) -> int:
+        return self.base.volume_of(index)
+
+    def sample_name(self, index: int) -> str:
+        return self.base.sample_key(index)
+
+    def volume_name(self, index: int) -> str:
+        return Path(self.base.slices.volumes[self.volume_of(index)][0]).name
+
+    def _cropped_shape(self, index: int) -> tuple[int, int]:
+        volume = self.volume_of(index)
+        if volume not in self._shapes:
+            target = self.base.slices[index]["target"]
+            if target is None:
+                raise DataFormatError(f"{self.base.slices.volumes[volume][0]}: expected a "
+                                      f"target image for enhancement views, found none")
+            self._shapes[volume] = tuple(center_crop(target, self.base.crop).shape[-2:])
+        return self._shapes[volume]
+
+    def _patch_origin(self, index: int, view: int, dihedral_id: int) -> tuple[int, int]:
+        """Top-left corner of the view's patch, drawn from a seed of (sample, view) on the
+        transformed slice (a quarter turn swaps its axes)."""
+        if not self.patch_size:
+            return 0, 0
+        h, w = self._cropped_shape(index)
+        if dihedral_id % 2:
+            h, w = w, h
+        if self.patch_size > min(h, w):
+            raise ConfigError(f"data.patch_size: expected at most the cropped slice size "
+                              f"{h}x{w}, found {self.patch_size}")
+        rng = np.random.default_rng(seed_from("patch", self.sample_name(index), view,
+                                              self.base.base_seed))
+        return (int(rng.integers(0, h - self.patch_size + 1)),
+                int(rng.integers(0, w - self.patch_size + 1)))
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        """The ints that name view ``view`` of sample ``index`` (``get_view``'s ``view_key``)."""
+        key = self.base.view_key(index, view)
+        return [*key, *self._patch_origin(index, view, key.dihedral), self.task_id]
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        item = self.base.get_view(index, view)
+        key = self.base.view_key(index, view)
+        target, degraded = item["target"], item["input"]  # [1, h, w] each, normalised
+        if self.patch_size == 0 and self.base.degrade.dihedral and \
+                target.shape[-1] != target.shape[-2]:
+            raise ConfigError(f"data.patch_size: 0 (whole slices) with dihedral views needs "
+                              f"square slices, found {tuple(target.shape[-2:])}; set data.crop "
+                              f"square or train on patches")
+        top, left = self._patch_origin(index, view, key.dihedral)
+        out = {"scale": item["scale"], "volume_max": item["volume_max"],
+               "data_range": item["volume_max"] / item["scale"],
+               "task": torch.tensor(self.task_id, dtype=torch.int64),
+               "view_key": torch.tensor([*key, top, left, self.task_id], dtype=torch.int64)}
+        if self.patch_size:
+            window = (..., slice(top, top + self.patch_size), slice(left, left + self.patch_size))
+            target, degraded = target[window].contiguous(), degraded[window].contiguous()
+        else:
+            extra = self.base.slices[index]["extra"]
+            tissue = extra.get(ROI_LABEL_KEY)
+            if tissue is not None:
+                tissue = np.ascontiguousarray(dihedral(
+                    center_crop(tissue.numpy(), self.base.crop), key.dihedral))
+                if tissue.shape != tuple(target.shape[-2:]):
+                    raise DataFormatError(f"{self.base.slices.volumes[self.volume_of(index)][0]}"
+                                          f": '{ROI_LABEL_KEY}': expected the image shape "
+                                          f"{tuple(target.shape[-2:])} after cropping, found "
+                                          f"{tissue.shape}")
+            out["roi"] = torch.from_numpy(roi_labels(tissue, target[0].numpy()))
+        out["input"], out["target"] = degraded, target
+        return out
+
+
+class MultiTaskViews:
+    """Several :class:`EnhancementViews` (one per task) as one dataset of views: index ``i``
+    runs through the first part, then the second; every item carries its ``task``."""
+
+    def __init__(self, parts: Sequence[EnhancementViews]):
+        views = {p.num_views for p in parts}
+        if len(views) != 1:
+            raise ValueError(f"MultiTaskViews: parts expected one num_views, found {views}")
+        self.parts = list(parts)
+        self.num_views = views.pop()
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[EnhancementViews, int]:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        if not 0 <= index < len(self):
+            raise IndexError(f"MultiTaskViews: index {index} outside 0..{len(self) - 1}")
+        return self.parts[part], index - int(self.offsets[part])
+
+    def volume_of(self, index: int) -> tuple[str, str]:
+        part, local = self._locate(index)
+        return part.task, part.volume_of(local)
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        part, local = self._locate(index)
+        return part.view_key(local, view)
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        part, local = self._locate(index)
+        return part.get_view(local, view)
+
+
+# ---------------------------------------------------------------------------------------------
+# models, teachers, losses
+
+def enhance(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Run ``model`` (a module or its DeepSpeed engine) on ``batch["input"]``, passing the
+    batch's task to multi-task networks."""
+    net = getattr(model, "module", model)
+    if isinstance(net, (MultiTaskEDSR, TaskExperts)):
+        return model(batch["input"], batch["task"])
+    return model(batch["input"])
+
+
+def extract_output(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The teacher targets this recipe distils: the enhanced image ``[B, 1, h, w]``."""
+    return {OUTPUT_KEY: enhance(model, batch)}
+
+
+class TaskExperts(nn.Module):
+    """Task-based teacher: sample b is enhanced by ``experts[task[b]]``."""
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)  # [B, 1, H, W]
+        for t, expert in enumerate(self.experts):
+            chosen = (task == t).nonzero().flatten()
+            if chosen.numel():
+                out[chosen] = expert(x[chosen])
+        unknown = (task < 0) | (task >= len(self.experts))
+        if bool(unknown.any()):
+            raise ValueError(f"TaskExperts: task ids expected in 0..{len(self.experts) - 1}, "
+                             f"found {task.tolist()}")
+        return out
+
+
+class EarlyLayers(nn.Module):
+    """Frozen early layers of a trained SwinIR or EDSR as a perceptual feature network.
+
+    SwinIR: ``conv_first`` then the first ``depth`` Swin layers of its first RSTB, returned as
+    ``[B, D, H, W]``; EDSR: ``head`` then the first ``depth`` residual blocks (no FiLM).
+    """
+
+    def __init__(self, model: nn.Module, depth: int = PERCEPTUAL_DEPTH):
+        super().__init__()
+        if isinstance(model, SwinIR):
+            layers = [layer for block in model.blocks for layer in block.layers][:depth]
+            self.stem, self.layers, self.window = model.conv_first, nn.ModuleList(layers), \
+                model.window
+        elif isinstance(model, EDSR):
+            self.stem, self.layers, self.window = model.head, nn.ModuleList(
+                list(model.blocks)[:depth]), None
+        else:
+            raise ConfigError(f"loss.perceptual_checkpoint: expected a SwinIR or EDSR feature "
+                              f"network, found {type(model).__name__}")
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)  # [B, D, H, W]
+        if self.window is None:
+            for block in self.layers:
+                f = block(f)
+            return f
+        from kdhpc.models.swinir import attention_mask
+
+        b, d, h, w = f.shape
+        shift = self.window // 2
+        masks = {s: attention_mask(h, w, self.window, s, x.device) for s in (0, shift)}
+        masks = {s: (m.to(f.dtype) if m is not None else None) for s, m in masks.items()}
+        t = f.flatten(2).transpose(1, 2)  # [B, H*W, D]
+        for layer in self.layers:
+            t = layer(t, (h, w), masks)
+        return t.transpose(1, 2).reshape(b, d, h, w)
+
+
+def load_network(arch: str, weights: str | Path) -> nn.Module:
+    """``build_model(arch)`` with the state dict at ``weights`` (weights-only load)."""
+    from kdhpc.train import load_weights
+
+    model = build_model(arch)
+    try:
+        model.load_state_dict(load_weights(weights))
+    except RuntimeError as err:
+        raise ConfigError(f"{weights}: expected weights of a {arch!r} network: {err}") from None
+    return model.eval()
+
+
+def perceptual_network(cfg: Config, teacher: nn.Module | None) -> PerceptualLoss | None:
+    """The frozen feature network of the perceptual term, or None when it has weight 0 or no
+    network is available (the SwinIR teacher's own training without a checkpoint)."""
+    if not cfg.loss.perceptual_weight:
+        return None
+    if cfg.loss.perceptual_checkpoint:
+        source = load_network(cfg.model.teacher, cfg.loss.perceptual_checkpoint)
+    elif teacher is not None:
+        source = teacher
+    else:
+        return None
+    return PerceptualLoss(EarlyLayers(source))
+
+
+def make_loss(cfg: Config, alpha: float, perceptual: PerceptualLoss | None) -> Callable:
+    """The engine's ``loss_fn(model, batch, targets)`` for :func:`enhancement_loss`."""
+    loss = cfg.loss
+
+    def loss_fn(model, batch: dict, targets: dict | None) -> dict[str, torch.Tensor]:
+        pred = enhance(model, batch).float()  # [B, 1, h, w]
+        if perceptual is not None:
+            first = next(perceptual.parameters())
+            if first.device != pred.device:
+                perceptual.to(pred.device)
+        teacher = None if targets is None else targets[OUTPUT_KEY].float()
+        return enhancement_loss(pred, batch["target"].float(), teacher, alpha,
+                                l1_weight=loss.l1_weight, ssim_weight=loss.ssim_weight,
+                                perceptual=perceptual,
+                                perceptual_weight=loss.perceptual_weight if perceptual else 0.0,
+                                data_range=batch["data_range"].float())
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its (picklable) result on every rank: stage results must agree."""
+    result = fn() if _rank() == 0 else None
+    if _world() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def _gather(rows: list) -> list:
+    """Every rank's ``rows`` concatenated (rank order)."""
+    if _world() == 1:
+        return rows
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+class Recipe:
+    """The run's data and stage functions (one instance per ``run``)."""
+
+    def __init__(self, cfg: Config, root: Path):
+        self.cfg, self.root = cfg, root
+        self.task = model_task(cfg)
+        self._slices: dict[str, FastMRISliceDataset] = {}
+
+    def slices(self, split: str) -> FastMRISliceDataset:
+        if split not in self._slices:
+            name = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split,
+                    "test": self.cfg.data.test_split}[split]
+            self._slices[split] = slice_dataset(self.cfg, self.root, name)
+        return self._slices[split]
+
+    def views(self, split: str, task: str) -> EnhancementViews:
+        patch = self.cfg.data.patch_size if split in ("train", "val") else 0
+        return EnhancementViews(self.slices(split), self.cfg, task, patch)
+
+    def mixed(self, split: str) -> MultiTaskViews:
+        return MultiTaskViews([self.views(split, t) for t in TASKS])
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train_network(self, stage_dir: Path, arch: str, train_set, val_set, loss_fn,
+                      teacher=None) -> dict:
+        from kdhpc.train import seed_everything, train
+
+        seed_everything(self.cfg.train.seed)  # every network of an arch starts from one init
+        model = build_model(arch)
+        result = train(self.cfg, model, loss_fn, train_set, val_set=val_set, teacher=teacher,
+                       run_dir=stage_dir)
+        return {"arch": arch, "weights": str(result.best_weights), "trained": True,
+                "steps": result.steps, "best_metric": result.best_metric,
+                "best_value": result.best_value, "best_step": result.best_step}
+
+    def teacher_stage(self, stage_dir: Path) -> dict:
+        cfg = self.cfg
+        if cfg.model.teacher_checkpoint:
+            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
+            return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
+                    "trained": False, "perceptual": False}
+        perceptual = perceptual_network(cfg, None)
+        result = self.train_network(stage_dir, cfg.model.teacher, self.views("train", self.task),
+                                    self.views("val", self.task), make_loss(cfg, 0.0, perceptual))
+        return {**result, "perceptual": perceptual is not None}
+
+    def teacher_source(self, teacher: nn.Module, cache_dir: Path, data_config: dict):
+        from kdhpc.teacher import CachedTeacher, StreamTeacher, teacher_fingerprint
+
+        if self.cfg.teacher.mode == "stream":
+            return StreamTeacher(teacher, extract_output, bf16=self.cfg.teacher.stream_bf16)
+        return CachedTeacher(cache_dir, teacher_sha256=teacher_fingerprint(teacher),
+                             data_config=data_config)
+
+    def fill(self, cache_dir: Path, teacher: nn.Module, dataset, data_config: dict) -> dict:
+        from kdhpc.teacher import fill_cache, teacher_fingerprint
+
+        if self.cfg.teacher.mode == "stream":
+            return {"mode": "stream", "teacher_sha256": teacher_fingerprint(teacher)}
+        start = time.perf_counter()
+        fill_cache(cache_dir, teacher, extract_output, dataset, data_config=data_config,
+                   dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
+                   batch_size=self.cfg.eval.batch_size, bf16=self.cfg.teacher.stream_bf16,
+                   force=True)
+        return {"mode": "precompute", "cache_dir": str(cache_dir),
+                "teacher_sha256": teacher_fingerprint(teacher),
+                "records": len(dataset) * dataset.num_views,
+                "seconds": time.perf_counter() - start}
+
+    def expert_data_config(self) -> dict:
+        from kdhpc.teacher import cache_config
+
+        return {**cache_config(self.cfg), "teacher": "task_experts", "tasks": list(TASKS)}
+
+    def expert_stage(self, stage_dir: Path, task: str, perceptual) -> dict:
+        cfg = self.cfg
+        if cfg.model.experts:
+            if len(cfg.model.experts) != len(TASKS):
+                raise ConfigError(f"model.experts: expected {len(TASKS)} checkpoints "
+                                  f"({', '.join(TASKS)}), found {cfg.model.experts}")
+            weights = cfg.model.experts[TASKS.index(task)]
+            load_network(cfg.model.student, weights)
+            return {"arch": cfg.model.student, "weights": weights, "trained": False}
+        return self.train_network(stage_dir, cfg.model.student, self.views("train", task),
+                                  self.views("val", task), make_loss(cfg, 0.0, perceptual))
+
+
+def teacher_cache_parts(cfg: Config):
+    """(SwinIR teacher, extract, training views of ``degrade.task``) for
+    ``python -m kdhpc.teacher.cache``: the teacher is ``model.teacher_checkpoint`` or the one
+    this recipe trained in ``<run_dir>/teacher``."""
+    from kdhpc.data.default import dataset_root
+
+    recipe = Recipe(cfg, dataset_root(cfg))
+    weights = cfg.model.teacher_checkpoint
+    if not weights:
+        record = Path(cfg.run_dir) / "teacher" / "stage.json"
+        if not record.is_file():
+            raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
+                              f"finished teacher stage ({record}), found neither; run python -m "
+                              f"kdhpc.distill CONFIG first")
+        weights = json.loads(record.read_text())["result"]["weights"]
+    teacher = load_network(cfg.model.teacher, weights)
+    return teacher, extract_output, recipe.views("train", recipe.task)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+@dataclasses.dataclass
+class Evaluated:
+    """One (task, model) on the test split: per-slice rows and predictions in image units."""
+
+    rows: list[dict]
+    volumes: list[dict]
+
+
+def _slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
+                   data_range: float) -> dict:
+    """PSNR, SSIM (range = the volume maximum) and SNR per ROI of one slice ``[h, w]``."""
+    row = {"psnr": psnr(target[None], pred[None], data_range=data_range),
+           "ssim": float(ssim_per_slice(target[None], pred[None], data_range=data_range)[0])}
+    present = [label for label in ROI_NAMES if (rois == label).any()]
+    if present and (rois == ROI_BACKGROUND).sum() > 1:
+        for label, value in snr_roi(pred, rois, present, ROI_BACKGROUND).items():
+            row[f"snr_{ROI_NAMES[label]}"] = value
+    return row
+
+
+def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None],
+                    batch_size: int, out_file: Path) -> list[dict]:
+    """Evaluate ``models`` (None = the degraded input itself) on ``views`` at view 0.
+
+    This rank evaluates its share of whole volumes (:func:`kdhpc.train.rank_volume_indices`);
+    predictions, targets and ROI maps (image units: scaled back) go to ``out_file`` (HDF5,
+    written through a temporary name). Returns this rank's per-slice rows.
+    """
+    import h5py
+
+    from kdhpc.train import rank_volume_indices, volume_ids
+
+    volumes = volume_ids(views)
+    mine = rank_volume_indices(volumes, _rank(), _world())
+    by_volume: dict[int, list[int]] = {}
+    for i in mine:
+        by_volume.setdefault(volumes[i], []).append(i)
+    rows: list[dict] = []
+    stored: dict[str, list[np.ndarray]] = {name: [] for name in ["target", "roi", *models]}
+    indices: list[int] = []
+    for vol, items in by_volume.items():
+        batch_items = [views.get_view(i, 0) for i in items]
+        scale = torch.stack([b["scale"] for b in batch_items]).double()  # [S]
+        inputs = torch.stack([b["input"] for b in batch_items])  # [S, 1, h, w]
+        tasks = torch.stack([b["task"] for b in batch_items])  # [S]
+        target = (torch.stack([b["target"][0] for b in batch_items]).double()
+                  * scale[:, None, None]).numpy()  # [S, h, w]
+        rois = torch.stack([b["roi"] for b in batch_items]).numpy()
+        volume_max = float(batch_items[0]["volume_max"])  # fastMRI's data range: the file's max
+        preds = {}
+        for name, model in models.items():
+            if model is None:
+                out = inputs
+            else:
+                with torch.inference_mode():
+                    out = torch.cat([enhance(model, {"input": inputs[k:k + batch_size],
+                                                     "task": tasks[k:k + batch_size]})
+                                     for k in range(0, len(items), batch_size)])
+            preds[name] = (out[:, 0].double() * scale[:, None, None]).numpy()  # [S, h, w]
+        for name, pred in preds.items():
+            for j, index in enumerate(items):
+                row = {"task": views.task, "model": name, "index": index,
+                       "volume": views.volume_name(index), "slice": views.sample_name(index),
+                       "volume_max": volume_max,
+                       **_slice_metrics(target[j], pred[j], rois[j], volume_max)}
+                rows.append(row)
+            stored[name].append(pred.astype(np.float32))
+        stored["target"].append(target.astype(np.float32))
+        stored["roi"].append(rois.astype(np.int8))
+        indices += items
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f["index"] = np.array(indices, dtype=np.int64)
+        for name, parts in stored.items():
+            if parts:
+                f[name] = np.concatenate(parts)
+    tmp.replace(out_file)
+    return rows
+
+
+def volume_table(rows: list[dict]) -> list[dict]:
+    """Per-volume PSNR (whole-volume MSE) and SSIM (mean over slices) from per-slice rows:
+    ``PSNR_vol = 10 log10(R^2 / mean_s MSE_s)`` with ``MSE_s = R^2 10^(-PSNR_s / 10)``."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["model"], row["volume"]), []).append(row)
+    out = []
+    for (task, model, volume), group in groups.items():
+        peak = group[0]["volume_max"]
+        mse = np.mean([peak ** 2 * 10 ** (-r["psnr"] / 10) for r in group])
+        out.append({"task": task, "model": model, "volume": volume,
+                    "psnr": float(10 * np.log10(peak ** 2 / mse)),
+                    "ssim": float(np.mean([r["ssim"] for r in group]))})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics for the report
+
+def snr_units(rows: list[dict], task: str, model: str) -> dict[tuple, float]:
+    """``{(slice, ROI name): SNR}`` of one model: the units of the paired SNR tests."""
+    out = {}
+    for row in rows:
+        if row["task"] == task and row["model"] == model:
+            for key, value in row.items():
+                if key.startswith("snr_"):
+                    out[(row["slice"], key[4:])] = value
+    return out
+
+
+def slice_values(rows: list[dict], task: str, model: str, metric: str) -> dict[str, float]:
+    return {r["slice"]: r[metric] for r in rows if r["task"] == task and r["model"] == model}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired t-test of a against b on their common units, with the one-sided p of a > b."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return {"n": len(keys), "mean_difference": math.nan, "p_value": math.nan,
+                "p_greater": math.nan}
+    x, y = [a[k] for k in keys], [b[k] for k in keys]
+    if np.allclose(x, y, rtol=0, atol=0):
+        return {"n": len(keys), "mean_difference": 0.0, "p_value": 1.0, "p_greater": 1.0}
+    test = paired_test(x, y)
+    t, p = test["statistic"], test["p_value"]
+    return {**test, "p_greater": p / 2 if t > 0 else 1 - p / 2}
+
+
+def mixed_model(rows: list[dict], task: str, models: Sequence[str], reference: str) -> str:
+    """statsmodels' linear mixed model ``snr ~ C(model)`` with a random intercept per (slice,
+    ROI) unit (the paper's random-effects comparison), as markdown; a note when statsmodels is
+    not installed."""
+    try:
+        import pandas as pd
+        import statsmodels.formula.api as smf
+    except ImportError:
+        return ("statsmodels (or pandas) is not installed, so the linear mixed-effects model was "
+                "not fitted; the paired t-tests above stand in for it.")
+    data = [{"snr": v, "model": m, "unit": f"{k[0]}|{k[1]}"}
+            for m in models for k, v in snr_units(rows, task, m).items()]
+    frame = pd.DataFrame(data)
+    try:
+        fit = smf.mixedlm(f"snr ~ C(model, Treatment(reference={reference!r}))", frame,
+                          groups=frame["unit"]).fit()
+    except Exception as err:  # a singular fit must not lose the rest of the report
+        return f"The mixed-effects model could not be fitted: {type(err).__name__}: {err}"
+    lines = ["| term | estimate | std err | p |", "|---|---|---|---|"]
+    for term in fit.fe_params.index:
+        lines.append(f"| {term} | {fit.fe_params[term]:+.4g} | {fit.bse[term]:.3g} | "
+                     f"{fit.pvalues[term]:.3g} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float, spec: str = ".3g") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, spec)
+
+
+def mean_std(values: Sequence[float], spec: str = ".3f") -> str:
+    if not values:
+        return "n/a"
+    stats = summarize(values)
+    std = stats["std"]
+    return f"{stats['mean']:{spec}} +- {std:{spec}}" if not math.isnan(std) else \
+        f"{stats['mean']:{spec}}"
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def time_per_slice(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Seconds per slice of ``model`` over ``inputs [S, 1, h, w]``, one slice per call."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(inputs.shape[0]):
+            model(inputs[k:k + 1])
+    return (time.perf_counter() - start) / inputs.shape[0]
+
+
+def paired_timing(big: nn.Module, small: nn.Module, inputs: torch.Tensor,
+                  repeats: int) -> dict:
+    """``repeats`` paired timings (order alternating, one warm-up each): seconds per slice of
+    both, paired t-test and the speed ratio ``mean(big) / mean(small)``."""
+    big.eval()
+    small.eval()
+    time_per_slice(big, inputs[:1])
+    time_per_slice(small, inputs[:1])
+    big_s, small_s = [], []
+    for r in range(repeats):
+        pair = [(big, big_s), (small, small_s)]
+        for model, out in (pair if r % 2 == 0 else pair[::-1]):
+            out.append(time_per_slice(model, inputs))
+    test = paired_test(big_s, small_s) if repeats > 1 else {"p_value": math.nan,
+                                                            "statistic": math.nan}
+    return {"big_s": big_s, "small_s": small_s, "ratio": float(np.mean(big_s) / np.mean(small_s)),
+            "p_value": test["p_value"], "t": test["statistic"], "slices": int(inputs.shape[0]),
+            "shape": list(inputs.shape[-2:]), "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def run(cfg: Config, stages) -> dict:
+    """All stages of the recipe (module docstring); returns the report's summary."""
+    from kdhpc.data.default import dataset_root
+    from kdhpc.teacher import cache_config, default_cache_dir
+
+    task = model_task(cfg)
+    grid = alpha_grid(cfg)
+    mt_arch = multitask_arch(cfg.model.student)
+    run_dir = Path(cfg.run_dir)
+
+    def data_stage(stage_dir: Path) -> dict:
+        if _rank() == 0:
+            dataset_root(cfg)  # generates the default set once; other ranks wait and reuse it
+        _barrier()
+        root = dataset_root(cfg)
+        recipe = Recipe(cfg, root)
+        return {"root": str(root), **{f"{s}_slices": len(recipe.slices(s))
+                                      for s in ("train", "val", "test")}}
+
+    data = stages.run("data", {**_sub(cfg, "data", "default_data")}, data_stage)
+    recipe = Recipe(cfg, Path(data["root"]))
+    train_deps = {**_sub(cfg, "degrade", "optim", "schedule", "train"), "data": data}
+    loss_deps = {k: v for k, v in dataclasses.asdict(cfg.loss).items()
+                 if k in ("l1_weight", "ssim_weight", "perceptual_weight",
+                          "perceptual_checkpoint")}
+
+    teacher_res = stages.run("teacher", {**train_deps, "loss": loss_deps,
+                                         "arch": cfg.model.teacher,
+                                         "checkpoint": cfg.model.teacher_checkpoint},
+                             recipe.teacher_stage)
+    teacher = load_network(teacher_res["arch"], teacher_res["weights"])
+    perceptual = perceptual_network(cfg, teacher)
+
+    teacher_cfg = cache_config(cfg)
+    cache_dir = default_cache_dir(cfg)
+    cache_deps = {"teacher": teacher_res, "data_config": teacher_cfg,
+                  **_sub(cfg, "teacher"), "batch": cfg.eval.batch_size}
+    cache_res = stages.run("teacher_cache", cache_deps, lambda d: recipe.fill(
+        cache_dir, teacher, recipe.views("train", task), teacher_cfg))
+
+    students = {}
+    for alpha in grid:
+        def student_stage(stage_dir: Path, alpha=alpha) -> dict:
+            source = None if alpha == 0 else recipe.teacher_source(teacher, cache_dir,
+                                                                    teacher_cfg)
+            return recipe.train_network(stage_dir, cfg.model.student, recipe.views("train", task),
+                                        recipe.views("val", task),
+                                        make_loss(cfg, alpha, perceptual), teacher=source)
+
+        deps = {**train_deps, "loss": loss_deps, "alpha": alpha, "arch": cfg.model.student,
+                "perceptual_from": teacher_res}
+        if alpha:
+            deps["cache"] = cache_res
+        students[alpha] = stages.run(alpha_name(alpha), deps, student_stage)
+
+    experts = {}
+    for t in TASKS:
+        experts[t] = stages.run(f"expert_{t}", {**train_deps, "loss": loss_deps,
+                                                "arch": cfg.model.student,
+                                                "checkpoints": cfg.model.experts,
+                                                "perceptual_from": teacher_res},
+                                lambda d, t=t: recipe.expert_stage(d, t, perceptual))
+    routed = TaskExperts([load_network(experts[t]["arch"], experts[t]["weights"])
+                          for t in TASKS])
+    expert_cfg = recipe.expert_data_config()
+    expert_cache_dir = run_dir / "expert_cache" / "cache"
+    expert_cache = stages.run("expert_cache", {"experts": experts, "data_config": expert_cfg,
+                                               **_sub(cfg, "teacher"),
+                                               "batch": cfg.eval.batch_size},
+                              lambda d: recipe.fill(expert_cache_dir, routed,
+                                                    recipe.mixed("train"), expert_cfg))
+
+    multitask = {}
+    for kind, alpha in (("nokd", 0.0), ("kd", cfg.loss.alpha)):
+        def multitask_stage(stage_dir: Path, alpha=alpha, kind=kind) -> dict:
+            source = None if kind == "nokd" else recipe.teacher_source(
+                routed, expert_cache_dir, expert_cfg)
+            return recipe.train_network(stage_dir, mt_arch, recipe.mixed("train"),
+                                        recipe.mixed("val"), make_loss(cfg, alpha, perceptual),
+                                        teacher=source)
+
+        deps = {**train_deps, "loss": loss_deps, "alpha": alpha, "arch": mt_arch,
+                "perceptual_from": teacher_res}
+        if kind == "kd":
+            deps["cache"] = expert_cache
+        multitask[kind] = stages.run(f"multitask_{kind}", deps, multitask_stage)
+
+    names = model_names(grid)
+
+    def evaluate_stage(stage_dir: Path) -> dict:
+        nets = {"input": None, names["teacher"]: teacher,
+                **{names[a]: load_network(r["arch"], r["weights"]) for a, r in students.items()}}
+        rows = evaluate_models(recipe.views("test", task), nets, cfg.eval.batch_size,
+                               stage_dir / f"model_based-rank{_rank():05d}.h5")
+        for t in TASKS:
+            nets = {"input": None, f"EDSR {TASK_LABELS[t]} expert": routed.experts[TASKS.index(t)],
+                    "multi-task EDSR no KD": load_network(mt_arch, multitask["nokd"]["weights"]),
+                    "multi-task EDSR KD": load_network(mt_arch, multitask["kd"]["weights"])}
+            rows += evaluate_models(recipe.views("test", t), nets, cfg.eval.batch_size,
+                                    stage_dir / f"task_based_{t}-rank{_rank():05d}.h5")
+        rows = _gather(rows)
+        if _rank() == 0:
+            write_atomic(stage_dir / "slices.json", json.dumps(rows, indent=0))
+        _barrier()
+        return {"slices": str(stage_dir / "slices.json"), "rows": len(rows),
+                "world_size": _world()}
+
+    evaluation = stages.run("evaluate", {"teacher": teacher_res, "students": students,
+                                         "experts": experts, "multitask": multitask,
+                                         "data": data, **_sub(cfg, "degrade", "eval")},
+                            evaluate_stage)
+
+    def timing_stage(stage_dir: Path) -> dict:
+        def measure() -> dict:
+            views = recipe.views("test", task)
+            count = min(TIMING_SLICES, len(views))
+            inputs = torch.stack([views.get_view(i, 0)["input"] for i in range(count)])
+            edsr = load_network(students[0.0]["arch"], students[0.0]["weights"])
+            return paired_timing(teacher, edsr, inputs, cfg.eval.latency_repeats)
+
+        return _from_rank0(measure)
+
+    timing = stages.run("timing", {"teacher": teacher_res, "student": students[0.0],
+                                   "data": data, **_sub(cfg, "eval")}, timing_stage)
+
+    def report_stage(stage_dir: Path) -> dict:
+        return _from_rank0(lambda: write_enhancement_report(
+            cfg, stage_dir, json.loads(Path(evaluation["slices"]).read_text()), timing, grid,
+            {"teacher": teacher_res, "students": students, "experts": experts,
+             "multitask": multitask, "cache": cache_res, "data": data},
+            [stage_dir.parent / "evaluate"]))
+
+    return stages.run("report", {"evaluation": evaluation, "timing": timing,
+                                 "alpha": cfg.loss.alpha}, report_stage)
+
+
+def model_names(grid: Sequence[float]) -> dict:
+    """Display names: ``"teacher"`` and each alpha -> the row name in the tables."""
+    out: dict = {"teacher": "SwinIR teacher"}
+    for alpha in grid:
+        out[alpha] = "EDSR no KD (a=0)" if alpha == 0 else f"EDSR KD a={alpha:g}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], timing: dict,
+                             grid: Sequence[float], results: dict,
+                             prediction_dirs: Sequence[Path]) -> dict:
+    """report.md, metrics.json, alpha_curve.png and example panels in ``stage_dir`` (also
+    copied to the run directory); returns the summary (alpha table, task table, timing)."""
+    from kdhpc.report import table, write_report
+
+    task = model_task(cfg)
+    names = model_names(grid)
+    volumes = volume_table(rows)
+    nokd = names[0.0]
+    nokd_snr = snr_units(rows, task, nokd)
+    teacher_snr = snr_units(rows, task, names["teacher"])
+
+    def summary_row(t: str, model: str) -> dict:
+        snr = list(snr_units(rows, t, model).values())
+        vol = [v for v in volumes if v["task"] == t and v["model"] == model]
+        return {"snr": float(np.mean(snr)) if snr else math.nan, "snr_n": len(snr),
+                "snr_std": float(np.std(snr, ddof=1)) if len(snr) > 1 else math.nan,
+                "snr_text": mean_std(snr, ".2f"),
+                "psnr_text": mean_std([v["psnr"] for v in vol], ".2f"),
+                "ssim_text": mean_std([v["ssim"] for v in vol], ".4f"),
+                "psnr": float(np.mean([v["psnr"] for v in vol])),
+                "ssim": float(np.mean([v["ssim"] for v in vol]))}
+
+    alpha_rows, alpha_summary = [], []
+    for key in ["input", "teacher", *grid]:
+        model = "input" if key == "input" else names[key]
+        s = summary_row(task, model)
+        row = {"model": model, "alpha": "" if key in ("input", "teacher") else f"{key:g}",
+               "SNR (ROI)": s["snr_text"], "PSNR (vol)": s["psnr_text"],
+               "SSIM (vol)": s["ssim_text"]}
+        entry = {"model": model, "alpha": key if isinstance(key, float) else None, **s}
+        if isinstance(key, float) and key > 0:
+            vs = paired(snr_units(rows, task, model), nokd_snr)
+            vs_psnr = paired(slice_values(rows, task, model, "psnr"),
+                             slice_values(rows, task, nokd, "psnr"))
+            vs_teacher = paired(snr_units(rows, task, model), teacher_snr)
+            row.update({"dSNR vs no-KD": _fmt(vs["mean_difference"], "+.3f"),
+                        "p (KD > no-KD)": _fmt(vs["p_greater"]),
+                        "dPSNR vs no-KD": _fmt(vs_psnr["mean_difference"], "+.3f"),
+                        "p (PSNR, 2-sided)": _fmt(vs_psnr["p_value"]),
+                        "p (SNR vs teacher, 2-sided)": _fmt(vs_teacher["p_value"])})
+            entry.update({"vs_nokd_snr": vs, "vs_nokd_psnr": vs_psnr, "vs_teacher_snr": vs_teacher})
+        elif key == 0.0:
+            vs_teacher = paired(nokd_snr, teacher_snr)
+            row["p (SNR vs teacher, 2-sided)"] = _fmt(vs_teacher["p_value"])
+            entry["vs_teacher_snr"] = vs_teacher
+        alpha_rows.append(row)
+        alpha_summary.append(entry)
+
+    task_rows, task_summary, task_tests = [], [], []
+    for t in TASKS:
+        expert = f"EDSR {TASK_LABELS[t]} expert"
+        for model in ("input", expert, "multi-task EDSR no KD", "multi-task EDSR KD"):
+            s = summary_row(t, model)
+            task_rows.append({"task": TASK_LABELS[t], "model": model, "SNR (ROI)": s["snr_text"],
+                              "PSNR (vol)": s["psnr_text"], "SSIM (vol)": s["ssim_text"]})
+            task_summary.append({"task": t, "model": model, **s})
+        for other in ("multi-task EDSR no KD", expert):
+            test = {m: paired(slice_values(rows, t, "multi-task EDSR KD", m),
+                              slice_values(rows, t, other, m)) for m in ("psnr", "ssim")}
+            test["snr"] = paired(snr_units(rows, t, "multi-task EDSR KD"),
+                                 snr_units(rows, t, other))
+            task_tests.append({"task": t, "against": other, **test})
+    test_rows = [{"task": TASK_LABELS[x["task"]], "comparison": f"multi-task KD vs {x['against']}",
+                  **{f"d{m.upper()}": _fmt(x[m]["mean_difference"], "+.4f") for m in
+                     ("psnr", "ssim", "snr")},
+                  **{f"p {m.upper()} (2-sided)": _fmt(x[m]["p_value"]) for m in
+                     ("psnr", "ssim", "snr")}} for x in task_tests]
+
+    curve = stage_dir / "alpha_curve.png"
+    plot_alpha_curve(alpha_summary, curve, task)
+    panels = save_example_panels(prediction_dirs, stage_dir, task, names, grid)
+
+    ratio = timing["ratio"]
+    timing_text = (
+        f"Per-slice inference on {timing['slices']} test slice(s) of {timing['shape'][0]}x"
+        f"{timing['shape'][1]}, {len(timing['big_s'])} paired repeats, {timing['threads']} "
+        f"thread(s), this machine: SwinIR ({cfg.model.teacher}) "
+        f"{mean_std(timing['big_s'], '.4f')} s/slice, EDSR ({cfg.model.student}) "
+        f"{mean_std(timing['small_s'], '.4f')} s/slice; speed ratio SwinIR/EDSR = "
+        f"{ratio:.2f}x (paired t = {_fmt(timing['t'])}, p = {_fmt(timing['p_value'])}). "
+        f"The paper: 5.162 vs 0.145 s/slice (35x) for its full-size models on its hardware.")
+
+    findings = []
+    for entry in alpha_summary:
+        if entry.get("vs_nokd_snr"):
+            vs = entry["vs_nokd_snr"]
+            verdict = ">=" if vs["mean_difference"] >= 0 else "<"
+            findings.append(f"- alpha {entry['alpha']:g}: KD SNR {verdict} no-KD (mean difference "
+                            f"{_fmt(vs['mean_difference'], '+.3f')} over {vs['n']} (slice, ROI) "
+                            f"units, one-sided p(KD > no-KD) = {_fmt(vs['p_greater'])}).")
+    for x in task_tests:
+        if x["against"] == "multi-task EDSR no KD":
+            findings.append(f"- {TASK_LABELS[x['task']]}: multi-task KD vs mixed-data no-KD: "
+                            f"dPSNR {_fmt(x['psnr']['mean_difference'], '+.3f')} dB "
+                            f"(p = {_fmt(x['psnr']['p_value'])}), dSSIM "
+                            f"{_fmt(x['ssim']['mean_difference'], '+.4f')} "
+                            f"(p = {_fmt(x['ssim']['p_value'])}).")
+    teacher_res, students = results["teacher"], results["students"]
+    n_test = len({r["volume"] for r in rows if r["task"] == task})
+    n_slices = len({r["slice"] for r in rows if r["task"] == task})
+    limits = (
+        f"This schedule trains every network for {students[0.0].get('steps', '?')} optimiser "
+        f"steps of batch {cfg.train.batch_size} ({cfg.data.patch_size}-pixel patches) on "
+        f"{results['data']['train_slices']} training slices and tests on {n_slices} slices of "
+        f"{n_test} volume(s): far from convergence and from the paper's data, so it shows the "
+        f"machinery and the direction of effects at this budget, not the published sizes of "
+        f"effects. The SwinIR teacher at this budget need not be better than the EDSR student "
+        f"(see the table), in which case distilling it cannot be expected to help. Paired tests "
+        f"treat (slice, ROI) units as independent although slices share volumes, so p-values "
+        f"are optimistic; one training seed per model means seed-to-seed variation is not "
+        f"measured. Timing is for the CPU sizes here, on a shared machine.")
+    if not teacher_res.get("perceptual") and teacher_res.get("trained"):
+        limits += (" The SwinIR teacher was trained without the perceptual term (no feature "
+                   "network exists before it is trained; set loss.perceptual_checkpoint).")
+
+    sections = [
+        ("Setup", f"Model-based task: {TASK_LABELS[task]}; teacher {cfg.model.teacher}, "
+                  f"students {cfg.model.student}, multi-task {multitask_arch(cfg.model.student)}; "
+                  f"alpha grid {list(grid)}; multi-task KD alpha {cfg.loss.alpha:g}; loss "
+                  f"weights L1 {cfg.loss.l1_weight:g}, SSIM {cfg.loss.ssim_weight:g}, perceptual "
+                  f"{cfg.loss.perceptual_weight:g} (features: "
+                  f"{'user checkpoint' if cfg.loss.perceptual_checkpoint else 'SwinIR teacher early layers'}); "
+                  f"teacher targets: {results['cache'].get('mode')}. SNR = mean(tissue ROI) / "
+                  f"std(background ROI) per slice; PSNR/SSIM per volume (mean +- std over "
+                  f"volumes); SNR mean +- std over (slice, ROI) units."),
+        ("Model-based KD (alpha table)", table(alpha_rows, list(dict.fromkeys(
+            key for row in alpha_rows for key in row)))),
+        ("Alpha curve", f"![SNR vs alpha]({curve.name})"),
+        ("Mixed-effects model (SNR)", mixed_model(
+            rows, task, [names["teacher"], *[names[a] for a in grid]], nokd)),
+        ("Task-based KD", table(task_rows) + "\n\n" + table(test_rows)),
+        ("Inference time", timing_text),
+        ("Findings", "\n".join(findings)),
+        ("What this schedule does not show", limits),
+        ("Examples", "\n".join(f"![{p.stem}]({p.name})" for p in panels)),
+    ]
+    summary = {"alpha_table": alpha_summary, "task_table": task_summary,
+               "task_tests": task_tests, "timing": timing, "volumes": volumes}
+    write_report(stage_dir, "Enhancement KD (Shou et al.)", sections, summary)
+    run_dir = stage_dir.parent
+    for name in ["report.md", "metrics.json", curve.name, *[p.name for p in panels]]:
+        data = (stage_dir / name).read_bytes()
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(run_dir / name)
+    print((stage_dir / "report.md").read_text(), flush=True)
+    return {"report": str(run_dir / "report.md"),
+            "alpha_snr": {str(e["alpha"] if e["alpha"] is not None else e["model"]): e["snr"]
+                          for e in alpha_summary},
+            "speed_ratio": ratio}
+
+
+def plot_alpha_curve(alpha_summary: list[dict], path: Path, task: str) -> Path:
+    """SNR (mean +- standard error over ROI units) vs alpha, with teacher, no-KD and input
+    lines; written through a temporary file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [e for e in alpha_summary if e["alpha"] is not None]
+    by_model = {e["model"]: e for e in alpha_summary}
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    alphas = [e["alpha"] for e in points]
+    means = [e["snr"] for e in points]
+    errors = [e["snr_std"] / math.sqrt(e["snr_n"]) if e["snr_n"] > 1 else 0.0 for e in points]
+    ax.errorbar(alphas, means, yerr=errors, marker="o", capsize=3, label="EDSR student")
+    for name, style in (("SwinIR teacher", "--"), ("input", ":")):
+        if name in by_model:
+            ax.axhline(by_model[name]["snr"], linestyle=style, color="gray" if name == "input"
+                       else "tab:red", label=name)
+    ax.axhline(points[0]["snr"], linestyle="-.", color="tab:green", label="EDSR no KD")
+    ax.set_xlabel("alpha (weight of the KD term)")
+    ax.set_ylabel("SNR in ROIs")
+    ax.set_title(f"{TASK_LABELS[task]}: SNR vs alpha")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: str,
+                        names: dict, grid: Sequence[float]) -> list[Path]:
+    """One panel per evaluated group: the middle test slice held by rank 0's prediction file."""
+    import h5py
+
+    from kdhpc.report import save_panel
+
+    groups = [("model_based", ["input", "target", names["teacher"], *[names[a] for a in grid]])]
+    for t in TASKS:
+        groups.append((f"task_based_{t}", ["input", "target", f"EDSR {TASK_LABELS[t]} expert",
+                                           "multi-task EDSR no KD", "multi-task EDSR KD"]))
+    paths = []
+    for folder in prediction_dirs:
+        for group, models in groups:
+            file = folder / f"{group}-rank00000.h5"
+            if not file.is_file():
+                continue
+            with h5py.File(file, "r") as f:
+                if "target" not in f:
+                    continue
+                j = f["target"].shape[0] // 2
+                images = [f[m][j] for m in models]
+            top = float(images[1].max())
+            path = save_panel(images, models, out_dir / f"panel_{group}.png", rows=2,
+                              vmax=[top] * len(images))
+            paths.append(path)
+    return paths
