@@ -19,7 +19,7 @@ GRAD_TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2
 # name -> (shape, class dim, tile): small for the interpreter, tiles small enough to repeat
 COLUMNS = {"segmentation": ((2, 4, 16, 24), 1, None), "odd": ((3, 5, 7, 11), 1, 16)}
 ROWS = {"vocabulary": ((6, 300), -1, 128), "odd": ((5, 129), 1, 64),
-        "default_tile": ((2, 12000), -1, None)}
+        "default_tile": ((2, 9000), -1, None)}
 
 def _pair(shape, dtype, seed, scale=3.0):
     generator = torch.Generator().manual_seed(seed)
@@ -68,8 +68,10 @@ def _assert_matches_reference(student, teacher, temperature, dim, reduction="bat
 
 
 @needs_fast
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
-@pytest.mark.parametrize("dtype", list(GRAD_TOLERANCES), ids=str)
+@pytest.mark.parametrize("dtype, temperature", [
+    *((torch.float32, t) for t in (0.5, 1.0, 4.0, 20.0)),
+    (torch.bfloat16, 0.5), (torch.bfloat16, 4.0), (torch.float16, 1.0), (torch.float16, 20.0)],
+    ids=str)
 @pytest.mark.parametrize("case", [COLUMNS["odd"], ROWS["vocabulary"]], ids=["columns", "rows"])
 def test_kernels_match_reference(case, dtype, temperature):
     shape, dim, tile = case
@@ -83,7 +85,7 @@ def test_kernels_match_reference(case, dtype, temperature):
                                         ("odd_rows", ROWS["odd"]),
                                         ("default_tile", ROWS["default_tile"])])
 def test_kernels_match_reference_on_more_shapes(name, case, dtype):
-    """A segmentation batch and rows of 12000 classes (two 8192 tiles) with the default tiles,
+    """A segmentation batch and rows of 9000 classes (three 4096 tiles) with the default tiles,
     and rows whose class count is one past a power of two."""
     shape, dim, tile = case
     student, teacher = _pair(shape, dtype, seed=len(name))

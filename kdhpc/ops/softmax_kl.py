@@ -26,11 +26,11 @@ in a single launch, in fp32 whatever the input dtype (float32, bfloat16, float16
   class dimension is not innermost, so a program takes a tile of contiguous positions and keeps
   all K classes of it in registers: one read of each input, one write of the gradient.
 - *rows* (more classes, e.g. language-model logits ``[N, V]`` with ``dim=-1`` and V up to 256k):
-  a program per row walks the classes in tiles of at most 8192 with an online max / logsumexp
-  for student and teacher, then walks them again to write the gradient (and, for a log-prob
-  teacher, to sum the loss: the second walk runs even for a forward alone). The second read
-  comes from L2 where the row still sits there, from memory otherwise. A non-innermost class
-  dimension with K > 64 is first moved last (one copy).
+  a program per row walks the classes in tiles (4096 by default, at most 8192) with an online
+  max / logsumexp for student and teacher, then walks them again to write the gradient (and,
+  for a log-prob teacher, to sum the loss: the second walk runs even for a forward alone).
+  The second read comes from L2 where the row still sits there, from memory otherwise. A
+  non-innermost class dimension with K > 64 is first moved last (one copy).
 
 Scalars: 1/T, T^2 and the reduction's 1/N are folded into the kernel. The gradient is formed
 in fp32 and rounded once to the student's dtype in the forward pass; ``grad_output`` is known
@@ -77,8 +77,12 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 COLUMNS_MAX_CLASSES = 64      # above this the K x tile block no longer fits in registers
-ROWS_MAX_TILE = 8192          # largest class tile of the rows kernel (the limit)
-_COLUMNS_TILE_ELEMENTS = 4096  # K_pad x positions held by one columns program
+ROWS_MAX_TILE = 8192          # largest class tile of the rows kernel
+# Default tiles and warps, chosen from ptxas register counts for sm_90 (no spills, >= 24
+# resident warps per SM), not yet from GPU timings: a columns program holds 4096 K_pad x
+# position values (16 per thread with 8 warps), a rows program 4096 classes (8 per thread).
+_COLUMNS_TILE_ELEMENTS = 4096
+_ROWS_DEFAULT_TILE = 4096
 
 
 def _check_arguments(student, teacher, temperature, dim, reduction, teacher_is_logits) -> int:
@@ -387,7 +391,8 @@ def _launch_columns(student, teacher, dim, scales, reduction, teacher_is_logits,
             *student3.stride(), *teacher3.stride(), *grad3.stride(),
             num_classes, inner, tiles_per_outer, *scales,
             TEACHER_IS_LOGITS=teacher_is_logits, PER_POSITION=per_position,
-            COMPUTE_GRAD=compute_grad, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4)
+            COMPUTE_GRAD=compute_grad, BLOCK_K=block_k, BLOCK_P=block_p,
+            num_warps=min(8, max(1, block_k * block_p // 512)))
     return loss, grad.view(shape) if compute_grad else None
 
 
@@ -399,8 +404,8 @@ def _launch_rows(student, teacher, dim, scales, teacher_is_logits, compute_grad,
     student2 = student.movedim(dim, -1).reshape(-1, num_classes)   # copies only if dim < last
     teacher2 = teacher.movedim(dim, -1).reshape(-1, num_classes)
     rows = student2.shape[0]
-    block_v = tile or min(ROWS_MAX_TILE, _next_power_of_2(num_classes))
-    num_warps = 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
+    block_v = tile or min(_ROWS_DEFAULT_TILE, _next_power_of_2(num_classes))
+    num_warps = min(32, max(1, block_v // 256))
     grad = (torch.empty((rows, num_classes), dtype=student.dtype, device=student.device)
             if compute_grad else student2)   # never written without COMPUTE_GRAD
     loss = torch.empty(rows, dtype=torch.float32, device=student.device)
