@@ -979,40 +979,42 @@ class _Trainer:
                             multiprocessing_context="fork" if self.cfg.data.num_workers else None)
         n_vol = max(volumes) + 1
         sums: dict[str, torch.Tensor] = {}
+        names: set[str] = set()
+
+        def empty(key: str) -> torch.Tensor:  # [V]
+            return torch.full((n_vol,), -math.inf if key.endswith("_max") else 0.0,
+                              dtype=torch.float64)
+
         self.engine.eval()
         try:
             with torch.no_grad():
                 for (indices, real), batch in zip(batches, loader):
                     batch = _to_device(batch, self.device, self.float_dtype)
                     values = self._eval_values(batch)
+                    names.update(values)  # padding batches too: a rank may hold no volume
                     if not real:
                         continue
                     vol = volumes[indices[0]]
                     for key, value in values.items():
-                        acc = sums.setdefault(key, torch.full(
-                            (n_vol,), -math.inf if key.endswith("_max") else 0.0,
-                            dtype=torch.float64))
+                        acc = sums.setdefault(key, empty(key))
                         if key.endswith("_max"):
                             acc[vol] = max(acc[vol].item(), value.max().item())
                         else:
                             acc[vol] += value.sum().item()
         finally:
             self.engine.train()
-        keys = sorted(sums)
+        keys = sorted(names)
+        if not keys:
+            raise TypeError("eval_fn: returned no values; expected a dict of per-slice tensors")
+        table = torch.stack([sums.get(k, empty(k)) for k in keys])  # [K, V]
+        is_max = torch.tensor([k.endswith("_max") for k in keys])[:, None]  # [K, 1]
         if self.world > 1:
-            # A rank with no volume saw no keys; agree on the key set through rank 0's.
-            shared = [keys]
-            dist.broadcast_object_list(shared, src=0)
-            keys = shared[0]
-        table = torch.stack([sums.get(k, torch.full((n_vol,), -math.inf if k.endswith("_max")
-                                                    else 0.0, dtype=torch.float64))
-                             for k in keys]) if keys else torch.zeros(0, n_vol, dtype=torch.float64)
-        is_max = torch.tensor([k.endswith("_max") for k in keys], dtype=torch.bool)
-        if self.world > 1:
-            summed, maxed = table.where(~is_max[:, None], 0.0), table.where(is_max[:, None], -math.inf)
+            # A volume's sums are non-zero on its one owner: a SUM (MAX) all-reduce gathers them.
+            summed = table.where(~is_max, 0.0).to(self.device)
+            maxed = table.where(is_max, -math.inf).to(self.device)
             dist.all_reduce(summed, op=dist.ReduceOp.SUM)
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-            table = torch.where(is_max[:, None], maxed, summed)
+            table = torch.where(is_max, maxed.cpu(), summed.cpu())
         per_volume = [self.volume_metrics({k: float(table[j, v]) for j, k in enumerate(keys)})
                       for v in range(n_vol)]
         metrics: dict[str, float] = {}
@@ -1056,7 +1058,7 @@ class _Trainer:
         if name not in metrics:
             raise ConfigError(f"train.best_metric: expected one of {sorted(metrics)}, found "
                               f"{name!r}")
-        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **metrics}
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **metrics}
         self.history.append(row)
         self.log.record("eval", row)
         improved = self._is_better(metrics[name])
@@ -1141,8 +1143,9 @@ class _Trainer:
         names = sorted(sums)
         means = torch.tensor([sums[n] / (steps * self.accum) for n in names], dtype=torch.float64)
         if self.world > 1:
+            means = means.to(self.device)  # nccl reduces device tensors only
             dist.all_reduce(means, op=dist.ReduceOp.SUM)
-            means /= self.world
+            means = means.cpu() / self.world
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                "lr": self.engine.get_lr()[0],
                **{n: float(v) for n, v in zip(names, means.tolist())},

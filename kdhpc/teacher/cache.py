@@ -43,10 +43,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -130,7 +132,8 @@ def to_storage(tensor: torch.Tensor, dtype: str, name: str) -> np.ndarray:
         back = stored.float()
         array = stored.view(torch.int16).numpy().view(np.uint16)
     else:
-        array = tensor.detach().float().cpu().numpy().astype(DTYPES[dtype])
+        with np.errstate(over="ignore"):  # overflow is detected and reported just below
+            array = tensor.detach().float().cpu().numpy().astype(DTYPES[dtype])
         back = torch.from_numpy(array.astype(np.float32))
     lost = torch.isfinite(tensor.detach().float().cpu()) & ~torch.isfinite(back)
     if bool(lost.any()):
@@ -214,11 +217,6 @@ def _distributed() -> tuple[int, int] | None:
     return None
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def _open_partial(path: Path, n_records: int, manifest_digest: str) -> tuple[h5py.File | None, int]:
     """Reopen a partial shard and count its leading verified records (0: start over)."""
     try:
@@ -279,14 +277,17 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
                data_config: dict, dtype: str = "float16", compression: str = "none",
                batch_size: int = 8, bf16: bool = False, device: torch.device | str | None = None,
                rank: int | None = None, world_size: int | None = None, force: bool = False,
-               progress: bool = False, on_batch: Callable[[int], None] | None = None) -> Path:
+               progress: bool = False, commit_seconds: float = 1.0,
+               on_commit: Callable[[int], None] | None = None) -> Path:
     """Compute and store ``extract(teacher, batch)`` for every (index, view) of ``dataset``.
 
-    Distributed when torch.distributed is initialised (rank / world size from it), else rank
-    ``rank`` of ``world_size`` (default 0 of 1; the call that finishes the last shard writes
-    the index). Resumes a killed fill; refuses a cache made for another teacher or config
-    unless ``force``. ``on_batch(records_done)`` is called after each flushed batch (progress
-    hooks, drills). Returns ``cache_dir``.
+    Ranks: ``rank`` of ``world_size`` when given (sharding by hand: the call that finishes
+    the last shard writes the index), else torch.distributed's when initialised (rank 0
+    writes the manifest and the index, with barriers), else 0 of 1. Resumes a killed fill;
+    refuses a cache made for another teacher or config unless ``force``.
+    Finished rows are made durable every ``commit_seconds`` (a kill loses at most that much
+    work); ``on_commit(records_done)`` is called after each commit (progress hooks, drills).
+    Returns ``cache_dir``.
     """
     from kdhpc.train import ViewItems, check_view_dataset
 
@@ -296,13 +297,15 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
     if compression not in COMPRESSION:
         raise ConfigError(f"teacher.compression: expected one of {sorted(COMPRESSION)}, found "
                           f"{compression!r}")
-    dist_ranks = _distributed()
+    # Explicit ranks (a caller sharding by hand) win; otherwise torch.distributed's, if any.
+    dist_ranks = _distributed() if rank is None and world_size is None else None
     if dist_ranks is not None:
         rank, world_size = dist_ranks
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"fill_cache: expected 0 <= rank < world_size, found {rank}, {world_size}")
+    barrier = dist.barrier if dist_ranks is not None else (lambda: None)
     cache_dir = Path(cache_dir)
     num_views, n_samples = dataset.num_views, len(dataset)
     manifest = {"schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_fingerprint(teacher),
@@ -321,7 +324,7 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
                 raise CacheError(problem + "; fill a new teacher.cache_dir or pass --force")
         if not manifest_path.is_file():
             write_atomic(manifest_path, json.dumps(manifest, indent=1))
-    _barrier()
+    barrier()
     problem = _refusal(cache_dir, _read_json(manifest_path), manifest)
     if problem:
         raise CacheError(problem)
@@ -336,18 +339,36 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
     final = cache_dir / shard_name(rank, world_size)
     sidecar = final.with_suffix(".json")
     if not (final.is_file() and sidecar.is_file()):
-        _fill_shard(final, lo, n, manifest_digest, teacher, extract, ViewItems(dataset), dtype,
-                    compression, batch_size, bf16, device, progress, on_batch)
-    _barrier()
+        opts = _FillOptions(dtype, compression, batch_size, bf16, device, progress,
+                            commit_seconds, on_commit)
+        _fill_shard(final, lo, n, manifest_digest, teacher, extract, ViewItems(dataset), opts)
+    barrier()
     if rank == 0 or dist_ranks is None:
         _write_index(cache_dir, world_size)
-    _barrier()
+    barrier()
     return cache_dir
 
 
+@dataclasses.dataclass
+class _FillOptions:
+    dtype: str
+    compression: str
+    batch_size: int
+    bf16: bool
+    device: torch.device | str | None
+    progress: bool
+    commit_seconds: float
+    on_commit: Callable[[int], None] | None
+
+
 def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.Module,
-                extract: Extract, items, dtype: str, compression: str, batch_size: int,
-                bf16: bool, device, progress: bool, on_batch) -> None:
+                extract: Extract, items, opts: _FillOptions) -> None:
+    """Fill records ``[lo, lo + n)`` into ``final`` through ``final.partial``.
+
+    Rows become durable in commits (at most every ``commit_seconds``): flush the data, then set
+    the rows' ``written`` flags and flush again, so a kill loses at most one commit's work and
+    never leaves a flagged row half-written.
+    """
     num_views = items.dataset.num_views
     has_key = hasattr(items.dataset, "view_key")
     partial = final.with_name(final.name + ".partial")
@@ -359,28 +380,40 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
         f.attrs["first_record"] = lo
     if done:
         log.info("%s: resuming at record %d of %d", partial, done, n)
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    source = StreamTeacher(teacher, extract, bf16=bf16)
+    device = opts.device or (torch.device("cuda", torch.cuda.current_device())
+                             if torch.cuda.is_available() else torch.device("cpu"))
+    source = StreamTeacher(teacher, extract, bf16=opts.bf16)
     bar = None
-    if progress:
+    if opts.progress:
         from tqdm import tqdm
         bar = tqdm(total=n, initial=done, desc=final.name)
+    committed, last_commit = done, time.perf_counter()
+
+    def commit(upto: int) -> None:
+        nonlocal committed, last_commit
+        f.flush()
+        f["written"][committed:upto] = 1
+        f.flush()
+        if bar is not None:
+            bar.update(upto - committed)
+        committed, last_commit = upto, time.perf_counter()
+        if opts.on_commit is not None:
+            opts.on_commit(upto)
+
     try:
         with f:
-            for start in range(done, n, batch_size):
-                ids = range(lo + start, lo + min(n, start + batch_size))
+            for start in range(done, n, opts.batch_size):
+                ids = range(lo + start, lo + min(n, start + opts.batch_size))
                 keys = [(rid // num_views, rid % num_views) for rid in ids]
                 batch = default_collate([items[k] for k in keys])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}
-                stored = {name: to_storage(t, dtype, name)
+                stored = {name: to_storage(t, opts.dtype, name)
                           for name, t in sorted(source.targets(batch).items())}
                 view_keys = (np.array([list(items.dataset.view_key(i, v)) for i, v in keys],
                                       dtype=np.int64) if has_key else None)
                 if "targets" not in f:
-                    _create_datasets(f, n, stored, dtype, compression,
+                    _create_datasets(f, n, stored, opts.dtype, opts.compression,
                                      view_keys.shape[1] if has_key else None)
                 elif sorted(f["targets"]) != sorted(stored):
                     raise CacheError(f"{partial}: extract returned {sorted(stored)}, the shard "
@@ -397,15 +430,10 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
                     [record_crc(int(index[j]), int(view[j]), view_keys[j] if has_key else None,
                                 [stored[name][j] for name in stored]) for j in range(len(keys))],
                     dtype=np.uint32)
-                f.flush()
-                # The flag goes down after the row's data is on disk, so a kill between the
-                # two loses the row instead of keeping a half-written one.
-                f["written"][rows] = 1
-                f.flush()
-                if bar is not None:
-                    bar.update(len(keys))
-                if on_batch is not None:
-                    on_batch(start + len(keys))
+                if time.perf_counter() - last_commit >= opts.commit_seconds:
+                    commit(rows.stop)
+            if committed < n:
+                commit(n)
             schema = _schema(f)
     finally:
         if bar is not None:
@@ -480,39 +508,60 @@ class CachedTeacher:
                                  f"{'no file' if size is None else size} (truncated or replaced "
                                  f"shard); refill the cache")
         self._files: dict[int, h5py.File] = {}
+        self._arrays: dict[int, dict[str, Any]] = {}
         self._pid = os.getpid()
+        # Keys, view keys and CRCs of every record stay in memory (a few bytes per record).
+        self._meta = [{key: self._read(s, key) for key in ("index", "view", "crc32", "view_key")
+                       if key in self._file(s)} for s in range(len(self.index["shards"]))]
         self._build_lookup()
+
+    def _path(self, shard: int) -> Path:
+        return self.cache_dir / self.index["shards"][shard]["file"]
 
     def _file(self, shard: int) -> h5py.File:
         if self._pid != os.getpid():  # h5py handles must not cross a fork
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._arrays, self._pid = {}, {}, os.getpid()
         if shard not in self._files:
-            path = self.cache_dir / self.index["shards"][shard]["file"]
             try:
-                self._files[shard] = h5py.File(path, "r")
+                self._files[shard] = h5py.File(self._path(shard), "r")
             except OSError as err:
-                raise CacheError(f"{path}: cannot open as HDF5 (corrupted shard?): {err}; refill "
-                                 f"the cache") from None
+                raise CacheError(f"{self._path(shard)}: cannot open as HDF5 (corrupted shard?): "
+                                 f"{err}; refill the cache") from None
         return self._files[shard]
 
-    def _read(self, shard: int, key: str, rows) -> np.ndarray:
+    def _read(self, shard: int, key: str) -> np.ndarray:
         try:
-            return self._file(shard)[key][rows]
+            return self._file(shard)[key][()]
         except (OSError, KeyError, ValueError) as err:
-            path = self.cache_dir / self.index["shards"][shard]["file"]
-            raise CacheError(f"{path}: cannot read '{key}' (corrupted shard?): {err}") from None
+            raise CacheError(f"{self._path(shard)}: cannot read '{key}' (corrupted shard?): "
+                             f"{err}") from None
+
+    def _targets_of(self, shard: int) -> dict[str, Any]:
+        """Each target's rows: a read-only memory map of an uncompressed (contiguous) dataset,
+        which HDF5 would otherwise read through a costly selection per call, else the dataset."""
+        f = self._file(shard)
+        if shard not in self._arrays:
+            arrays = {}
+            for name in self.names:
+                ds = f[f"targets/{name}"]
+                offset = ds.id.get_offset() if ds.chunks is None else None
+                arrays[name] = (np.memmap(self._path(shard), dtype=ds.dtype, mode="r",
+                                          offset=offset, shape=ds.shape)
+                                if offset is not None else ds)
+            self._arrays[shard] = arrays
+        return self._arrays[shard]
 
     def _build_lookup(self) -> None:
         n_total = self.num_samples * self.num_views
         self._shard = np.full(n_total, -1, dtype=np.int64)
         self._row = np.full(n_total, -1, dtype=np.int64)
         for s, shard in enumerate(self.index["shards"]):
-            index, view = self._read(s, "index", ()), self._read(s, "view", ())
+            index, view = self._meta[s]["index"], self._meta[s]["view"]
             ids = index * self.num_views + view
             bad = (index < 0) | (index >= self.num_samples) | (view < 0) | (view >= self.num_views)
             if bad.any() or len(ids) != shard["records"] or (self._shard[ids] >= 0).any():
-                raise CacheError(f"{self.cache_dir / shard['file']}: record keys out of range "
-                                 f"or repeated (corrupted shard?); refill the cache")
+                raise CacheError(f"{self._path(s)}: record keys out of range or repeated "
+                                 f"(corrupted shard?); refill the cache")
             self._shard[ids] = s
             self._row[ids] = np.arange(len(ids))
         if (self._shard < 0).any():
@@ -531,34 +580,35 @@ class CachedTeacher:
                              f"0..{self.num_views - 1}")
         ids = index * self.num_views + view
         shards, rows = self._shard[ids], self._row[ids]
+        batch_keys = batch["view_key"].detach().cpu().numpy() if "view_key" in batch else None
         out = {name: [None] * len(ids) for name in self.names}
         for s in np.unique(shards):
             mine = np.flatnonzero(shards == s)
             wanted, inverse = np.unique(rows[mine], return_inverse=True)  # h5py wants increasing
-            stored = {name: self._read(s, f"targets/{name}", wanted) for name in self.names}
-            keys = self._read(s, "view_key", wanted) if "view_key" in self._file(s) else None
-            crc = self._read(s, "crc32", wanted)
-            got_index, got_view = self._read(s, "index", wanted), self._read(s, "view", wanted)
+            meta = self._meta[s]
+            keys = meta["view_key"][wanted] if "view_key" in meta else None
+            try:
+                stored = {name: np.asarray(array[wanted])
+                          for name, array in self._targets_of(s).items()}
+            except (OSError, ValueError) as err:
+                raise CacheError(f"{self._path(s)}: cannot read targets (corrupted shard?): "
+                                 f"{err}") from None
             for j, row in enumerate(wanted):
-                rows_j = [stored[name][j] for name in self.names]
-                key_j = keys[j] if keys is not None else None
-                if record_crc(int(got_index[j]), int(got_view[j]), key_j, rows_j) != int(crc[j]):
-                    path = self.cache_dir / self.index["shards"][s]["file"]
-                    raise CacheError(f"{path}: record {row} (index={got_index[j]}, view="
-                                     f"{got_view[j]}) fails its CRC-32 check (corrupted shard); "
+                got_index, got_view = int(meta["index"][row]), int(meta["view"][row])
+                crc = record_crc(got_index, got_view, keys[j] if keys is not None else None,
+                                 [stored[name][j] for name in self.names])
+                if crc != int(meta["crc32"][row]):
+                    raise CacheError(f"{self._path(s)}: record {row} (index={got_index}, view="
+                                     f"{got_view}) fails its CRC-32 check (corrupted shard); "
                                      f"refill the cache")
             for k, b in enumerate(mine):
                 j = inverse[k]
-                if got_index[j] != index[b] or got_view[j] != view[b]:
-                    raise CacheError(f"{self.cache_dir}: lookup of (index={index[b]}, view="
-                                     f"{view[b]}) found ({got_index[j]}, {got_view[j]})")
-                if keys is not None and "view_key" in batch:
-                    want = batch["view_key"][b].detach().cpu().numpy().astype(np.int64)
-                    if not np.array_equal(want, keys[j]):
-                        raise CacheError(f"{self.cache_dir}: (index={index[b]}, view={view[b]}): "
-                                         f"batch view_key {want.tolist()} differs from the "
-                                         f"cached {keys[j].tolist()}; the data/view code changed "
-                                         f"since the cache was filled")
+                if keys is not None and batch_keys is not None and not np.array_equal(
+                        batch_keys[b].astype(np.int64), keys[j]):
+                    raise CacheError(f"{self.cache_dir}: (index={index[b]}, view={view[b]}): "
+                                     f"batch view_key {batch_keys[b].tolist()} differs from the "
+                                     f"cached {keys[j].tolist()}; the data/view code changed "
+                                     f"since the cache was filled")
                 for name in self.names:
                     out[name][b] = stored[name][j]
         device = batch["index"].device
@@ -577,6 +627,7 @@ class CachedTeacher:
         return problems
 
     def close(self) -> None:
+        self._arrays = {}
         for f in self._files.values():
             f.close()
         self._files = {}
@@ -587,7 +638,8 @@ class CachedTeacher:
 
 def _cache_parts(cfg: Config) -> CacheParts:
     try:
-        from kdhpc import distill
+        # import_module, not "from kdhpc import distill": it honours sys.modules entries.
+        distill = importlib.import_module("kdhpc.distill")
     except ModuleNotFoundError as err:
         if err.name not in ("kdhpc.distill",):
             raise
