@@ -2,17 +2,19 @@
 
 Names (``MODEL_NAMES``) and what they build:
 
-| name | network | notes |
-|---|---|---|
-| dccnn_teacher / dccnn_student | :class:`~kdhpc.models.dccnn.DCCNN` 5 x 5 / 5 x 3 convs | 141,765 / 49,285 params |
-| vdsr_teacher / vdsr_student | :class:`~kdhpc.models.vdsr.VDSR` 11 / 7 convs | 333,569 / 185,857 params |
-| swinir_denoise | SwinIR, published grey denoising size | D 180, depths [6]*6, window 8 |
-| swinir_lightweight_sr | SwinIR, published lightweight-SR body, same grid | D 60, depths [6]*4 |
-| swinir_small | SwinIR for CPU runs and tests | |
-| edsr_baseline / edsr_small | EDSR, published 16 x 64 / CPU size | res_scale 1 |
-| edsr_multitask_baseline / edsr_multitask_small | EDSR + FiLM task conditioning | forward(x, task) |
-| unet_teacher / unet_teacher_small | nnU-Net-style 2-D U-Net, deep supervision | base 32 / 8 |
-| mobilenet_unet_student / mobilenet_unet_student_small | MobileNetV2-encoder U-Net | expansion 8 |
+- ``dccnn_teacher`` / ``dccnn_student``: :class:`DCCNN`, 5 cascades x 5 / x 3 convs,
+  141,765 / 49,285 parameters (KD-MRI).
+- ``vdsr_teacher`` / ``vdsr_student``: :class:`VDSR`, 11 / 7 convs, 333,569 / 185,857 parameters.
+- ``swinir_denoise``: :class:`SwinIR`, published grey-denoising size (D 180, depths [6]*6,
+  heads [6]*6, window 8, mlp_ratio 2); ``swinir_lightweight_sr``: the published lightweight-SR
+  body (D 60, depths [6]*4), on the same grid; ``swinir_small``: D 48, depths [4, 4], for CPU.
+- ``edsr_baseline``: :class:`EDSR`, published 16 blocks x 64 features, res_scale 1;
+  ``edsr_small``: 8 x 32. ``edsr_multitask_baseline`` / ``edsr_multitask_small``: the same
+  with FiLM task conditioning (:class:`MultiTaskEDSR`, ``forward(x, task)``), 2 tasks.
+- ``unet_teacher``: :class:`UNet`, nnU-Net-style, 6 stages, base 32, max 512, 4 heads;
+  ``unet_teacher_small``: 5 stages, base 8, max 64.
+- ``mobilenet_unet_student``: :class:`MobileNetUNet`, channels (8, 16, 32, 64, 128),
+  expansion 8; ``mobilenet_unet_student_small``: channels (8, 8, 16, 16, 24), expansion 4.
 
 ``overrides`` are constructor keyword arguments of the class (e.g.
 ``build_model("dccnn_teacher", centered=True)`` for fastMRI's centred k-space); an unknown name or
@@ -69,8 +71,9 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {
                                                  n_tasks=2)),
     "unet_teacher": (UNet, dict(base_features=32, max_features=512, n_stages=6, n_heads=4)),
     "unet_teacher_small": (UNet, dict(base_features=8, max_features=64, n_stages=5, n_heads=4)),
-    "mobilenet_unet_student": (MobileNetUNet, dict(channels=(16, 24, 32, 64, 96), expansion=8,
-                                                   n_heads=4)),
+    "mobilenet_unet_student": (MobileNetUNet, dict(channels=(8, 16, 32, 64, 128), expansion=8,
+                                                   blocks_per_level=(1, 2, 2, 2),
+                                                   decoder_expansion=2, n_heads=4)),
     "mobilenet_unet_student_small": (MobileNetUNet, dict(channels=(8, 8, 16, 16, 24),
                                                          expansion=4, blocks_per_level=1,
                                                          n_heads=4)),

@@ -30,42 +30,40 @@ from kdhpc.ops.data_consistency import data_consistency
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, as GEMMs when one side has a
-    single channel.
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel; a C -> 1 conv runs as a GEMM.
 
-    oneDNN's direct kernels run a 1 -> C or C -> 1 conv 4-5x slower than their FLOPs suggest
-    (16 ms for 1 -> 32 at 320 x 320 on one thread, about as long as 32 -> 32, which has 32x the
-    FLOPs); these thin convs are a fixed cost of every cascade, so they also decide how much of the
-    teacher/student FLOP ratio survives. With ``K`` the 9 kernel taps, offsets ``(dy, dx)``:
+    oneDNN's direct kernel runs a C -> 1 conv about 5x slower than a GEMM of the same FLOPs
+    (32 -> 1 at 320 x 320, one thread: 13.6 ms vs 2.8 ms; 32 -> 32, with 32x the FLOPs, takes
+    20 ms). Every DC-CNN cascade ends in one, in teacher and student alike, so this fixed cost
+    decides how much of the teacher/student FLOP ratio survives. With ``k = (dy, dx)`` the 9 taps:
 
-    - 1 -> C: ``y = W[C, 9] @ unfold(x)[9, HW]`` (im2col of one channel is 9 shifted copies);
-    - C -> 1: ``t = W[C, 9]^T @ x[C, HW]`` gives each tap's contribution [9, H, W]; then
-      ``y[i, j] = sum_k t_k[i + dy_k - 1, j + dx_k - 1]`` (zero outside), 9 shifted adds.
+        t = W[C, 9]^T @ x[C, H*W]                          # [9, H, W], each tap's contribution
+        y[i, j] = b + sum_k t_k[i + dy_k - 1, j + dx_k - 1]   # zero outside the image
 
-    Same values as ``F.conv2d`` up to float summation order, and differentiable.
+    (the C -> 1 counterpart of im2col: a col2im of 9 shifted adds on a single channel). Other
+    shapes (1 -> C included: oneDNN is fast there once freed memory is not returned to the OS,
+    see ``benchmarks/inference.py``) go to ``F.conv2d``. Same values up to float summation
+    order; differentiable.
     """
     b, cin, h, w = x.shape
-    cout = weight.shape[0]
-    if weight.shape[-2:] != (3, 3) or (cin != 1 and cout != 1):
+    if weight.shape[0] != 1 or weight.shape[-2:] != (3, 3) or cin == 1:
         return F.conv2d(x, weight, bias, padding=1)
-    if cin == 1:
-        cols = F.unfold(x, 3, padding=1)  # [B, 9, H*W]
-        y = torch.matmul(weight.reshape(cout, 9), cols)  # [B, C, H*W]
-        if bias is not None:
-            y = y + bias.view(1, cout, 1)
-        return y.view(b, cout, h, w)
-    taps = torch.matmul(weight.reshape(cin, 9).t(), x.reshape(b, cin, h * w))  # [B, 9, H*W]
-    taps = F.pad(taps.view(b, 9, h, w), (1, 1, 1, 1))  # [B, 9, H+2, W+2]
-    y = taps[:, 0:1, 0:h, 0:w] if bias is None else taps[:, 0:1, 0:h, 0:w] + bias.view(1, 1, 1, 1)
-    for k in range(1, 9):
-        dy, dx = divmod(k, 3)
-        y = y + taps[:, k:k + 1, dy:dy + h, dx:dx + w]
+    # bmm, not matmul: for a weight that requires grad, matmul folds the product the other way
+    # round and returns taps with a pixel stride of 9, which makes the shifted adds 4x slower.
+    taps = torch.bmm(weight.reshape(cin, 9).t().expand(b, 9, cin),
+                     x.reshape(b, cin, h * w))  # [B, 9, H*W], contiguous
+    taps = taps.view(b, 9, h, w)
+    y = taps[:, 4:5].clone() if bias is None else taps[:, 4:5] + bias.view(1, 1, 1, 1)
+    for k in (0, 1, 2, 3, 5, 6, 7, 8):  # the centre tap (4) started the sum
+        oy, ox = k // 3 - 1, k % 3 - 1
+        i0, i1, j0, j1 = max(0, -oy), h - max(0, oy), max(0, -ox), w - max(0, ox)
+        y[:, :, i0:i1, j0:j1] += taps[:, k:k + 1, i0 + oy:i1 + oy, j0 + ox:j1 + ox]
     return y  # [B, 1, H, W]
 
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(cin, cout, 3, padding=1)`` (same parameters and state-dict keys) whose forward
-    is :func:`conv3x3`, so that thin convs take the GEMM form and hooks still see the module."""
+    is :func:`conv3x3`, so that a C -> 1 conv takes the GEMM form and hooks still see it."""
 
     def __init__(self, cin: int, cout: int, bias: bool = True):
         super().__init__(cin, cout, 3, padding=1, bias=bias)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdhpc.models.dccnn import Conv3x3  # thin 1 -> F / F -> 1 convs as GEMMs
+from kdhpc.models.dccnn import Conv3x3  # the F -> 1 output conv as a GEMM
 
 
 class ResidualBlock(nn.Module):

@@ -7,17 +7,23 @@ Inverted residual block (Sandler et al. 2018), expansion t, stride s:
 The 1x1 projection is linear (no activation); the identity shortcut exists iff s = 1 and C = C'.
 BatchNorm (not InstanceNorm) as in MobileNetV2: at inference it is a per-channel affine map.
 
-Encoder: a 3x3 stem conv (1 -> c_0) at full resolution, one IR block at level 0, then per level
-l = 1 .. L-1 an IR block of stride 2 (c_{l-1} -> c_l) followed by ``blocks_per_level - 1`` IR blocks
-of stride 1 (with the identity shortcut). Decoder: per level l = L-2 .. 0, a 2x2 transposed conv
-(c_{l+1} -> c_l, stride 2), concatenation with the encoder's level-l output (skip first) and one IR
-block (2 c_l -> c_l, expansion ``decoder_expansion``). Deep-supervision heads: 1x1 convs at the
+Encoder: level 0 is MobileNetV2's plain stem, ``conv3x3 (1 -> c_0) -> BN -> ReLU6`` at full
+resolution; each level l = 1 .. L-1 is an IR block of stride 2 (c_{l-1} -> c_l) followed by
+``blocks_per_level[l-1] - 1`` IR blocks of stride 1 (with the identity shortcut). Decoder: per
+level l = L-2 .. 0, a 2x2 transposed conv (c_{l+1} -> c_l, stride 2), concatenation with the
+encoder's level-l output (skip first) and one IR block (2 c_l -> c_l, expansion
+``decoder_expansion``). Deep-supervision heads: 1x1 convs at the
 4 highest resolutions, like the teacher, with the same output convention
 (:mod:`kdhpc.models.unet`): ``forward`` always returns the list, highest resolution first.
 
-Defaults: channels (16, 24, 32, 64, 96) (MobileNetV2's widths, stem-level narrowed to 16),
-expansion 8 (the paper's selected student), decoder expansion 2 (decoder blocks see concatenated
-skips, twice as wide; expanding them 8x at 192 x 192 would cost more than the encoder).
+Defaults, sized for the real-time goal (>= 10 images/s at 192 x 192, batch 1, on one CPU thread,
+and >= 5x the teacher's rate; ``benchmarks/inference.py`` measures it): channels
+(8, 16, 32, 64, 128), expansion 8 (the paper's selected student), one IR block at 96 x 96 and two
+at each lower level, decoder expansion 2. Cost on a CPU is set by the expanded tensors at the
+top levels, not by FLOPs: 8 x 8 = 64 channels at 192 x 192 (the stride-2 block's expansion) is
+already the most expensive layer, which is why level 0 is the plain stem, the 96 x 96 level has
+a single block, and width is spent at the cheap low resolutions instead. Decoder blocks see
+concatenated skips (twice as wide), so they expand 2x only.
 """
 
 from __future__ import annotations
@@ -65,13 +71,15 @@ class MobileNetUNet(nn.Module):
         channels: features per level, highest resolution first; L = len(channels) levels.
         expansion: expansion of the encoder's inverted residual blocks (8 in the paper).
         decoder_expansion: expansion of the decoder's inverted residual blocks.
-        blocks_per_level: IR blocks per encoder level below the first.
+        blocks_per_level: IR blocks per encoder level below the first (one int for all, or
+            one per level).
         n_heads: deep-supervision heads (<= L - 1).
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 4,
-                 channels: Sequence[int] = (16, 24, 32, 64, 96), expansion: float = 8,
-                 decoder_expansion: float = 2, blocks_per_level: int | Sequence[int] = 2,
+                 channels: Sequence[int] = (8, 16, 32, 64, 128), expansion: float = 8,
+                 decoder_expansion: float = 2,
+                 blocks_per_level: int | Sequence[int] = (1, 2, 2, 2),
                  n_heads: int = 4):
         super().__init__()
         channels = list(channels)

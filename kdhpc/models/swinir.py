@@ -11,7 +11,7 @@ Architecture (Liang et al. 2021, the denoising variant: no upsampler, input and 
     RSTB(t)  = t + conv3x3(image(STL_depth(... STL_1(t))))
     STL(t)   = t' + MLP(LN(t')),  t' = t + W-MSA(LN(t))  (windows of M x M tokens; every second
                layer shifts the windows by M // 2 with a cyclic roll)
-    W-MSA    : softmax(q k^T / sqrt(d) + B_rel + mask) v per window and head; B_rel is the learned
+    W-MSA    : softmax(q k^T / sqrt(d_h) + B_rel + mask) v per window and head; B_rel is the learned
                relative position bias, ((2M - 1)^2 entries per head).
 
 Sizes not divisible by the window: each Swin layer zero-pads its tokens up to multiples of M,
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdhpc.models.dccnn import Conv3x3  # thin 1 -> D / D -> 1 convs as GEMMs
+from kdhpc.models.dccnn import Conv3x3  # the D -> 1 output conv as a GEMM
 
 MASK_LOGIT = -1e4
 
@@ -112,7 +112,6 @@ class WindowAttention(nn.Module):
             raise ValueError(f"SwinIR: embed_dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.window = window
-        self.scale = (dim // heads) ** -0.5
         self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.bias_table, std=0.02)
         self.register_buffer("bias_index", relative_position_index(window), persistent=False)
@@ -124,15 +123,19 @@ class WindowAttention(nn.Module):
         bw, n, d = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B * nW, heads, N, d_h] each
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # [B * nW, heads, N, N]
         bias = self.bias_table[self.bias_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
-        attn = attn + bias  # bias [heads, N, N]
-        if mask is not None:
+        # PyTorch's fused CPU attention is fastest with a mask of the full 4-D batch shape (a
+        # stride-0 expand is free); 5-D inputs or a broadcast [heads, N, N] mask fall back to
+        # slower paths, hence one call per image when the mask differs between windows.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(bw, -1, -1, -1))
+        else:
             nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.heads, n, n) + mask[None, :, None]
-            attn = attn.view(bw, self.heads, n, n)
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(bw, n, d)  # [B * nW, N, D]
+            full = bias[None] + mask[:, None]  # [nW, heads, N, N]
+            out = torch.cat([F.scaled_dot_product_attention(q[i:i + nw], k[i:i + nw],
+                                                            v[i:i + nw], attn_mask=full)
+                             for i in range(0, bw, nw)])  # [B * nW, heads, N, d_h]
+        out = out.transpose(1, 2).reshape(bw, n, d)  # [B * nW, N, D]
         return self.proj(out)
 
 

@@ -44,7 +44,7 @@ class VDSR(nn.Module):
             raise ValueError(f"VDSR feature_conv: expected 1..{n_convs - 1} (a conv followed by "
                              f"a ReLU), found {feature_conv}")
         widths = [in_channels] + [channels] * (n_convs - 1) + [in_channels]
-        # Conv3x3: the thin first and last convs run as GEMMs (see kdhpc.models.dccnn.conv3x3).
+        # Conv3x3: the 64 -> 1 last conv runs as a GEMM (see kdhpc.models.dccnn.conv3x3).
         self.convs = nn.ModuleList(Conv3x3(widths[i], widths[i + 1]) for i in range(n_convs))
         # One ReLU instance per conv so that each activation is addressable by name (hooks).
         self.acts = nn.ModuleList(nn.ReLU(inplace=True) for _ in range(n_convs - 1))
