@@ -50,7 +50,7 @@ def test_parameter_count_matches_layer_formula():
     assert count_parameters(dccnn) == 3 * stack([1, 8, 8, 8, 1])
     assert count_parameters(VDSR(n_convs=5, channels=16)) == stack([1, 16, 16, 16, 16, 1])
     model = VDSR(n_convs=3, channels=4)
-    model.convs[0].weight.requires_grad_(False)
+    model.body.convs[0].weight.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == stack([1, 4, 4, 1]) - 36
 
 
@@ -185,13 +185,13 @@ def test_vdsr_values_and_global_residual():
     model = VDSR(n_convs=5, channels=8).double()
     x = torch.rand(2, 1, 15, 11, dtype=torch.float64)
     h = x
-    for i, conv in enumerate(model.convs):
+    for i, conv in enumerate(model.body.convs):
         h = F.conv2d(h, conv.weight, conv.bias, padding=1)
-        h = torch.relu(h) if i < len(model.convs) - 1 else h
+        h = torch.relu(h) if i < len(model.body.convs) - 1 else h
     torch.testing.assert_close(model(x), x + h)
     with torch.no_grad():
-        model.convs[-1].weight.zero_()
-        model.convs[-1].bias.zero_()
+        model.body.convs[-1].weight.zero_()
+        model.body.convs[-1].bias.zero_()
     torch.testing.assert_close(model(x), x, atol=0, rtol=0)
 
 
@@ -224,12 +224,12 @@ def test_vdsr_feature_taps_are_named_relu_outputs(teacher, student, pairs, t_con
     for name, conv_no in ((teacher, t_conv), (student, s_conv)):
         model = build_model(name, channels=8)
         names = feature_layers(model)
-        assert names == (f"acts.{conv_no - 1}",)
+        assert names == (f"body.acts.{conv_no - 1}",)
         out, feats, captured, convs = _forward_with_hooks(model, names, x)
         torch.testing.assert_close(out, model(x), atol=0, rtol=0)
         for n, f in zip(names, feats):
             torch.testing.assert_close(f, captured[n], atol=0, rtol=0)
-            torch.testing.assert_close(f, torch.relu(convs[f"convs.{conv_no - 1}"]))
+            torch.testing.assert_close(f, torch.relu(convs[f"body.convs.{conv_no - 1}"]))
         results.append(feats)
     assert len(results[0]) == len(results[1]) == pairs
 

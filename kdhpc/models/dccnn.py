@@ -72,17 +72,28 @@ class Conv3x3(nn.Conv2d):
         return conv3x3(x, self.weight, self.bias)
 
 
-class CascadeCNN(nn.Module):
-    """``n_convs`` 3x3 convs, ReLU after every one but the last; returns the output and the
-    ReLU output of conv ``feature_index + 1`` (the feature tap)."""
+class ConvStack(nn.Module):
+    """Plain 3x3 conv stack ``in -> C, (n_convs - 2) x (C -> C), C -> in``, bias, ReLU after every
+    conv but the last, no norm: a DC-CNN cascade's CNN and VDSR's body.
 
-    def __init__(self, n_convs: int, channels: int, feature_index: int, in_channels: int = 1):
+    ``forward`` returns the output and the feature tap, the ReLU output of conv number
+    ``feature_conv`` (1-based; None = the middle one, ``(n_convs + 1) // 2``).
+    """
+
+    def __init__(self, n_convs: int, channels: int, feature_conv: int | None = None,
+                 in_channels: int = 1):
         super().__init__()
+        if n_convs < 2:
+            raise ValueError(f"n_convs: expected >= 2, found {n_convs}")
+        feature_conv = (n_convs + 1) // 2 if feature_conv is None else feature_conv
+        if not 1 <= feature_conv <= n_convs - 1:
+            raise ValueError(f"feature_conv: expected 1..{n_convs - 1} (a conv followed by a "
+                             f"ReLU), found {feature_conv}")
         widths = [in_channels] + [channels] * (n_convs - 1) + [in_channels]
         self.convs = nn.ModuleList(Conv3x3(widths[i], widths[i + 1]) for i in range(n_convs))
         # One ReLU instance per conv so that each activation is addressable by name (hooks).
         self.acts = nn.ModuleList(nn.ReLU(inplace=True) for _ in range(n_convs - 1))
-        self.feature_index = feature_index
+        self.feature_index = feature_conv - 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x
@@ -91,7 +102,7 @@ class CascadeCNN(nn.Module):
             h = act(self.convs[i](h))  # [B, C, H, W]
             if i == self.feature_index:
                 tap = h
-        return self.convs[-1](h), tap  # [B, 1, H, W], [B, C, H, W]
+        return self.convs[-1](h), tap  # [B, in, H, W], [B, C, H, W]
 
 
 class DCCNN(nn.Module):
@@ -112,18 +123,12 @@ class DCCNN(nn.Module):
         super().__init__()
         if n_cascades < 1:
             raise ValueError(f"DCCNN n_cascades: expected >= 1, found {n_cascades}")
-        if n_convs < 2:
-            raise ValueError(f"DCCNN n_convs: expected >= 2, found {n_convs}")
-        feature_conv = (n_convs + 1) // 2 if feature_conv is None else feature_conv
-        if not 1 <= feature_conv <= n_convs - 1:
-            raise ValueError(f"DCCNN feature_conv: expected 1..{n_convs - 1} (a conv followed "
-                             f"by a ReLU), found {feature_conv}")
-        self.cascades = nn.ModuleList(CascadeCNN(n_convs, channels, feature_conv - 1)
+        self.cascades = nn.ModuleList(ConvStack(n_convs, channels, feature_conv)
                                       for _ in range(n_cascades))
         self.centered = bool(centered)
         self.dc_lam = float(dc_lam)
-        self.feature_layers = tuple(f"cascades.{c}.acts.{feature_conv - 1}"
-                                    for c in range(n_cascades))
+        tap = self.cascades[0].feature_index
+        self.feature_layers = tuple(f"cascades.{c}.acts.{tap}" for c in range(n_cascades))
 
     def forward(self, x_zf: torch.Tensor, k0: torch.Tensor, mask: torch.Tensor,
                 return_features: bool = False):
