@@ -82,6 +82,7 @@ gathered across ranks under ZeRO-3; load with :func:`load_weights`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -636,17 +637,16 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The full fp32 state dict on rank 0 (None elsewhere). Collective under ZeRO-3."""
     import deepspeed
 
+    def cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
+
     module = engine.module
     rank0 = dist.get_rank() == 0
     if engine.zero_optimization_stage() == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = ({k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-                     if rank0 else None)
-        return state
-    if not rank0:
-        return None
-    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-            for k, v in module.state_dict().items()}
+            return cpu_copy(module) if rank0 else None
+    return cpu_copy(module) if rank0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,6 +657,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
+        self.headers: dict[str, list[str]] = {}
         self.tb = None
         if enabled:
             try:
@@ -674,9 +675,10 @@ class RunLog:
             if path.is_file():
                 with path.open(newline="") as fh:
                     rows = list(csv.reader(fh))
-                keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
-                buf = "".join(",".join(r) + "\n" for r in keep)
-                write_atomic(path, buf)
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerows(
+                    rows[:1] + [r for r in rows[1:] if int(r[0]) <= step])
+                write_atomic(path, buf.getvalue())
         path = self.run_dir / "log.jsonl"
         if path.is_file():
             lines = [line for line in path.read_text().splitlines()
@@ -692,13 +694,15 @@ class RunLog:
             path = self.run_dir / f"{kind}_log.csv"
             new = not path.is_file() or path.stat().st_size == 0
             if not new:
-                with path.open(newline="") as fh:
-                    header = next(csv.reader(fh))
+                if kind not in self.headers:
+                    with path.open(newline="") as fh:
+                        self.headers[kind] = next(csv.reader(fh))
+                header = self.headers[kind]
                 if header != list(row):
                     raise RuntimeError(f"{path}: columns {header} differ from this run's "
                                        f"{list(row)}; move the old log away")
             with path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
+                writer = csv.DictWriter(fh, fieldnames=list(row), lineterminator="\n")
                 if new:
                     writer.writeheader()
                 writer.writerow(row)

@@ -244,3 +244,18 @@ def test_training_on_the_cache_matches_training_with_the_streamed_teacher(caches
     final = {n: T.load_weights(tmp_path / n / "final_model.pt") for n in runs}
     for key in final["stream"]:
         torch.testing.assert_close(final["cache"][key], final["stream"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_stream_teacher_is_frozen_and_its_bf16_autocast_is_close():
+    teacher = toy_teacher().train()
+    batch = _batch([(0, 1), (3, 2), (5, 3)])
+    fp32 = StreamTeacher(teacher, toy_extract).targets(batch)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    bf16 = StreamTeacher(toy_teacher(), toy_extract, bf16=True).targets(batch)
+    for name in fp32:
+        assert bf16[name].dtype == torch.float32
+        torch.testing.assert_close(bf16[name], fp32[name], rtol=5e-2, atol=5e-2)
+    assert not torch.equal(bf16["logits_0"], fp32["logits_0"])  # autocast really ran in bf16
+    # Targets enter a loss that saves them for backward (inference tensors could not).
+    out = toy_student()(batch["input"])[0]
+    (out * fp32["output"]).sum().backward()

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,61 @@ def test_non_finite_loss_is_reported_with_step_and_term_then_stops(tmp_path, one
                                                        (second, ["kd", "loss"])]
     trained = [r for r in records if r["kind"] == "train"]
     assert all(math.isfinite(r["loss"]) for r in trained) and trained[-1]["step"] == second - 1
+
+
+def test_accumulated_step_equals_plain_sgd_on_the_global_batch_and_clipping(tmp_path, one_thread):
+    cfg = toy_config(epochs=1, max_steps=1, grad_accum=2, batch_size=4, eval_every=0)
+    cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov = "sgd", 0.1, 0.0, False
+    cfg.schedule.kind, cfg.schedule.warmup_steps = "constant", 0
+    order, views = T.epoch_plan(12, 4, seed=cfg.train.seed, epoch=0)
+    batch = torch.utils.data.default_collate(
+        [T.ViewItems(ToyViews())[(int(i), int(views[i]))] for i in order[:4]])
+    model = toy_student()
+    toy_loss(model, batch, None)["loss"].backward()  # mean over the global batch of 4
+    # (the logits head gets no gradient from the data loss and must not move)
+    grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+             for k, p in model.named_parameters()}
+    expected = {k: p.detach() - 0.1 * grads[k] for k, p in model.named_parameters()}
+    grad_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+    assert grad_norm > 0
+
+    result = T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=tmp_path / "plain",
+                     progress=False)
+    got = T.load_weights(result.final_weights)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+
+    cfg.train.grad_clip = float(grad_norm) / 4  # the clipped step is a quarter as long
+    clipped = T.load_weights(T.train(cfg, toy_student(), toy_loss, ToyViews(),
+                                     run_dir=tmp_path / "clip", progress=False).final_weights)
+    start = toy_student().state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(clipped[key] - start[key], (value - start[key]) / 4,
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_sigusr1_checkpoints_and_a_rerun_resumes_to_the_same_weights(tmp_path, one_thread):
+    cfg = toy_config(epochs=2, grad_accum=1, batch_size=4, checkpoint_every=4)
+    calls = []
+
+    def preempted_loss(model, batch, targets):
+        calls.append(1)
+        if len(calls) == 2 and model.training:  # during step 2 (grad_accum=1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return toy_loss(model, batch, targets)
+
+    val = ToyViews(3, 3, seed=1)
+    with pytest.raises(T.Preempted) as stop:
+        T.train(cfg, toy_student(), preempted_loss, ToyViews(), val_set=val,
+                run_dir=tmp_path / "cut", progress=False)
+    assert stop.value.code == T.EXIT_REQUEUE == 75 and stop.value.step == 2
+    assert T.complete_checkpoints(tmp_path / "cut" / "checkpoints") == ["step00000002"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler given back
+    resumed = T.train(cfg, toy_student(), toy_loss, ToyViews(), val_set=val,
+                      run_dir=tmp_path / "cut", progress=False)
+    whole = T.train(cfg, toy_student(), toy_loss, ToyViews(), val_set=val,
+                    run_dir=tmp_path / "whole", progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == whole.steps == 6
+    a, b = T.load_weights(resumed.final_weights), T.load_weights(whole.final_weights)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert resumed.history == whole.history and resumed.best_step == whole.best_step
