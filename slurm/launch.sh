@@ -84,6 +84,8 @@ run_job() {
 run_task() {
   local module=$1; shift
   local rc
+  say "rank ${SLURM_PROCID:-0} of ${SLURM_NTASKS:-1} on ${SLURMD_NODENAME:-$(hostname -s)}" \
+      "(local rank ${SLURM_LOCALID:-0})"
   "$(python_bin)" -m "$module" "$@"
   rc=$?
   [ "$rc" = "$EXIT_REQUEUE" ] || return "$rc"
