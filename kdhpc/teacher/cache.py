@@ -672,10 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         problems = CachedTeacher(cache_dir).verify()
         print("\n".join(problems) if problems else f"{cache_dir}: every shard intact")
         return 1 if problems else 0
-    parts = _cache_parts(cfg)
     from kdhpc.train import init_distributed
 
-    init_distributed()
+    init_distributed()  # first: the recipe layer may build data or place the teacher per rank
+    parts = _cache_parts(cfg)
     fill_cache(cache_dir, parts.teacher, parts.extract, parts.dataset,
                data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
                compression=cfg.teacher.compression, batch_size=cfg.eval.batch_size,
