@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,18 @@ def _torchrun(*args: str) -> list[str]:
 
 
 def _run(cmd: list[str], **env) -> subprocess.Popen:
+    # A session of its own, so that a hung launch can be killed with all its workers.
     return subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"launch timed out after {timeout} s: {' '.join(proc.args)}\n{out[-3000:]}")
     return proc.returncode, out
 
 
