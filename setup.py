@@ -33,7 +33,7 @@ def extensions():
     if not sources:
         return [], {}
     include_dirs = [str(HERE / "csrc")]
-    cxx = ["-O3"]
+    cxx = ["-O3", "-g0"]  # no debug info: halves the compile time
     if os.environ.get("CUDA_HOME"):
         sources += [str(p.relative_to(HERE)) for p in sorted((HERE / "csrc" / "cuda").glob("*.cu"))]
         ext = cpp_extension.CUDAExtension(

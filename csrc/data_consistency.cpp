@@ -17,10 +17,25 @@
 
 #include "data_consistency.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/fft_fftn.h>
+#include <ATen/ops/fft_fftshift.h>
+#include <ATen/ops/fft_ifft2.h>
+#include <ATen/ops/fft_ifftn.h>
+#include <ATen/ops/fft_ifftshift.h>
+#include <ATen/ops/fft_irfft.h>
+#include <ATen/ops/fft_irfft2.h>
+#include <ATen/ops/fft_rfft.h>
+#include <ATen/ops/fft_rfft2.h>
+#include <ATen/ops/real.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
-#include <torch/python.h>
+#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <array>
@@ -321,11 +336,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cpu(
   return {grad_x, grad_q, grad_lam};
 }
 
-at::Tensor k0_term_op(const at::Tensor& k0, const at::Tensor& mask, bool centered,
-                      bool hermitian) {
-  return k0_term(k0.contiguous(), mask.contiguous(), centered, hermitian);
-}
-
 }  // namespace
 
 }  // namespace kdhpc
@@ -345,7 +355,7 @@ TORCH_LIBRARY_FRAGMENT(kdhpc, m) {
 }
 
 TORCH_LIBRARY_IMPL(kdhpc, CPU, m) {
-  m.impl("data_consistency_k0_term", &kdhpc::k0_term_op);
+  m.impl("data_consistency_k0_term", &kdhpc::k0_term);
   m.impl("data_consistency_apply", &kdhpc::apply_cpu);
   m.impl("data_consistency_apply_backward", &kdhpc::apply_backward_cpu);
 }

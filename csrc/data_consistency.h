@@ -2,7 +2,7 @@
 // CUDA glue (data_consistency_cuda.cpp). Formulas: kdhpc/ops/data_consistency.py.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "data_consistency_geometry.h"
 

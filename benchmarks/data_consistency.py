@@ -1,0 +1,207 @@
+"""Benchmark of the data-consistency op against the torch composite and the best plain-torch
+formulation of the same reduced math.
+
+Run from the repository root, after building the extension (pip install --no-build-isolation -e .):
+
+    python benchmarks/data_consistency.py [--device cpu|cuda|all] [--rounds 5]
+
+Rows, per shape and device, forward and forward+backward (grad wrt x, lam fixed, as in KD-MRI):
+
+- ``composite``: ``data_consistency_reference`` (fft2, mask mix, ifft2; shifts when centred).
+- ``plain_reduced``: the op's math in plain torch, the best formulation found: 1-D FFTs along the
+  phase-encode axis (rfft/irfft for a real image and real output), the symmetrised mask and the
+  k0 term precomputed once per batch, the mix as two in-place ops.
+- ``op``: ``kdhpc.ops.data_consistency`` (k0 term cached across cascades, the steady state).
+- ``op_with_k0_term``: the op recomputing the k0 term on every call (first cascade of a batch).
+- ``fft2_ifft2``: a bare complex fft2 + ifft2 of the same shape (the GPU yardstick).
+
+GB/s is against the op's bytes-moved floor (forward: read x and k0, write the output; backward
+adds read grad_out, write grad_x). Under load from other processes, candidates are timed in
+interleaved rounds and the median over rounds is reported. Results append to
+benchmarks/results/data_consistency.csv and rewrite data_consistency_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kdhpc.bench import copy_gbps, gbps, print_table, time_ms, write_results  # noqa: E402
+from kdhpc.data.degrade import ifft2  # noqa: E402
+from kdhpc.ops.data_consistency import (  # noqa: E402
+    data_consistency, data_consistency_reference)
+
+# (name, shape, complex image and output, centred, mask acceleration)
+CASES = [
+    ("kdmri_8x1x320x320_real", (8, 1, 320, 320), False, False, 4),
+    ("fastmri_4x1x256x256_real", (4, 1, 256, 256), False, True, 4),
+    ("multicoil_8x15x640x368_complex", (8, 15, 640, 368), True, True, 4),
+]
+
+
+def line_mask(width: int, acceleration: int, centered: bool, generator: torch.Generator):
+    """A 1-D Cartesian mask [1, W]: a fully sampled centre plus random lines."""
+    keep = torch.rand(width, generator=generator) < 1.0 / acceleration
+    centre = max(2, round(0.08 * width))
+    start = width // 2 - centre // 2
+    keep[start:start + centre] = True
+    mask = keep.float()[None, :]                                   # [1, W], centred layout
+    return mask if centered else torch.fft.ifftshift(mask, dim=-1)
+
+
+def plain_reduced_setup(k0, mask, lam, centered, hermitian):
+    """Precompute what the reduced plain-torch form needs once per batch: D and the k0 term."""
+    W = k0.shape[-1]
+    m = torch.fft.ifftshift(mask, dim=-1) if centered else mask    # [1, W] unshifted
+    if hermitian:
+        m = 0.5 * (m + torch.roll(torch.flip(m, dims=[-1]), 1, dims=-1))
+        m = m[..., : W // 2 + 1]
+    d = 1.0 - lam * m
+    p = ifft2(mask * k0, centered)
+    if hermitian:
+        q = torch.fft.rfft(p.real, dim=-1, norm="ortho")
+    else:
+        q = torch.fft.fft(p, dim=-1, norm="ortho")
+    return d, q
+
+
+def plain_reduced(x, d, q, lam, hermitian):
+    W = x.shape[-1]
+    if hermitian:
+        spec = torch.fft.rfft(x, dim=-1, norm="ortho")
+        spec = spec * d if x.requires_grad else spec.mul_(d)
+        spec = spec + lam * q if x.requires_grad else spec.add_(q, alpha=lam)
+        return torch.fft.irfft(spec, n=W, dim=-1, norm="ortho")
+    spec = torch.fft.fft(x, dim=-1, norm="ortho")
+    spec = spec * d if x.requires_grad else spec.mul_(d)
+    spec = spec + lam * q if x.requires_grad else spec.add_(q, alpha=lam)
+    return torch.fft.ifft(spec, dim=-1, norm="ortho")
+
+
+def candidates(x, k0, mask, lam, centered, output):
+    hermitian = output == "real" and not x.is_complex()
+    d, q = plain_reduced_setup(k0, mask, lam, centered, hermitian)
+    lam_t = torch.full((), lam, dtype=torch.float32, device=x.device)
+
+    def op_with_k0_term(xi):
+        H, W = xi.shape[-2:]
+        term = torch.ops.kdhpc.data_consistency_k0_term(k0.reshape(-1, H, W), mask[None],
+                                                        centered, hermitian)
+        return torch.ops.kdhpc.data_consistency_apply(xi.reshape(-1, H, W), term, mask[None],
+                                                      lam_t, centered, hermitian).reshape(xi.shape)
+
+    xc = x.to(torch.complex64) if not x.is_complex() else x
+    return {
+        "composite": lambda xi: data_consistency_reference(xi, k0, mask, lam, centered, output),
+        "plain_reduced": lambda xi: plain_reduced(xi, d, q, lam, hermitian),
+        "op": lambda xi: data_consistency(xi, k0, mask, lam, centered, output, impl="fast"),
+        "op_with_k0_term": op_with_k0_term,
+        "fft2_ifft2": lambda xi: torch.fft.ifft2(torch.fft.fft2(xc, norm="ortho"), norm="ortho"),
+    }
+
+
+def timed(fn, x, grad, device, backward: bool):
+    if not backward:
+        return lambda: fn(x)
+    xg = x.detach().requires_grad_(True)
+
+    def step():
+        out = fn(xg)
+        out.backward(grad if out.dtype == grad.dtype else grad.to(out.dtype))
+        xg.grad = None
+    return step
+
+
+def run(device: torch.device, rounds: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, shape, is_complex, centered, acc in CASES:
+        dtype = torch.complex64 if is_complex else torch.float32
+        x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+        k0 = torch.randn(shape, generator=gen, dtype=torch.complex64).to(device)
+        mask = line_mask(shape[-1], acc, centered, gen).to(device)
+        output = "complex" if is_complex else "real"
+        fns = candidates(x, k0, mask, 1.0, centered, output)
+        ref = fns["composite"](x)
+        err = (fns["op"](x) - ref).abs().max().item()
+        assert err < 1e-4 * ref.abs().max().item(), f"{name}: op differs from composite by {err}"
+        out_bytes = ref.numel() * ref.element_size()
+        floor_fwd = x.numel() * x.element_size() + k0.numel() * k0.element_size() + out_bytes
+        floor_bwd = floor_fwd + out_bytes + x.numel() * x.element_size()
+        grad = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(device)
+        for backward in (False, True):
+            floor = floor_bwd if backward else floor_fwd
+            names = [n for n in fns if not (backward and n == "fft2_ifft2")]
+            steps = {n: timed(fns[n], x, grad, device, backward) for n in names}
+            per_round = {n: [] for n in names}
+            repeats = 5 if device.type == "cpu" and shape[1] > 1 else 10
+            for _ in range(rounds):
+                for n in names:
+                    per_round[n].append(time_ms(steps[n], device, warmup=2, repeats=repeats))
+            ms = {n: statistics.median(v) for n, v in per_round.items()}
+            for n in names:
+                rows.append({
+                    "case": name, "pass": "fwd+bwd" if backward else "fwd", "impl": n,
+                    "ms": ms[n], "GB/s": gbps(floor, ms[n]),
+                    "x_vs_composite": ms["composite"] / ms[n],
+                    "x_vs_plain_reduced": ms["plain_reduced"] / ms[n],
+                })
+    return rows
+
+
+def goal_notes(rows: list[dict], device: torch.device, copy: float) -> list[str]:
+    notes = [f"device-to-device copy: {copy:.1f} GB/s; threads: {torch.get_num_threads()}"]
+    for r in rows:
+        if r["impl"] != "op":
+            continue
+        real_1d = "real" in r["case"]
+        label = f"{r['case']} {r['pass']}"
+        if device.type == "cpu":
+            if real_1d:
+                ok = r["x_vs_composite"] >= 3 and r["x_vs_plain_reduced"] >= 1.2
+                notes.append(f"{label}: {r['x_vs_composite']:.2f}x composite (goal 3x), "
+                             f"{r['x_vs_plain_reduced']:.2f}x plain_reduced (goal 1.2x): "
+                             f"{'met' if ok else 'NOT met'}")
+            else:
+                notes.append(f"{label}: {r['x_vs_composite']:.2f}x composite, "
+                             f"{r['x_vs_plain_reduced']:.2f}x plain_reduced (no CPU goal)")
+        else:
+            bare = [b for b in rows if b["case"] == r["case"] and b["pass"] == "fwd"
+                    and b["impl"] == "fft2_ifft2"][0]
+            within = r["ms"] / bare["ms"]
+            ok = r["x_vs_composite"] >= 1.5 and (r["pass"] != "fwd" or within <= 1.2)
+            notes.append(f"{label}: {r['x_vs_composite']:.2f}x composite (goal 1.5x), "
+                         f"{within:.2f}x the time of a bare fft2+ifft2 (goal <= 1.2x): "
+                         f"{'met' if ok else 'NOT met'}")
+    return notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all"):
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        else:
+            print("no CUDA device: GPU rows skipped")
+    for device in devices:
+        rows = run(device, args.rounds)
+        notes = goal_notes(rows, device, copy_gbps(device))
+        print_table(rows)
+        print("\n".join(notes))
+        if not args.no_write:
+            print("wrote", write_results("data_consistency", rows, device, notes))
+
+
+if __name__ == "__main__":
+    main()
