@@ -196,6 +196,7 @@ class TrainConfig:
     best_mode: Literal["min", "max"] = _f("min", "whether lower or higher best_metric is better")
     max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0)
     log_every: int = _f(10, "log every N steps", lo=1)
+    progress: bool = _f(True, "show a progress bar on rank 0")
     seed: int = _f(42, "run seed; ranks and workers derive theirs from it")
     threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0)
 
@@ -212,6 +213,9 @@ class TeacherConfig:
         "float16", "stored dtype of cached teacher outputs")
     compression: Literal["none", "gzip", "lzf"] = _f("none", "HDF5 compression of the cache")
     stream_bf16: bool = _f(False, "run a streamed teacher under bf16 autocast")
+    fill_batch_size: int = _f(0, "batch size when filling the cache (0 = eval.batch_size)", lo=0)
+    commit_seconds: float = _f(1.0, "cache fill: flush written rows at least this often, bounding "
+                               "the work a killed fill loses", lo=0.0, lo_open=True)
 
 
 @dataclass

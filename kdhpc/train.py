@@ -827,7 +827,7 @@ class _Trainer:
         self.resumed_from: int | None = None
         self.stop_requested = False
         self.log = RunLog(run_dir, self.rank0)
-        self.progress = self.rank0 if progress is None else (progress and self.rank0)
+        self.progress = self.rank0 and (cfg.train.progress if progress is None else progress)
 
     # -- checkpoints ------------------------------------------------------------------------
 

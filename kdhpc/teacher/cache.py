@@ -678,9 +678,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = _cache_parts(cfg)
     fill_cache(cache_dir, parts.teacher, parts.extract, parts.dataset,
                data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
-               compression=cfg.teacher.compression, batch_size=cfg.eval.batch_size,
+               compression=cfg.teacher.compression,
+               batch_size=cfg.teacher.fill_batch_size or cfg.eval.batch_size,
                bf16=cfg.teacher.stream_bf16, force=args.force,
-               progress=not _distributed() or dist.get_rank() == 0)
+               commit_seconds=cfg.teacher.commit_seconds,
+               progress=cfg.train.progress and (not _distributed() or dist.get_rank() == 0))
     if not _distributed() or dist.get_rank() == 0:
         print(f"{cache_dir}: teacher cache complete")
     return 0
