@@ -1,0 +1,659 @@
+"""KD-MRI (seeds 001/002): DC-CNN reconstruction and VDSR super-resolution distillation.
+
+Run::
+
+    python -m kdhpc.distill configs/recon_default.yaml                # CPU default, prints the table
+    python -m kdhpc.distill configs/recon_kdmri.yaml mask.acceleration=8 data.root=...
+    python -m kdhpc.distill configs/superres_default.yaml              # VDSR super-resolution
+    torchrun --nproc-per-node=2 -m kdhpc.distill configs/recon_default.yaml
+    python -m kdhpc.teacher.cache configs/recon_default.yaml           # fill the cache by itself
+
+Stages (each resumable and digest-keyed, :class:`kdhpc.distill.Stages`)::
+
+    data -> teacher -> teacher_cache -> student -> student_at -> student_kd -> evaluate -> report
+
+- ``teacher`` (KD-MRI step 1): ``model.teacher`` trained on L1, or ``model.teacher_checkpoint``
+  loaded. ``teacher_cache``: for every view of every training slice, the frozen teacher's output
+  image and the raw attention maps ``Q = sum_c |A_c|^p`` (``kdhpc.ops.attention_map`` with
+  ``normalize=False``, so both AT modes can use them) of its tapped layers (DC-CNN: ReLU(conv3)
+  of each of the 5 cascades; VDSR: ReLU(conv6)), :func:`kdhpc.teacher.fill_cache`; skipped for
+  ``teacher.mode: stream``, where the teacher runs on each batch's exact views instead.
+- ``student``: the baseline, ``model.student`` on L1 alone (no KD).
+- ``student_at`` (step 2): the student on the attention-transfer loss alone
+  (:func:`kdhpc.losses.attention_transfer_loss`, ``loss.at_mode`` "paper" or "kdmri_code",
+  exponent ``loss.at_p``); its final weights are kept (its output is not trained, so a
+  validation image metric cannot select among its checkpoints).
+- ``student_kd`` (step 3): from ``student_at``'s weights, ``alpha * L1(S, T) + (1 - alpha) *
+  L1(S, Y)`` (:func:`kdhpc.losses.imitation_loss`; ``alpha = loss.alpha`` weighs the
+  distillation term, DESIGN.md; KD-MRI's paper writes alpha on the data term: its alpha = 0.5
+  maps onto ours unchanged). As in KD-MRI every stage runs ``train.epochs`` epochs, so the KD
+  student sees twice the baseline's optimiser steps (AT pre-training, then fine-tuning): the
+  report says so beside the gap it closes.
+- ``evaluate``: the TEST split, view 0, every volume on one rank: zero-filled input (ZF),
+  teacher, student and KD student; per-volume PSNR, SSIM, NMSE and HFEN
+  (:class:`kdhpc.metrics.VolumeMetricAccumulator`, all-reduced).
+- ``report``: ``<run_dir>/report.md``, ``metrics.json``, ``panel.png``: KD-MRI's table (rows
+  ZF / Teacher / Student / KD-Student, mean +- std over volumes), parameter counts, the fraction
+  of the teacher-student PSNR gap that KD closes, ``(KD - S) / (T - S)``, with a paired t-test
+  of KD student vs student on per-volume PSNR (and SSIM), CPU latency per slice at 1 thread and
+  all threads (and the GPU when present), and the qualitative panel (input, target, teacher,
+  student, KD, residuals x5). The run prints the table at the end, also when every stage was
+  up to date.
+
+Model selection on the validation split only (``train.best_metric``: ``val_mse`` as KD-MRI,
+or ``val_loss`` = validation L1); the test split is read by ``evaluate`` alone.
+
+Data and conventions (views: :mod:`kdhpc.data.views`):
+
+- ``data.dataset``: ``default_brain`` (the embedded fastMRI-layout brain set), ``fastmri``
+  (``data.root`` holding ``<challenge>_<split>/`` or ``<split>/``; single-coil knee:
+  ``data.challenge: singlecoil``) or ``kdmri`` (``data.root`` holding ``<split>/acc_<acc>/``;
+  KD-MRI calls its validation split ``validation``). Targets are the files' real images
+  (``reconstruction_esc`` / ``_rss``, or ``volfs``), centre cropped to ``data.crop``.
+- Inputs are simulated from the target in the DC-CNN's *unshifted* FFT layout (KD-MRI's;
+  fastMRI files store centred k-space, which is never just shifted):
+  ``k0 = M * fft2(x, centered=False)``, ``mask.layout`` moved to unshifted. ``mask.kind: kdmri``
+  is KD-MRI's fixed 1-D variable-density line mask over W (``mask.file`` loads KD-MRI's own
+  ``us_masks`` arrays, 1-D or 2-D). DC-CNN input: the real part of the zero-filled image
+  ``Re(ifft2(k0))`` [B, 1, H, W] (each later cascade also receives a real part, the output of
+  its DC step); the ZF row of the table is the magnitude ``|ifft2(k0)|`` (KD-MRI's
+  ``img_volus``). Super-resolution (``recipe: superres``): ``degrade.task: superres``, the
+  magnitude of the IFFT of the central ``1/sr_scale`` k-space block on the same grid (KD-MRI's
+  64 of 256 at scale 4); the ZF row is that low-resolution input.
+- Normalisation: every slice is divided by its volume's maximum R (the fastMRI ``max``
+  attribute; else the volume's maximum), so targets lie in [0, 1] as in KD-MRI. Metrics are
+  computed per volume on that scale with data range 1 and, for HFEN, predictions clipped to
+  [0, 1] (KD-MRI's HFN): PSNR, SSIM and NMSE equal their values on the original scale with
+  data range R (they are invariant to a common scale of image and range), and HFEN equals
+  KD-MRI's on [0, 1]-normalised volumes; MSE is in units of R^2.
+- ``degrade.dihedral: false`` and ``views_per_sample: 1`` for reconstruction (KD-MRI trains
+  without augmentation and with one fixed mask, so each slice has one view and the teacher cache
+  one record per slice).
+
+Config fields this recipe would like (hard-wired meanwhile): none are required; the stage
+epochs all come from ``train.epochs`` (a ``train.teacher_epochs`` would let the teacher train
+longer than the students within a CPU budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from kdhpc.config import Config, ConfigError, digest, write_atomic
+from kdhpc.data.fastmri import FastMRISliceDataset
+from kdhpc.data.kdmri import KDMRISliceDataset
+from kdhpc.data.views import SliceViews, describe_views
+from kdhpc.losses import attention_transfer_loss, imitation_loss
+from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_slice_sums,
+                           summarize, volume_metrics_from_sums)
+from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
+from kdhpc.ops import attention_map
+from kdhpc.report import latency_ms, save_panel, table, write_report
+from kdhpc.teacher import (cache_config, default_cache_dir, fill_cache, teacher_fingerprint,
+                           teacher_source)
+from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
+
+ROWS = ("ZF", "Teacher", "Student", "KD-Student")
+TABLE_METRICS = ("psnr", "ssim", "nmse", "hfen")
+METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "HFEN"}
+METRIC_FORMATS = {"psnr": ".2f", "ssim": ".4f", "nmse": ".4f", "hfen": ".4f"}
+RESIDUAL_GAIN = 5.0  # residual panels |pred - target| x5, as in KD-MRI's figure
+CACHE_STAGE = "teacher_cache"  # its folder is the default teacher.cache_dir (run_dir/teacher_cache)
+MODEL_STAGES = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
+# Train-config fields that cannot change a stage's result (logging, checkpoint bookkeeping).
+NON_SEMANTIC_TRAIN = ("log_every", "keep_last", "threads", "checkpoint_every", "max_bad_steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# config checks and data
+
+def is_superres(cfg: Config) -> bool:
+    return cfg.recipe == "superres"
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a config this recipe cannot run, naming the key, what it expects and found."""
+    if cfg.recipe not in ("reconstruction", "superres"):
+        raise ConfigError(f"recipe: expected 'reconstruction' or 'superres' for "
+                          f"kdhpc.recipes.reconstruction, found {cfg.recipe!r}")
+    task = "superres" if is_superres(cfg) else "undersample"
+    if cfg.degrade.task != task:
+        raise ConfigError(f"degrade.task: expected {task!r} for recipe {cfg.recipe!r}, found "
+                          f"{cfg.degrade.task!r}")
+    if cfg.data.dataset not in ("default_brain", "fastmri", "kdmri"):
+        raise ConfigError(f"data.dataset: expected default_brain, fastmri or kdmri for recipe "
+                          f"{cfg.recipe!r}, found {cfg.data.dataset!r}")
+    if cfg.data.patch_size:
+        raise ConfigError(f"data.patch_size: expected 0 (whole slices: a DC step needs the "
+                          f"whole k-space; use data.crop), found {cfg.data.patch_size}")
+
+
+def split_folder(cfg: Config, root: Path, split: str) -> Path:
+    """The folder of ``split``: ``<challenge>_<split>`` (fastMRI) or ``<split>``; KD-MRI's
+    ``validation`` also answers to ``val``."""
+    names = [f"{cfg.data.challenge}_{split}", split]
+    if cfg.data.dataset == "kdmri" and split == "val":
+        names.append("validation")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise ConfigError(f"data.root: expected one of the folders {', '.join(names)} under {root} "
+                      f"for split {split!r}, found none")
+
+
+def dataset_root(cfg: Config) -> Path:
+    from kdhpc.data import default
+
+    return default.dataset_root(cfg)
+
+
+def slice_dataset(cfg: Config, split: str):
+    """The (volume, slice) dataset of ``split`` (a split name from ``cfg.data``)."""
+    folder = split_folder(cfg, dataset_root(cfg), split)
+    if cfg.data.dataset == "kdmri":
+        return KDMRISliceDataset(folder, cfg.mask.acceleration,
+                                 slice_fraction=cfg.data.slice_fraction,
+                                 max_volumes=cfg.data.max_volumes)
+    challenge = cfg.data.challenge if cfg.data.dataset == "fastmri" else "singlecoil"
+    return FastMRISliceDataset(folder, challenge, slice_fraction=cfg.data.slice_fraction,
+                               max_volumes=cfg.data.max_volumes)
+
+
+def view_dataset(cfg: Config, split: str) -> SliceViews:
+    """Views of ``split`` as every stage reads them (module docstring: conventions)."""
+    return SliceViews(slice_dataset(cfg, split), cfg.degrade,
+                      mask=None if is_superres(cfg) else cfg.mask, centered=False,
+                      crop=cfg.data.crop, normalize="volume",
+                      input_kind="magnitude" if is_superres(cfg) else "real",
+                      base_seed=cfg.mask.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# networks, losses, evaluation values
+
+def build_network(cfg: Config, arch: str) -> nn.Module:
+    """A registry network for this recipe: DC-CNN in the unshifted layout, or VDSR."""
+    model = build_model(arch)
+    expected = VDSR if is_superres(cfg) else DCCNN
+    if not isinstance(model, expected):
+        raise ConfigError(f"model: expected a {expected.__name__} (e.g. "
+                          f"{'vdsr' if is_superres(cfg) else 'dccnn'}_teacher) for recipe "
+                          f"{cfg.recipe!r}, found {arch!r} ({type(model).__name__})")
+    if isinstance(model, DCCNN) and model.centered:
+        raise ConfigError(f"model {arch!r}: expected the unshifted k-space layout of the views")
+    return model
+
+
+def forward(model: nn.Module, batch: dict, features: bool = False):
+    """``model`` on a batch of views: DC-CNN(input, k0, mask) or VDSR(input)."""
+    if "mask" in batch:
+        return model(batch["input"], batch["kspace"], batch["mask"], return_features=features)
+    return model(batch["input"], return_features=features)
+
+
+def make_extract(p: float) -> Callable[[nn.Module, dict], dict]:
+    """The teacher-target function (cache and stream): output image and the raw attention map
+    of every tapped layer, ``attention_<i>`` [B, H*W]."""
+    def extract(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        output, taps = forward(model, batch, features=True)
+        targets = {"output": output}
+        for i, tap in enumerate(taps):
+            targets[f"attention_{i}"] = attention_map(tap, p, normalize=False)
+        return targets
+    return extract
+
+
+def l1_loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
+    """Steps 1 and the baseline: L1 to the target."""
+    return imitation_loss(forward(model, batch), batch["target"], None, 0.0)
+
+
+def make_at_loss(cfg: Config) -> Callable:
+    """Step 2: the attention-transfer loss alone; L1 to the target is logged, not trained."""
+    def loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
+        output, taps = forward(model, batch, features=True)
+        if targets is None:  # evaluation without teacher targets: the data term only
+            return imitation_loss(output, batch["target"], None, 0.0)
+        maps = [targets[f"attention_{i}"] for i in range(len(taps))]
+        terms = attention_transfer_loss(taps, maps, p=cfg.loss.at_p, mode=cfg.loss.at_mode)
+        terms["l1"] = F.l1_loss(output.detach(), batch["target"])
+        return terms
+    return loss_fn
+
+
+def make_kd_loss(cfg: Config) -> Callable:
+    """Step 3: ``alpha * L1(S, T) + (1 - alpha) * L1(S, Y)``."""
+    def loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
+        teacher = None if targets is None else targets["output"]
+        return imitation_loss(forward(model, batch), batch["target"], teacher, cfg.loss.alpha)
+    return loss_fn
+
+
+def metric_scale(batch: dict) -> torch.Tensor:
+    """[B, 1, 1, 1] factor from a view's scale to the volume-max-normalised scale (1 when the
+    views are normalised per volume)."""
+    return (batch["scale"] / batch["volume_max"]).reshape(-1, 1, 1, 1).to(batch["target"].dtype)
+
+
+def eval_values(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-slice sums for the engine's validation (:func:`kdhpc.metrics.reconstruction_slice_sums`
+    on the volume-max scale, data range 1) plus ``l1`` (the training data term)."""
+    pred = forward(model, batch).float()
+    target = batch["target"].float()
+    scale = metric_scale(batch)
+    sums = reconstruction_slice_sums(target * scale, pred * scale, 1.0)
+    sums["l1"] = (pred - target).abs().flatten(1).mean(1).double().cpu()
+    return sums
+
+
+def volume_values(sums: dict[str, float]) -> dict[str, float]:
+    """One volume's metrics from :func:`eval_values` sums; ``loss`` = mean slice L1."""
+    metrics = volume_metrics_from_sums(sums)
+    metrics["loss"] = sums["l1"] / sums["count"]
+    return metrics
+
+
+def zero_filled(batch: dict) -> torch.Tensor:
+    """The ZF row's image: ``|ifft2(k0)|`` (unshifted) for reconstruction, the LR input for SR."""
+    if "mask" in batch:
+        return torch.fft.ifft2(batch["kspace"], norm="ortho").abs()
+    return batch["input"]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage helpers
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sub(cfg: Config, *names: str) -> dict:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
+
+
+def train_depends(cfg: Config) -> dict:
+    """What every training stage reads: data, optimiser, schedule and the result-changing train
+    fields."""
+    train = dataclasses.asdict(cfg.train)
+    for name in NON_SEMANTIC_TRAIN:
+        train.pop(name)
+    return {**_sub(cfg, "optim", "schedule"), "train": train}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Module:
+    """``arch`` with the weights file ``weights`` (a state dict, ``weights_only`` load)."""
+    model = build_network(cfg, arch)
+    state = load_weights(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"{weights}: expected weights of {arch!r}, found another network: "
+                          f"{str(err).splitlines()[0]}") from None
+    return model
+
+
+def teacher_weights(cfg: Config) -> Path:
+    """The teacher's weights: ``model.teacher_checkpoint``, else the teacher stage's best."""
+    if cfg.model.teacher_checkpoint:
+        path = Path(cfg.model.teacher_checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"model.teacher_checkpoint: file {path} not found")
+        return path
+    path = Path(cfg.run_dir) / "teacher" / "best_model.pt"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no trained teacher yet; run python -m kdhpc.distill CONFIG "
+                          f"(its teacher stage) or set model.teacher_checkpoint")
+    return path
+
+
+def teacher_cache_parts(cfg: Config):
+    """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
+    check_config(cfg)
+    teacher = load_network(cfg, cfg.model.teacher, teacher_weights(cfg))
+    return teacher, make_extract(cfg.loss.at_p), view_dataset(cfg, cfg.data.train_split)
+
+
+def train_stage(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set, val_set,
+                *, teacher_factory: Callable[[], Any] | None = None,
+                init: str | None = None) -> dict:
+    """Train ``arch`` (from ``init`` weights when given) with the engine in ``stage_dir``."""
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank and in every stage
+    model = build_network(cfg, arch)
+    if init is not None:
+        model.load_state_dict(load_weights(Path(cfg.run_dir) / init))
+    teacher = teacher_factory() if teacher_factory is not None else None
+    result = train(cfg, model, loss_fn, train_set, val_set=val_set, teacher=teacher,
+                   eval_fn=eval_values if val_set is not None else None,
+                   volume_metrics=volume_values, run_dir=stage_dir)
+    weights = result.best_weights  # written by rank 0 before train() returns on any rank
+    return {"arch": arch, "weights": str(weights.relative_to(cfg.run_dir)),
+            "sha256": teacher_fingerprint(load_weights(weights)),
+            "params": count_parameters(model), "steps": result.steps,
+            "resumed_from": result.resumed_from, "best_metric": result.best_metric,
+            "best_value": result.best_value, "best_step": result.best_step}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def evaluate_models(cfg: Config, views: SliceViews, models: dict[str, nn.Module]
+                    ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-volume metrics ``{row: {volume name: {metric: value}}}`` of ZF and ``models`` on
+    ``views`` (view 0), each volume on one rank, all-reduced (every rank gets them all)."""
+    rank, world = _rank_world()
+    names = [Path(name).name for name, _ in views.slices.volumes]
+    accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
+    volumes = volume_ids(views)
+    for model in models.values():
+        model.eval()
+    with torch.inference_mode():
+        for indices, real in eval_batches(volumes, rank, world, cfg.eval.batch_size):
+            if not real:  # padding batches only matter for collective forwards (ZeRO-3)
+                continue
+            batch = default_collate([views.get_view(i, 0) for i in indices])
+            scale = metric_scale(batch)
+            target = batch["target"] * scale
+            volume = [names[v] for v in batch["volume"].tolist()]
+            accumulators["ZF"].update(volume, target, zero_filled(batch) * scale, 1.0)
+            for row, model in models.items():
+                accumulators[row].update(volume, target, forward(model, batch) * scale, 1.0)
+    return {row: acc.all_reduce().compute() for row, acc in accumulators.items()}
+
+
+def panel_images(views: SliceViews, models: dict[str, nn.Module], index: int
+                 ) -> dict[str, np.ndarray]:
+    """Images of one test slice on the volume-max scale: input, target and each model's."""
+    batch = default_collate([views.get_view(index, 0)])
+    scale = metric_scale(batch)
+    out = {"input": (zero_filled(batch) * scale)[0, 0].numpy(),
+           "target": (batch["target"] * scale)[0, 0].numpy()}
+    with torch.inference_mode():
+        for row, model in models.items():
+            out[row] = (forward(model.eval(), batch) * scale)[0, 0].float().numpy()
+    return out
+
+
+def panel_index(views: SliceViews) -> int:
+    """The central indexed slice of the first test volume."""
+    first = views.slices.volume_indices(views.volume_of(0))
+    return first[len(first) // 2]
+
+
+def latency_rows(cfg: Config, models: dict[str, nn.Module], batch: dict) -> list[dict]:
+    """Milliseconds per slice (batch of 1, median of ``eval.latency_repeats`` after warm-up) on
+    the CPU at 1 thread and at all threads, and on the GPU when present."""
+    settings = [("cpu", 1), ("cpu", len(os.sched_getaffinity(0)))]
+    if torch.cuda.is_available():
+        settings.append(("cuda", torch.get_num_threads()))
+    rows = []
+    for device, threads in settings:
+        row = {"device": device, "threads": threads if device == "cpu" else "-"}
+        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        args = [inputs["input"]] + ([inputs["kspace"], inputs["mask"]] if "mask" in inputs else [])
+        for name, model in models.items():
+            model = model.to(device)
+            row[f"{name} ms/slice"] = latency_ms(model, args, threads, cfg.eval.latency_repeats)
+            model.to("cpu")
+        names = list(models)
+        row["speed-up"] = row[f"{names[0]} ms/slice"] / row[f"{names[1]} ms/slice"]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def per_metric(per_volume: dict[str, dict[str, dict[str, float]]]
+               ) -> dict[str, dict[str, list[float]]]:
+    """``{row: {metric: [value per volume, in one volume order]}}``."""
+    order = sorted(next(iter(per_volume.values())))
+    return {row: {m: [volumes[v][m] for v in order] for m in (*TABLE_METRICS, "mse")}
+            for row, volumes in per_volume.items()}
+
+
+def results_table(values: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """KD-MRI's table: one row per model, ``mean +- std`` over volumes per metric."""
+    rows = []
+    for row in ROWS:
+        line: dict[str, Any] = {"model": row}
+        for metric in TABLE_METRICS:
+            stats = summarize(values[row][metric])
+            fmt = METRIC_FORMATS[metric]
+            std = stats["std"] if math.isfinite(stats["std"]) else 0.0
+            line[METRIC_LABELS[metric]] = f"{stats['mean']:{fmt}} +- {std:{fmt}}"
+        rows.append(line)
+    return rows
+
+
+def gap_summary(values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Fraction of the teacher-student PSNR gap that KD closes and the paired tests."""
+    mean = {row: float(np.mean(values[row]["psnr"])) for row in ROWS}
+    gap = mean["Teacher"] - mean["Student"]
+    # A fraction of a gap that is not there (teacher no better than student) means nothing.
+    out: dict[str, Any] = {"psnr_mean": mean, "teacher_student_gap_db": gap,
+                           "kd_gain_db": mean["KD-Student"] - mean["Student"],
+                           "gap_fraction_closed": (mean["KD-Student"] - mean["Student"]) / gap
+                           if gap > 0 else None, "tests": {}}
+    n = len(values["Student"]["psnr"])
+    for a, b in (("KD-Student", "Student"), ("Teacher", "Student")):
+        for metric in ("psnr", "ssim"):
+            key = f"{a} vs {b} {metric}"
+            out["tests"][key] = (paired_test(values[a][metric], values[b][metric])
+                                 if n >= 2 else {"p_value": None, "n": n})
+    return out
+
+
+def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: list[dict],
+                       params: dict[str, int], steps: dict[str, int], panel: Path) -> dict:
+    """report.md and metrics.json (rank 0); returns the printed text and key numbers."""
+    values = per_metric(evaluation)
+    rows = results_table(values)
+    gaps = gap_summary(values)
+    test = gaps["tests"]["KD-Student vs Student psnr"]
+    p_value = test.get("p_value")
+    fraction = gaps["gap_fraction_closed"]
+    what = "super-resolution (VDSR)" if is_superres(cfg) else (
+        f"reconstruction (DC-CNN), {cfg.mask.acceleration:g}x {cfg.mask.kind} mask")
+    closed = "n/a (the teacher is not better)" if fraction is None else f"{100 * fraction:.1f}%"
+    gap_text = (f"Teacher - Student PSNR gap {gaps['teacher_student_gap_db']:+.3f} dB; KD gains "
+                f"{gaps['kd_gain_db']:+.3f} dB, closing {closed} of the gap "
+                f"(KD-MRI: 25-66%); paired t-test KD-Student vs Student on per-volume PSNR: "
+                f"p = {'n/a' if p_value is None else f'{p_value:.3g}'} (n = {test['n']} "
+                f"volumes).")
+    protocol = (f"Optimiser steps: teacher {steps['teacher']}, student {steps['student']}, KD "
+                f"student {steps['student_at']} (attention transfer) + {steps['student_kd']} "
+                f"(alpha = {cfg.loss.alpha:g} imitation); KD-MRI's protocol gives the KD "
+                f"student both stages, i.e. more steps than the baseline.")
+    test_rows = [{"comparison": k.rsplit(" ", 1)[0], "metric": k.rsplit(" ", 1)[1],
+                  "mean diff": ("-" if t.get("mean_difference") is None
+                                else f"{t['mean_difference']:+.4g}"),
+                  "p": "n/a" if t.get("p_value") is None else f"{t['p_value']:.3g}",
+                  "n": t["n"]} for k, t in gaps["tests"].items()]
+    param_rows = [{"model": "Teacher", "arch": cfg.model.teacher, "parameters": params["Teacher"]},
+                  {"model": "Student", "arch": cfg.model.student, "parameters": params["Student"],
+                   }]
+    reduction = 1 - params["Student"] / params["Teacher"]
+    latency_md = table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
+                        for r in latency])
+    main_table = table(rows)
+    n_volumes = len(values["Student"]["psnr"])
+    sections = [
+        ("Setup", f"{what}; data {cfg.data.dataset} ({n_volumes} test volumes), recipe "
+                  f"{cfg.recipe}, {cfg.train.epochs} epochs per stage, batch "
+                  f"{cfg.train.batch_size}, AT mode {cfg.loss.at_mode}, teacher targets "
+                  f"{cfg.teacher.mode}. Metrics per volume on the volume-max scale "
+                  f"(data range 1), mean +- std over volumes."),
+        ("Results (test split)", main_table),
+        ("Distillation gain", gap_text + "\n\n" + protocol + "\n\n" + table(test_rows)),
+        ("Parameters", table(param_rows) + f"\n\nThe student has {100 * reduction:.1f}% fewer "
+                       f"parameters."),
+        ("Latency per slice", latency_md),
+        ("Qualitative", f"![panel]({panel.name})\n\nInput, target, teacher, student and KD "
+                        f"student; second row: residuals |prediction - target| x"
+                        f"{RESIDUAL_GAIN:g}."),
+    ]
+    metrics = {"recipe": cfg.recipe, "table": rows, "per_volume": evaluation,
+               "summary": {row: {m: summarize(values[row][m]) for m in (*TABLE_METRICS, "mse")}
+                           for row in ROWS},
+               "gap": gaps, "parameters": params, "steps": steps, "latency": latency,
+               "config_digest": digest(dataclasses.asdict(cfg))}
+    write_report(run_dir, f"KD-MRI {cfg.recipe} report", sections, metrics)
+    text = f"{main_table}\n\n{gap_text}"
+    return {"text": text, "gap_fraction_closed": fraction, "p_value": p_value}
+
+
+def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
+    """Row 1: input, target, teacher, student, KD; row 2: their residuals x5 (target: blank)."""
+    order = ["input", "target", *MODEL_STAGES]
+    titles = ["ZF input" if name == "input" else name for name in order]
+    target = images["target"]
+    residuals = [np.abs(images[name] - target) * RESIDUAL_GAIN if name != "target"
+                 else np.zeros_like(target) for name in order]
+    top = float(target.max())
+    return save_panel([images[n] for n in order] + residuals,
+                      titles + [f"|{t} - target| x{RESIDUAL_GAIN:g}" if n != "target" else ""
+                                for n, t in zip(order, titles)],
+                      path, rows=2, vmax=[top] * (2 * len(order)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+def run(cfg: Config, stages) -> dict:
+    """The stage chain (module docstring); returns the report's key numbers."""
+    check_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    rank, _ = _rank_world()
+    train_deps = train_depends(cfg)
+
+    def data_stage(stage_dir: Path) -> dict:
+        root = dataset_root(cfg)
+        identity = root.name if not cfg.data.root else str(root.resolve())
+        return {"dataset": identity,
+                **{split: describe_views(view_dataset(cfg, name)) for split, name in
+                   (("train", cfg.data.train_split), ("val", cfg.data.val_split),
+                    ("test", cfg.data.test_split))}}
+
+    data_deps = {"recipe": cfg.recipe, **_sub(cfg, "mask", "degrade", "default_data"),
+                 "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
+                          if k != "num_workers"}}
+    data = stages.run("data", data_deps, data_stage)
+    train_set = view_dataset(cfg, cfg.data.train_split)
+    val_set = view_dataset(cfg, cfg.data.val_split)
+
+    def teacher_stage(stage_dir: Path) -> dict:
+        if cfg.model.teacher_checkpoint:
+            model = load_network(cfg, cfg.model.teacher, cfg.model.teacher_checkpoint)
+            return {"arch": cfg.model.teacher, "weights": str(Path(
+                cfg.model.teacher_checkpoint).resolve()), "sha256": teacher_fingerprint(model),
+                "params": count_parameters(model), "steps": 0, "loaded": True}
+        return train_stage(cfg, stage_dir, cfg.model.teacher, l1_loss_fn, train_set, val_set)
+
+    checkpoint = cfg.model.teacher_checkpoint
+    teacher_res = stages.run("teacher", {
+        "data": data, "arch": cfg.model.teacher, "checkpoint": checkpoint,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
+        **({} if checkpoint else train_deps)}, teacher_stage)
+
+    def weights_path(result: dict) -> Path:
+        path = Path(result["weights"])
+        return path if path.is_absolute() else run_dir / path
+
+    def frozen_teacher() -> nn.Module:
+        return load_network(cfg, cfg.model.teacher, weights_path(teacher_res))
+
+    extract = make_extract(cfg.loss.at_p)
+    # Targets depend on the teacher, p and how they are made (stream bf16, cached dtype).
+    teacher_deps = {"teacher": teacher_res, "at_p": cfg.loss.at_p,
+                    "targets": {k: v for k, v in dataclasses.asdict(cfg.teacher).items()
+                                if k not in ("cache_dir", "compression")}}
+    if cfg.teacher.mode == "precompute":
+        def cache_stage(stage_dir: Path) -> dict:
+            # The stage reruns only when its inputs changed, so an existing cache is stale.
+            path = fill_cache(default_cache_dir(cfg), frozen_teacher(), extract, train_set,
+                              data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
+                              compression=cfg.teacher.compression,
+                              batch_size=cfg.eval.batch_size, bf16=cfg.teacher.stream_bf16,
+                              force=True)
+            return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+
+        cache_res = stages.run(CACHE_STAGE, {**teacher_deps, "data": data,
+                                             "compression": cfg.teacher.compression}, cache_stage)
+        teacher_deps["cache"] = cache_res
+
+    def make_teacher_source():
+        return teacher_source(cfg, frozen_teacher(), extract)
+
+    student_deps = {"data": data, "arch": cfg.model.student, **train_deps}
+    student_res = stages.run("student", student_deps, lambda d: train_stage(
+        cfg, d, cfg.model.student, l1_loss_fn, train_set, val_set))
+    at_res = stages.run("student_at", {
+        **student_deps, **teacher_deps, "at_mode": cfg.loss.at_mode}, lambda d: train_stage(
+        cfg, d, cfg.model.student, make_at_loss(cfg), train_set, None,
+        teacher_factory=make_teacher_source))
+    kd_res = stages.run("student_kd", {
+        **student_deps, **teacher_deps, "init": at_res, "alpha": cfg.loss.alpha},
+        lambda d: train_stage(cfg, d, cfg.model.student, make_kd_loss(cfg), train_set, val_set,
+                              teacher_factory=make_teacher_source, init=at_res["weights"]))
+    trained = {"Teacher": teacher_res, "Student": student_res, "KD-Student": kd_res}
+
+    def networks() -> dict[str, nn.Module]:
+        return {row: load_network(cfg, res["arch"], weights_path(res))
+                for row, res in trained.items()}
+
+    def evaluate_stage(stage_dir: Path) -> dict:
+        test = view_dataset(cfg, cfg.data.test_split)
+        per_volume = evaluate_models(cfg, test, networks())
+        if rank == 0:
+            write_atomic(stage_dir / "per_volume.json", json.dumps(per_volume, indent=1))
+        return {"per_volume": per_volume}
+
+    evaluation = stages.run("evaluate", {"data": data, "models": trained,
+                                         "batch": cfg.eval.batch_size}, evaluate_stage)
+
+    def report_stage(stage_dir: Path) -> dict:
+        if rank != 0:
+            return {}
+        test = view_dataset(cfg, cfg.data.test_split)
+        nets = networks()
+        index = panel_index(test)
+        panel = save_recon_panel(panel_images(test, nets, index), run_dir / "panel.png")
+        one = default_collate([test.get_view(index, 0)])
+        latency = latency_rows(cfg, {"Teacher": nets["Teacher"], "Student": nets["Student"]},
+                               one)
+        params = {row: count_parameters(net) for row, net in nets.items()}
+        steps = {"teacher": teacher_res["steps"], "student": student_res["steps"],
+                 "student_at": at_res["steps"], "student_kd": kd_res["steps"]}
+        return write_recon_report(cfg, run_dir, evaluation["per_volume"], latency, params,
+                                  steps, panel)
+
+    # Rank 0 writes the report; other ranks return an empty result (or rank 0's record).
+    report = stages.run("report", {"evaluation": evaluation, "eval": _sub(cfg, "eval"),
+                                   "loss": _sub(cfg, "loss")}, report_stage)
+    if rank == 0:
+        print(f"\n{report['text']}\n\nreport: {run_dir / 'report.md'}", flush=True)
+    return report
