@@ -534,7 +534,8 @@ class Recipe:
                        run_dir=stage_dir)
         return {"arch": arch, "weights": str(result.best_weights), "trained": True,
                 "steps": result.steps, "best_metric": result.best_metric,
-                "best_value": result.best_value, "best_step": result.best_step}
+                "best_value": result.best_value, "best_step": result.best_step,
+                "resumed_from": result.resumed_from}
 
     def teacher_stage(self, stage_dir: Path) -> dict:
         cfg = self.cfg
@@ -813,7 +814,22 @@ def paired_timing(big: nn.Module, small: nn.Module, inputs: torch.Tensor,
 # the run
 
 def run(cfg: Config, stages) -> dict:
-    """All stages of the recipe (module docstring); returns the report's summary."""
+    """All stages of the recipe (module docstring); returns the report's summary.
+
+    ``train.threads`` (when set) holds for every stage, not only while training: data views,
+    caches, evaluation and timing too (on a shared CPU, OpenMP threads beyond the free cores
+    slow small ops down many-fold); the previous thread count is restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _run_stages(cfg, stages)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_stages(cfg: Config, stages) -> dict:
     from kdhpc.data.default import dataset_root
     from kdhpc.teacher import cache_config, default_cache_dir
 
