@@ -2,15 +2,19 @@
 
 Run::
 
+    python -m kdhpc.sweep configs/sweeps/seg_alpha_temperature.yaml [--dry-run]
     python -m kdhpc.sweep CONFIG [key=value ...] --grid loss.alpha=0:1:0.25 \\
         --grid loss.temperature=1,2,4 [--executor auto|slurm|local] [--dry-run] \\
         [--partition P] [--nodes N] [--tasks-per-node G] [--cpus-per-task C] [--gpus-per-node G] \\
         [--time MINUTES] [--mem 32G] [--account A] [--qos Q] [--array-parallelism K] \\
-        [--slurm-arg key=value ...] [--sweep-dir DIR] [--metric NAME]
+        [--slurm-arg key=value ...] [--sweep-dir DIR]
 
-``--grid KEY=SPEC`` takes a dotted config key and either ``start:stop:step`` (inclusive of
-``stop``), a comma list (``1,2,4``) or one value; values are YAML scalars checked like any
-override. The grid is the product of all ``--grid`` options, one trial per point.
+CONFIG is a recipe YAML or a sweep file (:func:`read_sweep_file`: the recipe YAML, overrides,
+grid and SLURM options in one place; command-line values win). ``--grid KEY=SPEC`` takes a
+dotted config key and either ``start:stop:step`` (inclusive of ``stop``), a comma list
+(``1,2,4``) or one value; values are YAML scalars checked like any override. The grid is the
+product of all ``--grid`` options, one trial per point. The plot and the first table columns
+use the recipe's headline metric (the first of its ``metrics``).
 
 Stages
 ------
@@ -74,6 +78,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import submitit
+import yaml
 
 from kdhpc.config import (Config, ConfigError, digest, from_dict, load_config, parse_override,
                           to_dict, write_atomic)
@@ -257,6 +262,52 @@ def plan_sweep(config_path: str, overrides: Sequence[str], grid_specs: Sequence[
     shared = from_dict(to_dict(trials[0].cfg), "sweep: shared stages")
     shared.run_dir = str(root / SHARED_DIR)
     return SweepPlan(str(config_path), list(overrides), grid, root, shared, trials)
+
+
+SWEEP_FILE_KEYS = ("config", "overrides", "grid", "slurm", "sweep_dir")
+
+
+def read_sweep_file(path: str | os.PathLike) -> dict | None:
+    """A sweep file (``configs/sweeps/*.yaml``), or None when ``path`` is a recipe config.
+
+    A sweep file is YAML with a top-level ``grid`` mapping (key -> spec as for ``--grid``, or a
+    list of values), ``config`` (the recipe YAML, relative to the sweep file's folder),
+    optional ``overrides`` (list of ``key=value``), ``sweep_dir`` and ``slurm`` (the SLURM
+    options by their long names with underscores: ``array_parallelism: 4``).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports an unreadable recipe config properly
+    if not isinstance(data, dict) or "grid" not in data:
+        return None
+    unknown = sorted(set(data) - set(SWEEP_FILE_KEYS))
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; a sweep file holds "
+                         f"{', '.join(SWEEP_FILE_KEYS)}")
+    if not isinstance(data.get("config"), str):
+        raise SweepError(f"{path}: config: expected the recipe YAML's path, found "
+                         f"{data.get('config')!r}")
+    grid = data["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError(f"{path}: grid: expected a mapping of dotted keys to values, found "
+                         f"{grid!r}")
+    specs = [f"{k}={','.join(json.dumps(x) if not isinstance(x, str) else x for x in v)}"
+             if isinstance(v, list) else f"{k}={v}" for k, v in grid.items()]
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise SweepError(f"{path}: overrides: expected a list of 'key=value' strings, found "
+                         f"{overrides!r}")
+    slurm = data.get("slurm") or {}
+    fields = SlurmOptions.__dataclass_fields__
+    if not isinstance(slurm, dict) or set(slurm) - set(fields):
+        raise SweepError(f"{path}: slurm: expected keys among {', '.join(fields)}, found "
+                         f"{slurm!r}")
+    config = Path(data["config"])
+    return {"config": str(config if config.is_absolute() else path.parent / config),
+            "overrides": overrides, "grid": specs, "slurm": slurm,
+            "sweep_dir": data.get("sweep_dir")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +555,15 @@ class SlurmOptions:
     extra: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "time_min",
+                     "array_parallelism", "signal_delay_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SweepError(f"--{name.replace('_', '-')}: expected an integer, found "
+                                 f"{value!r}")
+        if not isinstance(self.extra, dict):
+            raise SweepError(f"slurm extra: expected a mapping of sbatch options, found "
+                             f"{self.extra!r}")
         for name in ("nodes", "tasks_per_node", "time_min", "array_parallelism"):
             if getattr(self, name) < 1:
                 raise SweepError(f"--{name.replace('_', '-')}: expected >= 1, found "
@@ -845,52 +905,65 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m kdhpc.sweep",
         description="Sweep distillation settings: stage A (shared teacher and cache), stage B "
                     "(one trial per grid point, a SLURM job array), stage C (table, plot, tests).")
-    p.add_argument("config", help="recipe YAML, e.g. configs/recon_default.yaml")
+    p.add_argument("config", help="recipe YAML (configs/*.yaml) or sweep file "
+                                   "(configs/sweeps/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every trial")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
-                   help="swept key: start:stop:step (inclusive), v1,v2,... or one value")
+                   help="swept key: start:stop:step (inclusive), v1,v2,... or one value; "
+                        "replaces a sweep file's grid entry of the same key")
     p.add_argument("--executor", default="auto", choices=EXECUTORS,
                    help="slurm (submitit job arrays), local (processes here), auto (slurm when "
                         "sbatch exists)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch parameters, submit nothing")
     p.add_argument("--sweep-dir", help="sweep folder (default: the config's run_dir)")
-    g = p.add_argument_group("SLURM options (every job of the sweep)")
+    g = p.add_argument_group("SLURM options (every job of the sweep; defaults in brackets)")
     g.add_argument("--partition")
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1, help="ranks per node (GPUs per node)")
+    g.add_argument("--nodes", type=int, help="[1]")
+    g.add_argument("--tasks-per-node", type=int, help="ranks per node = GPUs per node [1]")
     g.add_argument("--cpus-per-task", type=int)
     g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--time", type=int, default=720, dest="time_min", help="minutes per job")
+    g.add_argument("--time", type=int, dest="time_min", help="minutes per job [720]")
     g.add_argument("--mem")
     g.add_argument("--account")
     g.add_argument("--qos")
-    g.add_argument("--array-parallelism", type=int, default=8,
-                   help="trials running at once (SLURM array %%K; local processes)")
-    g.add_argument("--signal-delay", type=int, default=120, dest="signal_delay_s",
-                   help="seconds before the time limit at which jobs are told to checkpoint")
+    g.add_argument("--array-parallelism", type=int,
+                   help="trials running at once (SLURM array %%K; local processes) [8]")
+    g.add_argument("--signal-delay", type=int, dest="signal_delay_s",
+                   help="seconds before the time limit at which jobs checkpoint [120]")
     g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. constraint=a100")
     return p
 
 
+def _merge_grid(file_specs: Sequence[str], cli_specs: Sequence[str]) -> list[str]:
+    """The sweep file's grid with each ``--grid`` key replaced in place, new keys appended."""
+    merged = {_split_spec(spec)[0]: spec for spec in file_specs}
+    merged.update({_split_spec(spec)[0]: spec for spec in cli_specs})
+    return list(merged.values())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
-        extra = {}
+        sweep_file = read_sweep_file(args.config) or {
+            "config": args.config, "overrides": [], "grid": [], "slurm": {}, "sweep_dir": None}
+        slurm = dict(sweep_file["slurm"])
+        for name in SlurmOptions.__dataclass_fields__:
+            if getattr(args, name, None) is not None:
+                slurm[name] = getattr(args, name)
+        extra = dict(slurm.get("extra") or {})
         for item in args.slurm_arg:
             key, sep, value = item.partition("=")
             if not sep:
                 raise SweepError(f"--slurm-arg {item!r}: expected KEY=VALUE")
             extra[key.strip()] = value
-        options = SlurmOptions(
-            partition=args.partition, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-            cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node,
-            time_min=args.time_min, mem=args.mem, account=args.account, qos=args.qos,
-            array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
-            extra=extra)
+        slurm["extra"] = extra
+        options = SlurmOptions(**slurm)
         options.check()
-        plan = plan_sweep(args.config, args.overrides, args.grid, args.sweep_dir)
+        plan = plan_sweep(sweep_file["config"], [*sweep_file["overrides"], *args.overrides],
+                          _merge_grid(sweep_file["grid"], args.grid),
+                          args.sweep_dir or sweep_file["sweep_dir"])
         if args.dry_run:
             print_dry_run(plan, args.executor, options)
             return 0

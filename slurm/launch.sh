@@ -86,6 +86,12 @@ run_task() {
   local rc
   say "rank ${SLURM_PROCID:-0} of ${SLURM_NTASKS:-1} on ${SLURMD_NODENAME:-$(hostname -s)}" \
       "(local rank ${SLURM_LOCALID:-0})"
+  # SLURM signals every process of the step, this shell too: it must outlive the rank to
+  # report its exit status. SIGUSR1 is only a warning, so it is ignored here and (inherited)
+  # in the rank outside training, where it would otherwise kill the process; the engine
+  # installs its own handler while it trains. SIGTERM keeps its default in the rank.
+  trap '' USR1
+  trap 'say "rank ${SLURM_PROCID:-0}: SIGTERM, waiting for the rank to stop"' TERM
   "$(python_bin)" -m "$module" "$@"
   rc=$?
   [ "$rc" = "$EXIT_REQUEUE" ] || return "$rc"
@@ -94,8 +100,9 @@ run_task() {
   fi
   say "rank 0: checkpointed after a preemption signal; requeueing job $SLURM_JOB_ID"
   if scontrol requeue "$SLURM_JOB_ID"; then
-    # The requeue terminates this job within seconds; returning now would let srun and the
-    # batch script report a finished run first.
+    # The requeue terminates this job within seconds (SIGTERM, now fatal here); returning now
+    # would let srun and the batch script report a finished run first.
+    trap - TERM
     sleep "${KDHPC_REQUEUE_WAIT:-300}" & wait $!
     say "job $SLURM_JOB_ID was not stopped after its requeue"
     return "$EXIT_REQUEUE"

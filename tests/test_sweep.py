@@ -18,8 +18,8 @@ import scipy.stats
 from kdhpc.config import ConfigError, digest, to_dict, write_atomic
 from kdhpc.distill import Stages
 from kdhpc.sweep import (TRIAL_RECORD, SlurmOptions, SweepError, TrialStages, aggregate,
-                         parse_grid, plan_sweep, recipe_hooks, safe_name, stage_key,
-                         trial_names)
+                         parse_grid, plan_sweep, read_sweep_file, recipe_hooks, safe_name,
+                         stage_key, trial_names)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "enh_tiny.yaml"  # any committed recipe config: only loaded here
@@ -156,6 +156,28 @@ def test_slurm_options_refuse_anything_that_could_become_a_script_line(extra, wo
         SlurmOptions(partition="gpu\nsrun id").check()
 
 
+def test_sweep_files_resolve_their_config_and_grid_and_refuse_unknown_keys(tmp_path):
+    assert read_sweep_file(TINY) is None            # a recipe config is not a sweep file
+    for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
+        spec = read_sweep_file(path)
+        assert spec is not None and Path(spec["config"]).is_file(), path
+        plan = plan_sweep(spec["config"], spec["overrides"], spec["grid"], tmp_path / path.stem)
+        SlurmOptions(**spec["slurm"]).check()
+        assert len(plan.trials) == int(np.prod([len(v) for _, v in plan.grid]))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"config: {TINY}\ngrid:\n  loss.alpha: [0, 0.5]\n"
+                     f"  loss.temperature: '1:3:1'\n")
+    spec = read_sweep_file(sweep)
+    assert parse_grid(spec["grid"]) == [("loss.alpha", [0, 0.5]),
+                                        ("loss.temperature", [1.0, 2.0, 3.0])]
+    sweep.write_text(f"config: {TINY}\ngrid: {{loss.alpha: [0]}}\nslurm_options: {{}}\n")
+    with pytest.raises(SweepError, match="unknown key.*slurm_options"):
+        read_sweep_file(sweep)
+    sweep.write_text(f"config: {TINY}\ngrid: {{loss.alpha: [0]}}\nslurm: {{nodes: two}}\n")
+    with pytest.raises(SweepError, match="--nodes: expected an integer, found 'two'"):
+        SlurmOptions(**read_sweep_file(sweep)["slurm"]).check()
+
+
 def test_dry_run_prints_the_plan_and_sbatch_scripts_and_submits_nothing(tmp_path):
     sweep_dir = tmp_path / "sw x; touch pwned"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -174,6 +196,21 @@ def test_dry_run_prints_the_plan_and_sbatch_scripts_and_submits_nothing(tmp_path
     assert "#SBATCH --signal=USR2@120" in text
     assert "#SBATCH --job-name=kdhpc-sweep-sw_x_touch_pwned-trials" in text
     assert not sweep_dir.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_command_line_values_win_over_the_sweep_file(tmp_path, capsys):
+    from kdhpc.sweep import main
+
+    code = main([str(REPO / "configs" / "sweeps" / "recon_tiny_2x2.yaml"), "--dry-run",
+                 "--executor", "local", "--sweep-dir", str(tmp_path / "sw"),
+                 "--grid", "loss.alpha=0.25", "--array-parallelism", "1", "train.seed=5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "stage B: 2 trials, at most 1 at once:" in out
+    assert "alpha0.25-temperature1: loss.alpha=0.25 loss.temperature=1" in out
+    assert "#SBATCH --time=15" in out and "#SBATCH --array=0-1%1" in out
+    assert main([str(TINY), "--dry-run", "--grid", "loss.alpha=3"]) == 2
+    assert "loss.alpha: expected a value in [0.0, 1.0], found 3" in capsys.readouterr().err
 
 
 def _write_trial(plan, trial, student, teacher, volumes, no_kd=None):

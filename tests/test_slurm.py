@@ -1,0 +1,242 @@
+"""kdhpc on a real SLURM cluster: slurm/distill.sh across two (emulated) nodes, preemption and
+requeue, and a 2 x 2 sweep through submitit's SLURM executor against the same sweep run locally.
+
+The cluster is the one `.ci/slurm.sh start` brings up (Debian's slurm + munge on localhost, two
+slurmd "nodes", accounting); clients find it through SLURM_CONF. Without one these tests skip,
+saying why; with KDHPC_REQUIRE_SLURM=1 (set by CI) a missing cluster is a failure instead.
+Everything runs the reconstruction recipe's tiny config on CPU (DeepSpeed's cpu accelerator,
+gloo), one CPU per rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "recon_tiny.yaml"
+REQUIRE = os.environ.get("KDHPC_REQUIRE_SLURM") == "1"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+OVERRIDES = ["train.threads=1"]
+# 3 epochs of 2 steps, a checkpoint after each, so that a signal sent after the teacher's first
+# checkpoint lands while it still trains.
+LONGER = [*OVERRIDES, "train.epochs=3", "train.max_steps=6"]
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return ("no SLURM here (sbatch is not on PATH); CI starts a local cluster with "
+                "`eval \"$(bash .ci/slurm.sh start)\"`")
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    if "UP" not in ping.stdout:
+        return (f"sbatch exists but no slurmctld answers `scontrol ping` "
+                f"(SLURM_CONF={os.environ.get('SLURM_CONF', '')!r}): {ping.stdout.strip()} "
+                f"{ping.stderr.strip()}")
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> dict:
+    problem = _cluster_problem()
+    if problem:
+        if REQUIRE:
+            pytest.fail(f"KDHPC_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    nodes = sorted(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True,
+                                      text=True, check=True).stdout.split()))
+    data = tmp_path_factory.mktemp("kdhpc-data")
+    env = {**os.environ, "KDHPC_DATA": str(data), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                         if p),
+           "KDHPC_PYTHON": sys.executable}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    # generate the tiny data once, here, so that concurrent jobs only read it
+    from kdhpc.config import load_config
+    from kdhpc.data.default import ensure_default
+
+    ensure_default(load_config(TINY).default_data, kind="brain", root=data)
+    return {"nodes": nodes, "env": env}
+
+
+def sbatch(cluster: dict, cwd: Path, *args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=cluster["env"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"sbatch {' '.join(args)}: {out.stderr}"
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_job(job_id: str, timeout: float) -> dict[str, str]:
+    """Poll every 0.5 s (sbatch --wait polls far more slowly) until the job has finished."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = job_info(job_id)
+        if info.get("JobState") in FINISHED:
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], timeout=30)
+    raise AssertionError(f"job {job_id} still {job_info(job_id).get('JobState')} after "
+                         f"{timeout} s")
+
+
+def trained_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every stage's best and final weights under a run directory."""
+    out = {}
+    for path in sorted(run_dir.glob("*/*_model.pt")):
+        out[str(path.relative_to(run_dir))] = torch.load(path, map_location="cpu",
+                                                         weights_only=True)
+    return out
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]), name
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}: {key} differs"
+
+
+def test_two_nodes_match_one_node_and_no_argument_reaches_a_shell(cluster, tmp_path):
+    if len(cluster["nodes"]) < 2:
+        pytest.skip(f"the cluster has one node ({cluster['nodes']}); .ci/slurm.sh starts two")
+    hostile = tmp_path / "two nodes; touch pwned_semicolon $(touch pwned_subst) `touch pwned_tick`"
+    two = sbatch(cluster, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                 "-o", "two.out", str(REPO / "slurm" / "distill.sh"), str(TINY),
+                 f"run_dir={hostile}", *OVERRIDES)
+    # the reference: one node, two tasks, scheduled on the GPU partition (fake GPUs: the ranks
+    # find no CUDA device and train on CPU, as on a CPU partition)
+    one = sbatch(cluster, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 "--partition=gpu", "--gpus-per-node=2", "-o", "one.out",
+                 str(REPO / "slurm" / "distill.sh"), str(TINY),
+                 f"run_dir={tmp_path / 'one_node'}", *OVERRIDES)
+    info_two, info_one = wait_job(two, 240), wait_job(one, 240)
+    log_two, log_one = (tmp_path / "two.out").read_text(), (tmp_path / "one.out").read_text()
+    assert info_two["JobState"] == "COMPLETED", log_two[-3000:]
+    assert info_one["JobState"] == "COMPLETED", log_one[-3000:]
+
+    nodes = info_two["NodeList"]
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert len(hosts) == 2
+    port = 15000 + int(two) % 15000
+    assert f"master {hosts[0]}:{port}" in log_two
+    assert f"rank 0 of 2 on {hosts[0]}" in log_two and f"rank 1 of 2 on {hosts[1]}" in log_two
+    one_host = info_one["NodeList"]
+    assert f"rank 0 of 2 on {one_host}" in log_one and f"rank 1 of 2 on {one_host}" in log_one
+    assert "kdhpc.distill finished" in log_two and "kdhpc.distill finished" in log_one
+
+    # the hostile run_dir was a directory name, nothing else
+    assert (hostile / "report.md").is_file()
+    assert not list(tmp_path.glob("pwned*")) and not list(REPO.glob("pwned*"))
+    # 2 ranks on 2 nodes and 2 ranks on 1 node: the same weights in every stage
+    assert_same_weights(trained_weights(hostile), trained_weights(tmp_path / "one_node"))
+
+
+def test_sigusr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = sbatch(cluster, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 "-o", "job.out", str(REPO / "slurm" / "distill.sh"), str(TINY),
+                 f"run_dir={run_dir}", *LONGER)
+    latest = run_dir / "teacher" / "checkpoints" / "latest"
+    end = time.monotonic() + 180
+    while not latest.is_file() and time.monotonic() < end:
+        if job_info(job).get("JobState") in FINISHED:
+            break
+        time.sleep(0.1)
+    assert latest.is_file(), (tmp_path / "job.out").read_text()[-3000:]
+    # SLURM's warning signal, as --signal=USR1@120 sends it before a time limit
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    info = wait_job(job, 240)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert int(info["Restarts"]) == 1, log[-3000:]
+    assert f"rank 0: checkpointed after a preemption signal; requeueing job {job}" in log
+    assert f"job {job} (restart 1)" in log
+    # resumed, not restarted: every teacher step was trained exactly once
+    with (run_dir / "teacher" / "train_log.csv").open() as fh:
+        steps = [int(row["step"]) for row in csv.DictReader(fh)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+
+
+SWEEP_FILE = REPO / "configs" / "sweeps" / "recon_tiny_2x2.yaml"
+
+
+def _sweep_hook_problem() -> str | None:
+    from kdhpc.config import load_config
+    from kdhpc.sweep import SweepError, recipe_hooks
+
+    try:
+        recipe_hooks(load_config(TINY))
+    except SweepError as err:
+        return str(err)
+    return None
+
+
+def _sweep(cluster: dict, cwd: Path, sweep_dir: Path, executor: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "kdhpc.sweep", str(SWEEP_FILE), "--executor",
+                          executor, "--sweep-dir", str(sweep_dir)], cwd=cwd, env=cluster["env"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_sweep_through_slurm_matches_the_same_sweep_run_locally(cluster, tmp_path):
+    import numpy as np
+    import scipy.stats
+
+    problem = _sweep_hook_problem()
+    if problem:
+        pytest.skip(f"the reconstruction recipe cannot be swept yet: {problem}")
+    on_slurm = tmp_path / "sweep slurm; touch pwned"
+    log = _sweep(cluster, tmp_path, on_slurm, "slurm")
+    assert "stage B: job array" in log and "(4 trials, at most 4 at once)" in log
+    assert not list(tmp_path.glob("pwned*"))
+    # stage A trained the teacher once; every trial reads it through a link
+    assert (on_slurm / "shared" / "teacher" / "stage.json").is_file()
+    trials = sorted(p.name for p in (on_slurm / "trials").iterdir())
+    assert trials == ["alpha0-temperature1", "alpha0-temperature2", "alpha0.5-temperature1",
+                      "alpha0.5-temperature2"]
+    for name in trials:
+        link = on_slurm / "trials" / name / "teacher"
+        assert link.is_symlink() and link.resolve() == (on_slurm / "shared" / "teacher").resolve()
+    # the table against the trials' own per-volume values
+    rows = {(r["trial"], r["metric"]): r
+            for r in csv.DictReader((on_slurm / "sweep.csv").open())}
+    record = json.loads((on_slurm / "trials" / "alpha0.5-temperature2" / "trial.json").read_text())
+    reference = json.loads((on_slurm / "trials" / "alpha0-temperature2" / "trial.json").read_text())
+    headline = record["result"]["metrics"][0]
+    values = record["result"]["per_volume"]["student"][headline]
+    row = rows[("alpha0.5-temperature2", headline)]
+    assert float(row["mean"]) == pytest.approx(float(np.mean(values)), rel=1e-12)
+    expected = scipy.stats.ttest_rel(values, reference["result"]["per_volume"]["student"][headline])
+    if np.isfinite(expected.pvalue):
+        assert float(row["p_value"]) == pytest.approx(expected.pvalue, rel=1e-9)
+    assert (on_slurm / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same sweep without SLURM: the same table, byte for byte
+    local = tmp_path / "local"
+    _sweep(cluster, tmp_path, local, "local")
+    assert (local / "sweep.csv").read_text() == (on_slurm / "sweep.csv").read_text()
+
+    # a rerun skips the finished work and retries a trial that has no record (a failed one)
+    (local / "trials" / "alpha0.5-temperature1" / "trial.json").unlink()
+    log = _sweep(cluster, tmp_path, local, "local")
+    assert "stage A: done before" in log
+    assert "stage B: 1 of 4 trials to run (3 finished before)" in log
+    assert (local / "sweep.csv").read_text() == (on_slurm / "sweep.csv").read_text()
