@@ -195,8 +195,16 @@ def best(rows: list[dict], pair: str, role: str, threads: int, allocator: str) -
                key=lambda r: r["ms"])
 
 
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
 def goal_notes(rows: list[dict], allocator: str) -> list[str]:
-    """One line per pair and thread count: best-format times, ratio, goals met or missed."""
+    """One line per pair and thread count: best-format times, ratio, goals met or missed.
+
+    On one thread each goal is judged on wall time and on thread CPU time: on a shared, loaded
+    machine the wall time also counts waiting for a core, the CPU time does not.
+    """
     notes = []
     pairs = sorted({r["pair"] for r in rows if r["role"] != "part"})
     for threads in sorted({r["threads"] for r in rows if r["allocator"] == allocator}):
@@ -207,17 +215,22 @@ def goal_notes(rows: list[dict], allocator: str) -> list[str]:
             line = (f"{pair}, {threads} thread(s), allocator {allocator}: teacher {t['model']} "
                     f"{t['ms']:.1f} ms ({t['format']}), student {s['model']} {s['ms']:.1f} ms "
                     f"({s['format']}): student {ratio:.2f}x faster")
-            if threads == 1:
-                line += f" (thread CPU time: {t['cpu_ms'] / s['cpu_ms']:.2f}x)"
-            if pair == "dccnn" and threads == 1:
-                line += f"; goal >= 2.5x: {'MET' if ratio >= 2.5 else 'MISSED'}"
+            if threads != 1:
+                notes.append(line)
+                continue
+            cpu_ratio = t["cpu_ms"] / s["cpu_ms"]
+            line += (f" (thread CPU time: {t['cpu_ms']:.1f} / {s['cpu_ms']:.1f} ms, "
+                     f"{cpu_ratio:.2f}x)")
+            if pair == "dccnn":
+                line += (f"; goal >= 2.5x: wall {verdict(ratio >= 2.5)}, CPU time "
+                         f"{verdict(cpu_ratio >= 2.5)}")
                 line += dccnn_breakdown(rows, threads, allocator, s["ms"])
-            if pair == "segmentation" and threads == 1:
-                rate = 1e3 / s["ms"]
-                line += (f"; goal student >= 10 images/s: {rate:.1f}/s "
-                         f"{'MET' if rate >= 10 else 'MISSED'} ({1e3 / s['cpu_ms']:.1f}/s of "
-                         f"thread CPU time); goal >= 5x teacher: "
-                         f"{'MET' if ratio >= 5 else 'MISSED'}")
+            if pair == "segmentation":
+                rate, cpu_rate = 1e3 / s["ms"], 1e3 / s["cpu_ms"]
+                line += (f"; goal student >= 10 images/s: wall {rate:.1f}/s "
+                         f"{verdict(rate >= 10)}, CPU time {cpu_rate:.1f}/s "
+                         f"{verdict(cpu_rate >= 10)}; goal >= 5x teacher: wall "
+                         f"{verdict(ratio >= 5)}, CPU time {verdict(cpu_ratio >= 5)}")
             notes.append(line)
     return notes
 
