@@ -1,0 +1,926 @@
+"""Cui et al.'s cardiac segmentation recipe: nnU-Net-style teacher -> MobileNetV2 U-Net student.
+
+Run::
+
+    python -m kdhpc.distill configs/seg_default.yaml                 # CPU default, ~10 minutes
+    python -m kdhpc.distill configs/seg_tiny.yaml run_dir=/tmp/seg   # seconds (tests)
+    torchrun --nproc-per-node=2 -m kdhpc.distill configs/seg_default.yaml
+    python -m kdhpc.teacher.cache configs/seg_default.yaml          # fill the cache by itself
+    python -m kdhpc.segment IMAGE.nii.gz --model RUN_DIR             # use the KD student
+
+Stages (each resumable, :class:`kdhpc.distill.Stages`)::
+
+    data -> teacher -> teacher_cache -> student_nokd -> student_kd -> evaluate -> speed
+         -> export -> report
+
+- ``teacher``: ``model.teacher`` (``unet_teacher``: 2-D nnU-Net-style U-Net, 4 deep-supervision
+  heads) trained on Dice + CE with deep supervision, or ``model.teacher_checkpoint`` loaded.
+- ``teacher_cache``: the frozen teacher's logits at every deep-supervision level for every view
+  of every training slice (``teacher.mode: precompute``, :func:`kdhpc.teacher.fill_cache`,
+  stored in ``teacher.cache_dtype``), so T can be swept later without refilling; skipped for
+  ``teacher.mode: stream`` (the teacher then runs on each batch's exact views).
+- ``student_nokd`` (W = 0, Dice + CE only) and ``student_kd`` (W = ``loss.alpha``, T =
+  ``loss.temperature``): ``model.student`` (``mobilenet_unet_student``: MobileNetV2 inverted
+  residual encoder, expansion 8), both from the same initial weights and data order.
+- ``evaluate``: the TEST split at view 0; the teacher with flip test-time augmentation (softmax
+  averaged over the 4 mirrorings of the two in-plane axes, nnU-Net's 2-D mirroring; the teacher
+  without TTA is reported too), the students without. Dice per class (RV, myocardium, LV) per
+  volume (one volume = one patient frame) from :func:`kdhpc.metrics.dice`, with
+  ``|P| + |G| = 0`` counting 1; mean Dice = mean of the three. Predictions are saved in
+  ``evaluate/predictions-rankRRRRR.npz``.
+- ``speed``: images/s of teacher and student at ``S x S`` (``data.crop``), batch 1, one CPU
+  thread and all threads (and the GPU when present): median of ``eval.latency_repeats`` timed
+  calls after warm-up, on a real test slice; the 1-thread rows also give the rate from the
+  thread's CPU time, which a shared machine's load does not inflate.
+- ``export``: the KD student (full-resolution logits) as TorchScript, and as ONNX when ``onnx``
+  imports, each checked against the eager model on test slices (max |logit difference| and
+  label agreement); a failed parity check stops the run.
+- ``report``: ``<run_dir>/report.md``, ``metrics.json`` and ``panel.png`` (image, ground truth,
+  teacher, no-KD student and KD student contours on one test slice). Paired t-test of KD vs
+  no-KD per-volume Dice (and teacher vs KD), and the goals: KD >= no-KD, teacher - KD <= 0.01.
+
+Loss (:func:`kdhpc.losses.segmentation_kd_loss`)::
+
+    L = sum_i w_i ((1 - W) (Dice + CE)_i + W T^2 KL(softmax(t_i / T) || softmax(s_i / T)))
+
+over the 4 deep-supervision levels, highest resolution first; ``w_i`` = nnU-Net's ``1 / 2^i``
+with the lowest level 0, normalised (or ``loss.ds_weights``); labels are downsampled by nearest
+neighbour to each level; T^2 unless ``loss.kl_t2_scaling`` is false. Model selection: the
+checkpoint with the best validation mean Dice (``train.best_metric`` left at its default
+``val_loss`` means ``val_dice_mean``, maximised; any other ``val_<metric>`` of
+:func:`volume_dice` may be named).
+
+Data (:class:`CardiacViews`): ACDC / M&Ms layout (``data.dataset: acdc`` with ``data.root``
+holding ``<split>/patientNNN/``; M&Ms converted to it, :mod:`kdhpc.data.acdc`), or the default
+cardiac set (``default_cardiac``). ED and ES frames; every short-axis slice is centre cropped or
+zero padded to ``S x S`` with ``S = data.crop`` (square; 192 for the published setting), then
+z-scored (:func:`kdhpc.segment.prepare_slice`, which ``python -m kdhpc.segment`` applies too).
+
+Views (enumerable augmentation, identical for teacher and student): sample i has
+``degrade.views_per_sample`` views; view v has the key (:func:`view_params`)
+``(dihedral id, rotation in millidegrees, shift y, shift x in pixels, gamma x 1000)``: the
+dihedral id and a seed come from :func:`kdhpc.data.degrade.view_key` of (slice name, v), and
+the seed draws the rotation (uniform, +-:data:`MAX_ROTATION_DEG`), the translation (integers,
++-:data:`MAX_SHIFT_FRACTION` of S) and the gamma (log-uniform in :data:`GAMMA_RANGE`); view 0
+is the identity. A view is made from the raw cropped slice: rotation + translation (bilinear for
+the image, nearest for the labels, zero = air outside), the dihedral flip/rotation, gamma on the
+min-max rescaled image (nnU-Net's contrast augmentation), z-score; then, for training with
+``data.patch_size > 0``, the central ``patch_size`` square of the view (the translation moves
+the patch over the slice). The key travels in each batch (``view_key``) and the teacher cache
+stores it, so a cached logit always belongs to the student's exact input.
+
+Optimiser: whatever ``optim`` / ``schedule`` say, for teacher and students alike. The CPU
+default uses Adam (lr 1e-3, poly decay): nnU-Net's SGD (lr 1e-2, momentum 0.99 Nesterov, wd
+3e-5, poly 0.9; ``configs/seg_published.yaml``) is tuned for 1000 epochs x 250 iterations and
+trains far less in the few hundred steps a 10-minute CPU budget allows.
+
+Config fields this recipe would like (hard-wired meanwhile): ``degrade.max_rotation_deg``
+(float, 15), ``degrade.max_shift_fraction`` (float, 0.08), ``degrade.gamma_range`` (list of
+float, [0.7, 1.5]), ``model.student_expansion`` (float, 8: the registry's default is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
+from kdhpc.data.acdc import ACDCSliceDataset, LABELS
+from kdhpc.data.degrade import dihedral, view_key
+from kdhpc.data.fastmri import atomic_output
+from kdhpc.distill import _barrier, _rank
+from kdhpc.losses import segmentation_kd_loss
+from kdhpc.metrics import dice, dice_counts, paired_test, summarize
+from kdhpc.models import build_model, count_parameters, segment as full_resolution_logits
+from kdhpc.segment import EXPORT_FOLDER, ONNX_FILE, TORCHSCRIPT_FILE, normalize_slice
+
+NUM_CLASSES = len(LABELS)
+CLASSES = {1: "RV", 2: "myo", 3: "LV"}
+"""Foreground classes (ACDC numbering) and their short names in metric keys."""
+
+MAX_ROTATION_DEG = 15.0
+MAX_SHIFT_FRACTION = 0.08
+GAMMA_RANGE = (0.7, 1.5)
+"""Augmentation ranges of the non-identity views (wanted as degrade.* config fields)."""
+
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+"""Mirrorings of the teacher's flip test-time augmentation (nnU-Net's 2-D mirror axes)."""
+
+PARITY_TOLERANCE = 1e-3
+"""Largest |logit difference| between an exported model and the eager one that passes."""
+
+MODEL_LABELS = {"teacher_tta": "teacher (flip TTA)", "teacher": "teacher (no TTA)",
+                "student_nokd": "student no-KD", "student_kd": "student KD"}
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration helpers
+
+def image_size(cfg: Config) -> int:
+    """The network's square input size S (``data.crop``)."""
+    height, width = cfg.data.crop
+    if height != width:
+        raise ConfigError(f"data.crop: the segmentation recipe expected a square S x S crop "
+                          f"(192 x 192 published), found {cfg.data.crop}")
+    return height
+
+
+def patch_size(cfg: Config) -> int:
+    """Training patch size (``data.patch_size``; 0 = the whole S x S view), checked."""
+    size, patch = image_size(cfg), cfg.data.patch_size
+    if patch > size:
+        raise ConfigError(f"data.patch_size: expected at most data.crop = {size} (or 0), found "
+                          f"{patch}")
+    return patch
+
+
+def split_folder(cfg: Config, root: Path, split: str) -> Path:
+    """``<root>/<split>``, checked."""
+    folder = root / split
+    if not folder.is_dir():
+        raise ConfigError(f"data.root: expected a folder {folder} for split {split!r} (ACDC "
+                          f"layout <root>/<split>/patientNNN/), found none")
+    return folder
+
+
+def slice_dataset(cfg: Config, root: Path, split: str) -> ACDCSliceDataset:
+    """Raw (un-normalised) S x S slices of the ED and ES frames of one split."""
+    if cfg.data.dataset not in ("acdc", "default_cardiac"):
+        raise ConfigError(f"data.dataset: the segmentation recipe expected 'acdc' or "
+                          f"'default_cardiac', found {cfg.data.dataset!r}")
+    return ACDCSliceDataset(split_folder(cfg, root, split), size=image_size(cfg),
+                            frames="ED+ES", normalize=False, max_volumes=cfg.data.max_volumes)
+
+
+def selection_config(cfg: Config) -> Config:
+    """``cfg`` with model selection on validation mean Dice unless another metric was named."""
+    if cfg.train.best_metric != "val_loss":
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, best_metric="val_dice_mean", best_mode="max"))
+
+
+# ---------------------------------------------------------------------------------------------
+# views
+
+class ViewParams(NamedTuple):
+    """One augmentation view: the integers are its key (stored beside cached teacher logits)."""
+
+    dihedral: int
+    rotation_mdeg: int
+    shift_y: int
+    shift_x: int
+    gamma_milli: int
+
+
+IDENTITY = ViewParams(0, 0, 0, 0, 1000)
+
+
+def view_params(sample_name: str, view: int, degrade: DegradeConfig, size: int) -> ViewParams:
+    """The parameters of view ``view`` of the sample named ``sample_name`` (module docstring)."""
+    key = view_key(sample_name, view, degrade)  # checks 0 <= view < views_per_sample
+    if view == 0:
+        return IDENTITY
+    rng = np.random.default_rng(key.noise_seed)
+    max_mdeg = int(round(MAX_ROTATION_DEG * 1000))
+    max_shift = int(math.floor(MAX_SHIFT_FRACTION * size))
+    low, high = (math.log(g) for g in GAMMA_RANGE)
+    return ViewParams(dihedral=key.dihedral,
+                      rotation_mdeg=int(rng.integers(-max_mdeg, max_mdeg + 1)),
+                      shift_y=int(rng.integers(-max_shift, max_shift + 1)),
+                      shift_x=int(rng.integers(-max_shift, max_shift + 1)),
+                      gamma_milli=int(round(1000 * math.exp(rng.uniform(low, high)))))
+
+
+def rigid_warp(image: torch.Tensor, label: torch.Tensor, rotation_deg: float, shift_y: float,
+               shift_x: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate about the centre by ``rotation_deg`` and shift by (``shift_y``, ``shift_x``) pixels.
+
+    ``image`` [H, W] float (bilinear), ``label`` [H, W] int64 (nearest); zeros enter from
+    outside. Output pixel p takes the input at ``R^-1 (p - c - t) + c`` (c the centre, t the
+    shift), in grid_sample's normalised coordinates (align_corners=False, square images).
+    """
+    height, width = image.shape
+    angle = math.radians(rotation_deg)
+    cos, sin = math.cos(angle), math.sin(angle)
+    inverse = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
+    shift = torch.tensor([2.0 * shift_x / width, 2.0 * shift_y / height], dtype=torch.float64)
+    theta = torch.cat([inverse, -(inverse @ shift)[:, None]], dim=1)[None].float()  # [1, 2, 3]
+    grid = F.affine_grid(theta, [1, 1, height, width], align_corners=False)  # [1, H, W, 2]
+    warped = F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0, 0]
+    labels = F.grid_sample(label[None, None].float(), grid, mode="nearest",
+                           padding_mode="zeros", align_corners=False)[0, 0]
+    return warped, labels.round().long()
+
+
+def gamma_contrast(image: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma`` with the slice's min and max."""
+    lo, hi = image.min(), image.max()
+    span = hi - lo
+    if span <= 0:
+        return image
+    return lo + span * ((image - lo) / span).clamp(0, 1) ** gamma
+
+
+def make_view(image: np.ndarray, label: np.ndarray, params: ViewParams,
+              patch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z-scored image [P, P] float32, labels [P, P] int64) of a raw S x S slice's view."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))   # [S, S]
+    y = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))     # [S, S]
+    if params.rotation_mdeg or params.shift_y or params.shift_x:
+        x, y = rigid_warp(x, y, params.rotation_mdeg / 1000.0, params.shift_y, params.shift_x)
+    if params.dihedral:
+        x, y = dihedral(x, params.dihedral), dihedral(y, params.dihedral)
+    if params.gamma_milli != 1000:
+        x = gamma_contrast(x, params.gamma_milli / 1000.0)
+    x = torch.from_numpy(normalize_slice(x.contiguous().numpy()))
+    y = y.contiguous()
+    if patch and patch < x.shape[-1]:
+        start = (x.shape[-1] - patch) // 2
+        window = (slice(start, start + patch), slice(start, start + patch))
+        x, y = x[window].contiguous(), y[window].contiguous()
+    return x, y
+
+
+class CardiacViews:
+    """Dataset of views (:mod:`kdhpc.train`) over the slices of one split.
+
+    ``get_view(i, v)`` -> ``image`` float32 [1, P, P], ``label`` int64 [P, P] and ``view_key``
+    int64 [5] (:class:`ViewParams`); ``num_views`` = ``degrade.views_per_sample`` when
+    ``augment``, else 1 (evaluation reads view 0 only).
+    """
+
+    def __init__(self, slices: ACDCSliceDataset, degrade: DegradeConfig, size: int,
+                 patch: int = 0, augment: bool = True):
+        self.slices, self.degrade, self.size, self.patch = slices, degrade, size, patch
+        self.num_views = degrade.views_per_sample if augment else 1
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def volume_of(self, index: int) -> str:
+        return self.slices.volumes[self.slices._index[index][0]][0]
+
+    def sample_name(self, index: int) -> str:
+        volume, s = self.slices._index[index]
+        return f"{self.slices.volumes[volume][0]}:{s}"
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        if view not in range(self.num_views):
+            raise ValueError(f"view: expected 0..{self.num_views - 1}, found {view}")
+        return list(view_params(self.sample_name(index), view, self.degrade, self.size))
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        params = ViewParams(*self.view_key(index, view))
+        item = self.slices[index]
+        image, label = make_view(item["image"][0].numpy(), item["label"].numpy(), params,
+                                 self.patch)
+        return {"image": image[None], "label": label,
+                "view_key": torch.tensor(list(params), dtype=torch.int64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# networks, loss, metrics
+
+def load_network(arch: str, weights: str | os.PathLike) -> nn.Module:
+    """``build_model(arch)`` with the state dict at ``weights`` (eval mode)."""
+    from kdhpc.train import load_weights
+
+    model = build_model(arch)
+    try:
+        model.load_state_dict(load_weights(weights))
+    except RuntimeError as err:
+        raise ConfigError(f"{weights}: expected {arch} weights: {err}") from None
+    return model.eval()
+
+
+def extract_logits(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Teacher targets: ``logits_i`` [B, K, P / 2^i, P / 2^i] for every deep-supervision level."""
+    return {f"logits_{i}": logits for i, logits in enumerate(model(batch["image"]))}
+
+
+def teacher_levels(targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The ``logits_i`` of a teacher source's targets, in level order."""
+    return [targets[f"logits_{i}"] for i in range(len(targets))]
+
+
+def make_loss(cfg: Config, weight: float) -> Callable:
+    """Engine loss: Cui et al.'s loss with KD weight ``weight`` (0: Dice + CE only)."""
+    loss = cfg.loss
+
+    def loss_fn(model, batch: dict, targets: dict | None) -> dict[str, torch.Tensor]:
+        teacher = teacher_levels(targets) if targets is not None and weight > 0 else None
+        return segmentation_kd_loss(model(batch["image"]), batch["label"], teacher, weight,
+                                    loss.temperature, loss.ds_weights, loss.kl_t2_scaling)
+
+    return loss_fn
+
+
+def slice_counts(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Engine ``eval_fn``: per-slice ``inter_k``, ``pred_k``, ``gt_k`` of every foreground class
+    (:func:`kdhpc.metrics.dice_counts` of the argmax of the full-resolution logits)."""
+    pred = full_resolution_logits(model, batch["image"]).argmax(1).cpu().numpy()  # [B, H, W]
+    labels = batch["label"].cpu().numpy()
+    counts = np.array([dice_counts(p, g, NUM_CLASSES) for p, g in zip(pred, labels)])  # [B,3,K]
+    out = {}
+    for k, name in CLASSES.items():
+        for j, part in enumerate(("inter", "pred", "gt")):
+            out[f"{part}_{name}"] = torch.from_numpy(counts[:, j, k].astype(np.float64))
+    return out
+
+
+def volume_dice(sums: dict[str, float]) -> dict[str, float]:
+    """Engine ``volume_metrics``: ``dice_<class>`` = 2 I / (P + G) (1 when both are empty) of
+    the volume's summed counts, and ``dice_mean`` over the three classes."""
+    out = {}
+    for name in CLASSES.values():
+        total = sums[f"pred_{name}"] + sums[f"gt_{name}"]
+        out[f"dice_{name}"] = 2.0 * sums[f"inter_{name}"] / total if total > 0 else 1.0
+    out["dice_mean"] = float(np.mean([out[f"dice_{n}"] for n in CLASSES.values()]))
+    return out
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax of the full-resolution logits [B, K, H, W]; with ``tta`` averaged over
+    :data:`TTA_FLIPS` (each prediction flipped back before averaging)."""
+    if not tta:
+        return full_resolution_logits(model, x).softmax(1)
+    total = None
+    for dims in TTA_FLIPS:
+        xf = torch.flip(x, dims) if dims else x
+        probs = full_resolution_logits(model, xf).softmax(1)
+        probs = torch.flip(probs, dims) if dims else probs
+        total = probs if total is None else total + probs
+    return total / len(TTA_FLIPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank (stage results must agree across ranks)."""
+    result = fn() if _rank() == 0 else None
+    if _world() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def _gather(rows: list) -> list:
+    """Every rank's ``rows``, concatenated in rank order."""
+    if _world() == 1:
+        return rows
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+class Recipe:
+    """The run's datasets and stage bodies."""
+
+    def __init__(self, cfg: Config, root: Path):
+        self.cfg, self.root = cfg, Path(root)
+        self.size, self.patch = image_size(cfg), patch_size(cfg)
+        self._slices: dict[str, ACDCSliceDataset] = {}
+
+    def slices(self, split: str) -> ACDCSliceDataset:
+        if split not in self._slices:
+            name = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split,
+                    "test": self.cfg.data.test_split}[split]
+            self._slices[split] = slice_dataset(self.cfg, self.root, name)
+        return self._slices[split]
+
+    def views(self, split: str) -> CardiacViews:
+        """Training views (augmented, patches) or view 0 of whole slices (val, test)."""
+        train = split == "train"
+        return CardiacViews(self.slices(split), self.cfg.degrade, self.size,
+                            self.patch if train else 0, augment=train)
+
+    def train_network(self, stage_dir: Path, arch: str, weight: float, teacher=None) -> dict:
+        from kdhpc.train import seed_everything, train
+
+        seed_everything(self.cfg.train.seed)  # the no-KD and KD students start from one init
+        model = build_model(arch)
+        result = train(selection_config(self.cfg), model, make_loss(self.cfg, weight),
+                       self.views("train"), val_set=self.views("val"), teacher=teacher,
+                       eval_fn=slice_counts, volume_metrics=volume_dice, run_dir=stage_dir)
+        return {"arch": arch, "weights": str(result.best_weights), "trained": True,
+                "kd_weight": weight, "steps": result.steps, "best_metric": result.best_metric,
+                "best_value": result.best_value, "best_step": result.best_step,
+                "resumed_from": result.resumed_from}
+
+    def teacher_stage(self, stage_dir: Path) -> dict:
+        cfg = self.cfg
+        if cfg.model.teacher_checkpoint:
+            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
+            return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
+                    "trained": False}
+        return self.train_network(stage_dir, cfg.model.teacher, 0.0)
+
+    def cache_stage(self, teacher: nn.Module, cache_dir: Path, data_config: dict) -> dict:
+        from kdhpc.teacher import fill_cache, teacher_fingerprint
+
+        sha = teacher_fingerprint(teacher)
+        if self.cfg.teacher.mode == "stream":
+            return {"mode": "stream", "teacher_sha256": sha}
+        views = self.views("train")
+        start = time.perf_counter()
+        # A cache in this run's folder is this stage's product: a rerun means it is stale.
+        owned = not self.cfg.teacher.cache_dir
+        fill_cache(cache_dir, teacher, extract_logits, views, data_config=data_config,
+                   dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
+                   batch_size=self.cfg.eval.batch_size, bf16=self.cfg.teacher.stream_bf16,
+                   force=owned)
+        size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5"))
+        return _from_rank0(lambda: {
+            "mode": "precompute", "cache_dir": str(cache_dir), "teacher_sha256": sha,
+            "records": len(views) * views.num_views, "bytes": size,
+            "seconds": time.perf_counter() - start})
+
+
+def teacher_weights(cfg: Config) -> str:
+    """``model.teacher_checkpoint``, else the weights of this run's finished teacher stage."""
+    if cfg.model.teacher_checkpoint:
+        return cfg.model.teacher_checkpoint
+    record = Path(cfg.run_dir) / "teacher" / "stage.json"
+    if not record.is_file():
+        raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
+                          f"finished teacher stage ({record}), found neither; run python -m "
+                          f"kdhpc.distill CONFIG first")
+    return json.loads(record.read_text())["result"]["weights"]
+
+
+def teacher_cache_parts(cfg: Config):
+    """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
+    from kdhpc.data.default import dataset_root
+
+    teacher = load_network(cfg.model.teacher, teacher_weights(cfg))
+    return teacher, extract_logits, Recipe(cfg, dataset_root(cfg)).views("train")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def evaluate_models(views: CardiacViews, models: dict[str, tuple[nn.Module, bool]],
+                    batch_size: int, predictions_file: Path) -> list[dict]:
+    """Per-volume Dice of each model on this rank's volumes of ``views`` (view 0).
+
+    ``models`` maps a key to ``(network, tta)``. Rows: ``{"volume", "model", "slices",
+    "dice_RV", "dice_myo", "dice_LV", "dice_mean"}``. The predicted labels go to
+    ``predictions_file`` (npz, ``<model>/<volume>`` -> uint8 [S, H, W], slices in order).
+    """
+    indices = views.slices.rank_indices(_rank(), _world())
+    by_volume: dict[str, list[int]] = {}
+    for i in indices:
+        by_volume.setdefault(views.volume_of(i), []).append(i)
+    rows, saved = [], {}
+    for volume, items in by_volume.items():
+        batches = [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
+        loaded = [[views.get_view(i, 0) for i in b] for b in batches]
+        gt = np.concatenate([np.stack([v["label"].numpy() for v in b]) for b in loaded])
+        for key, (model, tta) in models.items():
+            model.eval()
+            preds = []
+            with torch.inference_mode():
+                for b in loaded:
+                    x = torch.stack([v["image"] for v in b])  # [b, 1, S, S]
+                    preds.append(predict_probs(model, x, tta).argmax(1).to(torch.uint8).numpy())
+            pred = np.concatenate(preds)                      # [S_vol, S, S]
+            scores = dice(pred, gt, NUM_CLASSES)
+            row = {"volume": volume, "model": key, "slices": len(items),
+                   **{f"dice_{name}": float(scores[k]) for k, name in CLASSES.items()}}
+            row["dice_mean"] = float(np.mean([row[f"dice_{n}"] for n in CLASSES.values()]))
+            rows.append(row)
+            saved[f"{key}/{volume}"] = pred
+    with atomic_output(predictions_file) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **saved)
+    return rows
+
+
+def per_model(rows: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
+    """``{model: {metric: per-volume values}}`` with volumes in one (sorted) order."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in sorted(rows, key=lambda r: (r["model"], r["volume"])):
+        metrics = out.setdefault(row["model"], {})
+        for key, value in row.items():
+            if key.startswith("dice_"):
+                metrics.setdefault(key, []).append(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# speed and export
+
+def images_per_second(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) -> dict:
+    """Median wall-clock images/s of ``model(x)`` (batch 1) with ``threads`` intra-op threads,
+    and for one thread also the rate from the calling thread's CPU time."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model.eval()
+    walls, cpus = [], []
+    try:
+        with torch.inference_mode():
+            for _ in range(max(1, min(3, repeats // 2))):  # warm-up
+                model(x)
+            for _ in range(repeats):
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                wall, cpu = time.perf_counter(), time.thread_time()
+                model(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.thread_time() - cpu)
+    finally:
+        torch.set_num_threads(previous)
+    row = {"ms": 1e3 * float(np.median(walls)), "images_per_s": 1.0 / float(np.median(walls))}
+    if threads == 1 and not x.is_cuda:
+        row["cpu_images_per_s"] = 1.0 / max(float(np.median(cpus)), 1e-9)
+    return row
+
+
+def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict]:
+    """images/s of each network at batch 1: one CPU thread, all CPU threads, the GPU if any."""
+    settings = [("cpu", 1), ("cpu", os.cpu_count() or 1)]
+    if torch.cuda.is_available():
+        settings.append(("cuda", 0))
+    rows = []
+    for device, threads in settings:
+        for name, net in nets.items():
+            net = net.to(device)
+            row = images_per_second(net, x.to(device), max(threads, 1), repeats)
+            rows.append({"model": name, "device": device,
+                         "threads": threads if device == "cpu" else "-",
+                         "params": count_parameters(net), **row})
+            net.to("cpu")
+    return rows
+
+
+class FullResolution(nn.Module):
+    """Deployment wrapper: ``x`` [B, 1, S, S] -> full-resolution logits [B, K, S, S] only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict:
+    """Max |logit difference| and the fraction of pixels with the same argmax label."""
+    return {"max_abs_diff": float((reference - exported).abs().max()),
+            "label_agreement": float((reference.argmax(1) == exported.argmax(1)).float().mean())}
+
+
+def export_student(model: nn.Module, inputs: torch.Tensor, out_dir: Path,
+                   log: Callable[[str], None] = print) -> dict:
+    """TorchScript (always) and ONNX (when ``onnx`` imports) of ``model``'s full-resolution
+    logits, each reloaded and compared with the eager model on ``inputs`` [N, 1, S, S]."""
+    wrapper = FullResolution(model).eval()
+    with torch.inference_mode():
+        reference = wrapper(inputs)                              # [N, K, S, S]
+    result: dict[str, Any] = {}
+    scripted_path = out_dir / TORCHSCRIPT_FILE
+    with torch.no_grad(), warnings.catch_warnings():
+        # The models' input checks read shapes in Python; tracing drops them (the graph
+        # itself is size-agnostic), which is what the TracerWarning is about.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapper, inputs[:1], check_trace=False)
+    with atomic_output(scripted_path) as tmp:
+        torch.jit.save(traced, str(tmp))
+    loaded = torch.jit.load(str(scripted_path)).eval()
+    with torch.inference_mode():
+        check = parity(reference, loaded(inputs))
+    result["torchscript"] = {"file": str(scripted_path), **check}
+    try:
+        import onnx  # noqa: F401  (optional; absent on the CPU default machine)
+    except ImportError as err:
+        reason = f"onnx is not installed ({err}); TorchScript only"
+        log(f"export: ONNX skipped: {reason}")
+        result["onnx"] = {"skipped": reason}
+    else:
+        result["onnx"] = export_onnx(wrapper, inputs, reference, out_dir / ONNX_FILE, log)
+    for kind, check in result.items():
+        if "max_abs_diff" in check and not check["max_abs_diff"] <= PARITY_TOLERANCE:
+            raise RuntimeError(f"export: {kind} output differs from the eager model by "
+                               f"{check['max_abs_diff']:.3g} > {PARITY_TOLERANCE} "
+                               f"({check.get('file')})")
+    return result
+
+
+def export_onnx(wrapper: nn.Module, inputs: torch.Tensor, reference: torch.Tensor,
+                path: Path, log: Callable[[str], None]) -> dict:
+    """ONNX export with a dynamic batch; parity through onnxruntime when it imports."""
+    import onnx
+
+    with atomic_output(path) as tmp:
+        torch.onnx.export(wrapper, (inputs[:1],), str(tmp), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"},
+                                                                 "logits": {0: "batch"}})
+    onnx.checker.check_model(onnx.load(str(path)))
+    try:
+        import onnxruntime
+    except ImportError as err:
+        reason = f"onnxruntime is not installed ({err}); model checked, outputs not compared"
+        log(f"export: ONNX parity skipped: {reason}")
+        return {"file": str(path), "parity": reason}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(["logits"], {"image": inputs.numpy()})
+    return {"file": str(path), **parity(reference, torch.from_numpy(output))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+def _sub(cfg: Config, *names: str) -> dict:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
+
+
+def run(cfg: Config, stages) -> dict:
+    """All stages of the recipe (module docstring); returns the report's summary."""
+    from kdhpc.data.default import dataset_root
+    from kdhpc.teacher import cache_config, default_cache_dir, teacher_source
+
+    image_size(cfg)
+    patch_size(cfg)
+    run_start = time.perf_counter()
+
+    def data_stage(stage_dir: Path) -> dict:
+        if _rank() == 0:
+            dataset_root(cfg)  # generates the default set once; other ranks wait and reuse it
+        _barrier()
+        root = dataset_root(cfg)
+        recipe = Recipe(cfg, root)
+        counts = {}
+        for split in ("train", "val", "test"):
+            slices = recipe.slices(split)
+            counts[f"{split}_volumes"], counts[f"{split}_slices"] = len(slices.volumes), len(slices)
+        if counts["test_volumes"] < 2:
+            raise ConfigError(f"data.test_split: the paired KD vs no-KD test needs at least 2 "
+                              f"test volumes, found {counts['test_volumes']}")
+        return {"root": str(root), **counts}
+
+    data = stages.run("data", _sub(cfg, "data", "default_data"), data_stage)
+    recipe = Recipe(cfg, Path(data["root"]))
+    loss_deps = {"ds_weights": cfg.loss.ds_weights}
+    train_deps = {**_sub(cfg, "degrade", "optim", "schedule", "train"), "data": data,
+                  "loss": loss_deps}
+
+    teacher_res = stages.run("teacher", {**train_deps, "arch": cfg.model.teacher,
+                                         "checkpoint": cfg.model.teacher_checkpoint},
+                             recipe.teacher_stage)
+    teacher = load_network(teacher_res["arch"], teacher_res["weights"])
+
+    data_config = cache_config(cfg)
+    cache_dir = default_cache_dir(cfg)
+    cache_res = stages.run("teacher_cache", {"teacher": teacher_res, "data_config": data_config,
+                                             **_sub(cfg, "teacher")},
+                           lambda d: recipe.cache_stage(teacher, cache_dir, data_config))
+
+    student_deps = {**train_deps, "arch": cfg.model.student}
+    nokd = stages.run("student_nokd", student_deps,
+                      lambda d: recipe.train_network(d, cfg.model.student, 0.0))
+    kd_loss = {**loss_deps, "alpha": cfg.loss.alpha, "temperature": cfg.loss.temperature,
+               "kl_t2_scaling": cfg.loss.kl_t2_scaling}
+    kd = stages.run("student_kd", {**student_deps, "loss": kd_loss, "cache": cache_res},
+                    lambda d: recipe.train_network(
+                        d, cfg.model.student, cfg.loss.alpha,
+                        teacher_source(cfg, teacher, extract_logits)))
+    students = {"student_nokd": nokd, "student_kd": kd}
+
+    def evaluate_stage(stage_dir: Path) -> dict:
+        nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
+                **{k: (load_network(r["arch"], r["weights"]), False) for k, r in students.items()}}
+        if not cfg.eval.tta_flip:
+            del nets["teacher_tta"]
+        rows = evaluate_models(recipe.views("test"), nets, cfg.eval.batch_size,
+                               stage_dir / f"predictions-rank{_rank():05d}.npz")
+        rows = _gather(rows)
+        if _rank() == 0:
+            write_atomic(stage_dir / "volumes.json", json.dumps(rows, indent=1))
+        _barrier()
+        return {"volumes_file": str(stage_dir / "volumes.json"), "rows": len(rows),
+                "world_size": _world()}
+
+    evaluation = stages.run("evaluate", {"teacher": teacher_res, "students": students,
+                                         "data": data, "tta_flip": cfg.eval.tta_flip,
+                                         "size": recipe.size}, evaluate_stage)
+
+    def speed_stage(stage_dir: Path) -> dict:
+        def measure() -> dict:
+            views = recipe.views("test")
+            x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
+            student = load_network(kd["arch"], kd["weights"])
+            rows = speed_rows({"teacher": teacher, "student": student}, x,
+                              cfg.eval.latency_repeats)
+            return {"rows": rows, "size": recipe.size}
+
+        return _from_rank0(measure)
+
+    speed = stages.run("speed", {"teacher": cfg.model.teacher, "student": cfg.model.student,
+                                 "repeats": cfg.eval.latency_repeats, "size": recipe.size,
+                                 "data": data}, speed_stage)
+
+    def export_stage(stage_dir: Path) -> dict:
+        def export() -> dict:
+            views = recipe.views("test")
+            count = min(4, len(views))
+            inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(count)])
+            return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
+                                  stages.log)
+
+        return _from_rank0(export)
+
+    exported = stages.run(EXPORT_FOLDER, {"student": kd}, export_stage)
+
+    def report_stage(stage_dir: Path) -> dict:
+        return _from_rank0(lambda: write_segmentation_report(
+            cfg, Path(cfg.run_dir), recipe,
+            json.loads(Path(evaluation["volumes_file"]).read_text()), speed, exported,
+            {"data": data, "teacher": teacher_res, "cache": cache_res, **students},
+            time.perf_counter() - run_start))
+
+    return stages.run("report", {"evaluation": evaluation, "speed": speed, "export": exported,
+                                 "teacher": teacher_res, "students": students,
+                                 "cache": cache_res, "loss": kd_loss}, report_stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+STAGE_NAMES = ("data", "teacher", "teacher_cache", "student_nokd", "student_kd", "evaluate",
+               "speed", EXPORT_FOLDER)
+DICE_KEYS = tuple(f"dice_{name}" for name in CLASSES.values()) + ("dice_mean",)
+GAP_GOAL = 0.01
+"""Goal of the issue: teacher mean Dice - KD student mean Dice <= this."""
+
+
+def read_predictions(evaluate_dir: Path) -> dict[str, np.ndarray]:
+    """Every rank's saved predictions, ``<model>/<volume>`` -> uint8 [S, H, W]."""
+    out: dict[str, np.ndarray] = {}
+    for path in sorted(evaluate_dir.glob("predictions-rank*.npz")):
+        with np.load(path) as data:
+            out.update({key: data[key] for key in data.files})
+    return out
+
+
+def panel_slice(views: CardiacViews, volume: str) -> tuple[int, int]:
+    """(dataset index, position within the volume) of ``volume``'s middle slice."""
+    items = [i for i in range(len(views)) if views.volume_of(i) == volume]
+    middle = len(items) // 2
+    return items[middle], middle
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds each finished stage took (from its record; earlier invocations included)."""
+    out = {}
+    for name in STAGE_NAMES:
+        record = run_dir / name / "stage.json"
+        if record.is_file():
+            out[name] = float(json.loads(record.read_text()).get("seconds", math.nan))
+    return out
+
+
+def _fmt_pm(values: Sequence[float]) -> str:
+    stats = summarize(values)
+    return (f"{stats['mean']:.4f} +- {stats['std']:.4f}" if stats["n"] > 1
+            else f"{stats['mean']:.4f}")
+
+
+def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: list[dict],
+                              speed: dict, exported: dict, results: dict,
+                              elapsed: float) -> dict:
+    """``report.md``, ``metrics.json`` and ``panel.png`` in ``run_dir``; returns the summary."""
+    from kdhpc.report import save_panel, table, write_report
+
+    values = per_model(rows)
+    volumes = sorted({r["volume"] for r in rows})
+    reference = "teacher_tta" if "teacher_tta" in values else "teacher"
+    means = {m: float(np.mean(values[m]["dice_mean"])) for m in values}
+    dice_rows = [{"model": MODEL_LABELS[m], **{k: _fmt_pm(values[m][k]) for k in DICE_KEYS}}
+                 for m in MODEL_LABELS if m in values]
+    tests = {}
+    for a, b in (("student_kd", "student_nokd"), (reference, "student_kd")):
+        for key in DICE_KEYS:
+            tests[f"{a} vs {b}: {key}"] = paired_test(values[a][key], values[b][key])
+    test_rows = [{"comparison": name.split(":")[0], "metric": name.split(": ")[1],
+                  "mean diff": f"{t['mean_difference']:+.4f}", "t": f"{t['statistic']:.3g}",
+                  "p": f"{t['p_value']:.3g}", "n": t["n"]} for name, t in tests.items()]
+    kd_vs_nokd = tests["student_kd vs student_nokd: dice_mean"]
+    gap = means[reference] - means["student_kd"]
+    goals = {"kd_ge_nokd": means["student_kd"] >= means["student_nokd"],
+             "gap_to_teacher": gap, "gap_le_goal": gap <= GAP_GOAL}
+
+    speed_table = []
+    for row in speed["rows"]:
+        speed_table.append({"model": row["model"], "device": row["device"],
+                            "threads": row["threads"], "params": row["params"],
+                            "ms/image": f"{row['ms']:.1f}",
+                            "images/s": f"{row['images_per_s']:.1f}",
+                            "images/s (CPU time)": (f"{row['cpu_images_per_s']:.1f}"
+                                                    if "cpu_images_per_s" in row else "-")})
+    one_thread = {r["model"]: r for r in speed["rows"] if r["device"] == "cpu" and r["threads"] == 1}
+    speedup = one_thread["student"]["images_per_s"] / one_thread["teacher"]["images_per_s"]
+
+    # panel: middle slice of the first test volume
+    views = recipe.views("test")
+    predictions = read_predictions(run_dir / "evaluate")
+    index, position = panel_slice(views, volumes[0])
+    item = views.get_view(index, 0)
+    image = item["image"][0].numpy()
+    panel_models = [m for m in ("teacher_tta" if "teacher_tta" in values else "teacher",
+                                "student_nokd", "student_kd")]
+    overlays = [None, item["label"].numpy()] + [predictions[f"{m}/{volumes[0]}"][position]
+                                                for m in panel_models]
+    titles = ["image", "ground truth"] + [MODEL_LABELS[m] for m in panel_models]
+    panel = save_panel([image] * len(overlays), titles, run_dir / "panel.png",
+                       overlays=overlays)
+
+    seconds = stage_seconds(run_dir)
+    teacher_res, kd_res = results["teacher"], results["student_kd"]
+    setup = "\n".join([
+        f"- data: {cfg.data.dataset} at {results['data']['root']}; "
+        f"train {results['data']['train_volumes']} volumes / {results['data']['train_slices']} "
+        f"slices, val {results['data']['val_volumes']} / {results['data']['val_slices']}, test "
+        f"{results['data']['test_volumes']} / {results['data']['test_slices']} (ED + ES frames; "
+        f"one volume = one patient frame); slices {recipe.size} x {recipe.size}, training "
+        f"patches {recipe.patch or recipe.size}, {cfg.degrade.views_per_sample} views per slice",
+        f"- teacher: {teacher_res['arch']} "
+        f"({'trained here, ' + str(teacher_res['steps']) + ' steps' if teacher_res['trained'] else 'loaded from ' + teacher_res['weights']}); "
+        f"students: {kd_res['arch']}, {kd_res['steps']} steps each, same initial weights",
+        f"- loss: W = loss.alpha = {cfg.loss.alpha}, T = {cfg.loss.temperature}, T^2 scaling "
+        f"{cfg.loss.kl_t2_scaling}, deep-supervision weights "
+        f"{cfg.loss.ds_weights or 'nnU-Net 1/2^i, lowest 0'}; teacher targets: "
+        f"{results['cache']['mode']}",
+        f"- optimiser: {cfg.optim.name} lr {cfg.optim.lr} (wd {cfg.optim.weight_decay}), "
+        f"schedule {cfg.schedule.kind}, batch {cfg.train.batch_size}, epochs {cfg.train.epochs}"
+        f"{', max_steps ' + str(cfg.train.max_steps) if cfg.train.max_steps else ''}; "
+        f"selection on validation {selection_config(cfg).train.best_metric}",
+    ])
+    findings = "\n".join([
+        f"- KD student mean Dice {means['student_kd']:.4f} vs no-KD {means['student_nokd']:.4f} "
+        f"(KD - no-KD {kd_vs_nokd['mean_difference']:+.4f}, paired t-test p = "
+        f"{kd_vs_nokd['p_value']:.3g}, n = {kd_vs_nokd['n']} volumes): goal KD >= no-KD "
+        f"{'met' if goals['kd_ge_nokd'] else 'NOT met'}.",
+        f"- {MODEL_LABELS[reference]} mean Dice {means[reference]:.4f}; gap to the KD student "
+        f"{gap:+.4f}: goal <= {GAP_GOAL} {'met' if goals['gap_le_goal'] else 'NOT met'}.",
+        f"- student {one_thread['student']['images_per_s']:.1f} images/s on one CPU thread "
+        f"({'>=' if one_thread['student']['images_per_s'] >= 10 else '<'} 10, real time), "
+        f"{speedup:.1f}x the teacher's {one_thread['teacher']['images_per_s']:.1f} (same run).",
+    ])
+    export_lines = []
+    for kind, check in exported.items():
+        if kind == "digest":
+            continue
+        if "max_abs_diff" in check:
+            export_lines.append(f"- {kind}: `{check['file']}`, max |logit difference| "
+                                f"{check['max_abs_diff']:.2e}, label agreement "
+                                f"{100 * check['label_agreement']:.2f} %")
+        else:
+            export_lines.append(f"- {kind}: {check.get('skipped') or check.get('parity')}")
+    timing = [{"stage": name, "seconds": f"{s:.1f}"} for name, s in seconds.items()]
+    timing.append({"stage": "all stages (sum)", "seconds": f"{sum(seconds.values()):.1f}"})
+    sections = [
+        ("Setup", setup),
+        ("Findings", findings),
+        ("Dice on the test split (mean +- std over volumes)",
+         "Teacher with flip test-time augmentation; students without.\n\n" + table(dice_rows)),
+        ("Paired t-tests over test volumes", table(test_rows)),
+        (f"Speed at {recipe.size} x {recipe.size}, batch 1",
+         "Median wall time; the CPU-time column (one thread) is unaffected by other load on a "
+         "shared machine.\n\n" + table(speed_table)),
+        ("Export", "\n".join(export_lines)),
+        ("Panel", f"![panel]({panel.name}) test volume {volumes[0]}, slice {position}"),
+        ("Wall time", f"This invocation: {elapsed:.1f} s.\n\n" + table(timing)),
+    ]
+    metrics = {"dice": {m: {k: summarize(values[m][k]) for k in DICE_KEYS} for m in values},
+               "per_volume": rows, "paired_tests": tests, "goals": goals, "speed": speed["rows"],
+               "speedup_one_thread": speedup, "export": exported, "stage_seconds": seconds,
+               "invocation_seconds": elapsed}
+    path = write_report(run_dir, "Cardiac segmentation: nnU-Net-style teacher -> MobileNetV2 "
+                        "U-Net student", sections, metrics)
+    return {"report": str(path), "mean_dice": means, "kd_vs_nokd_p": kd_vs_nokd["p_value"],
+            "goals": goals, "speedup_one_thread": speedup}

@@ -1,0 +1,242 @@
+"""Segment a cine short-axis NIfTI with a distilled student: ``python -m kdhpc.segment``.
+
+Run::
+
+    python -m kdhpc.segment IMAGE.nii.gz --model RUN_DIR [--out OUT.nii.gz] [--eager]
+                            [--device cpu|cuda]
+
+``RUN_DIR`` is a finished segmentation run (``python -m kdhpc.distill configs/seg_default.yaml``).
+The model is the exported TorchScript KD student ``RUN_DIR/export/student_kd.torchscript.pt``
+when present (``--eager`` skips it), else the KD student's weights
+(``RUN_DIR/student_kd/best_model.pt``) in the architecture ``model.student`` of
+``RUN_DIR/config.yaml``. The output (default ``<IMAGE stem>_seg.nii.gz`` beside the image) holds
+uint8 labels (0 background, 1 RV, 2 myocardium, 3 LV; ACDC's numbering) with the image's shape,
+affine and header spacing; it is written under a temporary name and renamed when complete.
+
+Preprocessing is the training pipeline's view 0 (:func:`prepare_slice`), per short-axis slice:
+centre crop or zero pad the in-plane dims to ``S x S`` (``S`` = the run's ``data.crop``, 192 for
+the published setting; :func:`kdhpc.data.acdc.crop_or_pad`), then z-score the slice
+(:func:`normalize_slice`). Labels are predicted by the argmax of the full-resolution logits and
+put back on the original grid by the inverse crop/pad (:func:`fit_to`): pixels outside the
+``S x S`` window of a larger slice are labelled background. No resampling: images whose pixel
+spacing differs much from the training data's should be resampled first.
+
+Accepted images: 2-D ``(H, W)`` (one slice) or 3-D ``(H, W, S)`` (ACDC's layout, slices last).
+A 1-D or 4-D array (e.g. a whole cine ``(H, W, S, T)``: pass one frame) is refused with a message
+naming the file and its shape; so are non-finite values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from kdhpc.data.acdc import crop_or_pad
+from kdhpc.data.fastmri import atomic_output
+
+EXPORT_FOLDER = "export"
+TORCHSCRIPT_FILE = "student_kd.torchscript.pt"
+ONNX_FILE = "student_kd.onnx"
+STUDENT_STAGE = "student_kd"
+WEIGHT_FILES = ("best_model.pt", "final_model.pt")
+
+Segmenter = Callable[[torch.Tensor], torch.Tensor]
+"""``x`` [B, 1, S, S] normalised slices -> full-resolution logits [B, K, S, S]."""
+
+
+class SegmentError(ValueError):
+    """Input or model that cannot be used; the message names the file, expected and found."""
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing (shared with the training recipe, kdhpc.recipes.segmentation)
+
+def normalize_slice(image: np.ndarray) -> np.ndarray:
+    """z-score one slice: ``(x - mean) / std`` over all its pixels (std 0: mean removed only)."""
+    image = np.asarray(image, dtype=np.float32)
+    std = float(image.std())
+    return ((image - image.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def prepare_slice(image: np.ndarray, size: int) -> np.ndarray:
+    """Network input of a raw ``[H, W]`` slice: ``normalize_slice(crop_or_pad(image, size))``."""
+    return normalize_slice(crop_or_pad(np.asarray(image, dtype=np.float32), size))
+
+
+def fit_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre crop or zero pad the last two dims to ``height x width``.
+
+    The same offsets as :func:`kdhpc.data.acdc.crop_or_pad`, so ``fit_to(crop_or_pad(x, s), H,
+    W)`` puts every pixel of the ``s x s`` window back where it came from (and zeros elsewhere).
+    """
+    *lead, h, w = x.shape
+    out = np.zeros((*lead, height, width), dtype=x.dtype)
+    src, dst = [], []
+    for n, target in ((h, height), (w, width)):
+        if n >= target:
+            start = (n - target) // 2
+            src.append(slice(start, start + target))
+            dst.append(slice(0, target))
+        else:
+            start = (target - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[(..., *dst)] = x[(..., *src)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+def segment_volume(segmenter: Segmenter, volume: np.ndarray, size: int,
+                   batch_size: int = 8, device: torch.device | str = "cpu") -> np.ndarray:
+    """uint8 labels of ``volume`` (``[H, W]`` or ``[H, W, S]``), same shape, slice by slice."""
+    volume = np.asarray(volume)
+    slices = volume[..., None] if volume.ndim == 2 else volume   # [H, W, S]
+    height, width, n_slices = slices.shape
+    labels = np.zeros((n_slices, height, width), dtype=np.uint8)
+    for start in range(0, n_slices, batch_size):
+        stop = min(n_slices, start + batch_size)
+        batch = np.stack([prepare_slice(slices[:, :, s], size) for s in range(start, stop)])
+        x = torch.from_numpy(batch[:, None]).to(device)            # [b, 1, size, size]
+        with torch.inference_mode():
+            logits = segmenter(x)                                  # [b, K, size, size]
+        pred = logits.argmax(1).to(torch.uint8).cpu().numpy()      # [b, size, size]
+        labels[start:stop] = fit_to(pred, height, width)
+    out = np.moveaxis(labels, 0, -1)                               # [H, W, S]
+    return out[..., 0] if volume.ndim == 2 else out
+
+
+def read_image(path: str | Path) -> nib.Nifti1Image:
+    """Load a NIfTI image and check it is a finite 2-D or 3-D array."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegmentError(f"{path}: image file not found")
+    try:
+        image = nib.load(path)
+        shape = tuple(image.shape)
+    except Exception as err:  # nibabel raises several types for non-NIfTI or damaged files
+        raise SegmentError(f"{path}: cannot read as NIfTI: {err}") from None
+    if len(shape) not in (2, 3):
+        raise SegmentError(f"{path}: expected a 2-D (H, W) slice or a 3-D (H, W, S) stack of "
+                           f"short-axis slices, found a {len(shape)}-D image of shape {shape}"
+                           + ("; pass one frame of a cine series" if len(shape) == 4 else ""))
+    if min(shape) < 1:
+        raise SegmentError(f"{path}: expected a non-empty image, found shape {shape}")
+    return image
+
+
+def image_array(image: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """The image's float32 array, refusing NaN/Inf."""
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise SegmentError(f"{path}: expected finite intensities, found {bad} NaN/Inf voxels")
+    return data
+
+
+def write_labels(labels: np.ndarray, reference: nib.Nifti1Image, out: str | Path) -> Path:
+    """Write uint8 ``labels`` with ``reference``'s affine and header (spacing, orientation)."""
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header=header)
+    image.header.set_slope_inter(1.0, 0.0)
+    out = Path(out)
+    with atomic_output(out) as tmp:
+        nib.save(image, tmp)
+    return out
+
+
+def _student_weights(run_dir: Path) -> Path:
+    for name in WEIGHT_FILES:
+        path = run_dir / STUDENT_STAGE / name
+        if path.is_file():
+            return path
+    raise SegmentError(f"{run_dir}: expected a finished segmentation run with "
+                       f"{STUDENT_STAGE}/{WEIGHT_FILES[0]} or "
+                       f"{EXPORT_FOLDER}/{TORCHSCRIPT_FILE}, found neither")
+
+
+def load_segmenter(run_dir: str | Path, eager: bool = False,
+                   device: torch.device | str = "cpu") -> tuple[Segmenter, int, str]:
+    """(segmenter, input size S, description) of the KD student of the run in ``run_dir``."""
+    from kdhpc.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise SegmentError(f"{run_dir}: expected a run folder with config.yaml (made by python -m "
+                           f"kdhpc.distill), found none")
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as err:
+        raise SegmentError(str(err)) from None
+    if cfg.recipe != "segmentation":
+        raise SegmentError(f"{config_file}: recipe: expected 'segmentation', found {cfg.recipe!r}")
+    size = cfg.data.crop[0]
+    scripted = run_dir / EXPORT_FOLDER / TORCHSCRIPT_FILE
+    if scripted.is_file() and not eager:
+        try:
+            module = torch.jit.load(str(scripted), map_location=device).eval()
+        except Exception as err:  # torch raises several types for damaged archives
+            raise SegmentError(f"{scripted}: cannot load the TorchScript model: {err}") from None
+        return module, size, f"TorchScript {scripted}"
+    from kdhpc.models import build_model, segment
+    from kdhpc.train import load_weights
+
+    weights = _student_weights(run_dir)
+    model = build_model(cfg.model.student)
+    try:
+        model.load_state_dict(load_weights(weights))
+    except (RuntimeError, FileNotFoundError) as err:
+        raise SegmentError(f"{weights}: does not hold {cfg.model.student} weights: "
+                           f"{err}") from None
+    model.to(device).eval()
+    return (lambda x: segment(model, x)), size, f"{cfg.model.student} weights {weights}"
+
+
+def default_output(image: str | Path) -> Path:
+    """``<folder>/<stem>_seg.nii.gz`` for ``<folder>/<stem>.nii[.gz]``."""
+    image = Path(image)
+    name = image.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return image.with_name(f"{name}_seg.nii.gz")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdhpc.segment",
+                                     description="Label RV, myocardium and LV in a short-axis "
+                                                 "NIfTI with a distilled student.")
+    parser.add_argument("image", help="2-D (H, W) or 3-D (H, W, S) NIfTI image")
+    parser.add_argument("--model", required=True, help="segmentation run folder (RUN_DIR)")
+    parser.add_argument("--out", help="output label NIfTI (default: <image stem>_seg.nii.gz)")
+    parser.add_argument("--eager", action="store_true",
+                        help="use the student weights even when a TorchScript export exists")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    args = parser.parse_args(argv)
+    try:
+        image = read_image(args.image)
+        data = image_array(image, args.image)
+        segmenter, size, source = load_segmenter(args.model, args.eager, args.device)
+        labels = segment_volume(segmenter, data, size, device=args.device)
+        out = write_labels(labels, image, args.out or default_output(args.image))
+    except SegmentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = np.bincount(labels.ravel(), minlength=4)
+    print(f"{out}: labels {tuple(labels.shape)} from {source}; voxels RV {counts[1]}, "
+          f"myocardium {counts[2]}, LV {counts[3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

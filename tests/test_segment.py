@@ -1,0 +1,143 @@
+"""``python -m kdhpc.segment``: labels of a NIfTI from a run folder, on the image's grid and with
+its affine; bad images refused with the file and the shape. The run folder here is built from
+a real (untrained) student and a real TorchScript export, without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdhpc import segment as S
+from kdhpc.config import load_config, to_dict
+from kdhpc.data.acdc import crop_or_pad
+from kdhpc.models import build_model
+from kdhpc.recipes.segmentation import export_student
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """config.yaml, student_kd/best_model.pt and export/ of a randomly initialised student."""
+    folder = tmp_path_factory.mktemp("segrun")
+    cfg = load_config(REPO / "configs" / "seg_tiny.yaml", [f"run_dir={folder}"])
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(3)
+    student = build_model(cfg.model.student)
+    with torch.no_grad():  # nonzero BatchNorm statistics, so eval mode is not the identity
+        for module in student.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    (folder / "student_kd").mkdir()
+    torch.save(student.state_dict(), folder / "student_kd" / "best_model.pt")
+    (folder / "export").mkdir()
+    inputs = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    export_student(student.eval(), inputs, folder / "export", log=lambda msg: None)
+    return folder, student.eval()
+
+
+def write_image(path: Path, array: np.ndarray, zooms=(1.4, 1.3, 8.0)) -> nib.Nifti1Image:
+    affine = np.diag([*zooms[:array.ndim], 1.0]) if array.ndim == 3 else np.diag(
+        [zooms[0], zooms[1], 1.0, 1.0])
+    affine[:3, 3] = [-10.0, 20.0, 5.0]
+    image = nib.Nifti1Image(array.astype(np.float32), affine)
+    nib.save(image, path)
+    return image
+
+
+def expected_labels(student, volume: np.ndarray) -> np.ndarray:
+    """Independent path: crop/pad each slice, z-score in float64, argmax, paste back."""
+    height, width, n = volume.shape
+    out = np.zeros((height, width, n), np.uint8)
+    for s in range(n):
+        x = crop_or_pad(volume[:, :, s], SIZE).astype(np.float64)
+        x = ((x - x.mean()) / x.std()).astype(np.float32)
+        with torch.no_grad():
+            pred = student(torch.from_numpy(x)[None, None])[0].argmax(1)[0].numpy()
+        top, left = (SIZE - height) // 2, (width - SIZE) // 2   # height < SIZE, width > SIZE
+        out[:, left:left + SIZE, s] = pred[top:top + height, :]
+    return out
+
+
+def test_segment_writes_labels_on_the_image_grid_with_its_affine(run_dir, tmp_path, capsys):
+    folder, student = run_dir
+    rng = np.random.default_rng(0)
+    volume = rng.gamma(2.0, 50.0, (50, 80, 3))            # H < S (padded), W > S (cropped)
+    image = write_image(tmp_path / "case_frame01.nii.gz", volume)
+    assert S.main([str(tmp_path / "case_frame01.nii.gz"), "--model", str(folder)]) == 0
+    out = nib.load(tmp_path / "case_frame01_seg.nii.gz")
+    labels = np.asarray(out.dataobj)
+    assert labels.dtype == np.uint8 and labels.shape == volume.shape
+    np.testing.assert_allclose(out.affine, image.affine)
+    assert out.header.get_zooms() == pytest.approx(image.header.get_zooms())
+    want = expected_labels(student, volume.astype(np.float32))
+    assert (labels == want).mean() > 0.999
+    assert labels[:, :(80 - SIZE) // 2].max() == 0         # outside the window: background
+    assert "TorchScript" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    eager_out = tmp_path / "eager.nii.gz"
+    assert S.main([str(tmp_path / "case_frame01.nii.gz"), "--model", str(folder), "--eager",
+                   "--out", str(eager_out)]) == 0
+    assert (np.asarray(nib.load(eager_out).dataobj) == labels).mean() > 0.999
+
+
+def test_segment_accepts_a_single_2d_slice(run_dir, tmp_path):
+    folder, student = run_dir
+    rng = np.random.default_rng(1)
+    volume = rng.gamma(2.0, 50.0, (50, 80))
+    image = nib.Nifti1Image(volume.astype(np.float32), np.diag([1.5, 1.5, 1.0, 1.0]))
+    nib.save(image, tmp_path / "slice.nii")
+    out = tmp_path / "slice_labels.nii.gz"
+    assert S.main([str(tmp_path / "slice.nii"), "--model", str(folder), "--out", str(out)]) == 0
+    labels = np.asarray(nib.load(out).dataobj)
+    assert labels.shape == (50, 80)
+    want = expected_labels(student, volume.astype(np.float32)[..., None])[..., 0]
+    assert (labels == want).mean() > 0.999
+
+
+@pytest.mark.parametrize("shape", [(40,), (20, 30, 4, 5)])
+def test_segment_refuses_images_that_are_not_2d_or_3d(run_dir, tmp_path, capsys, shape):
+    folder, _ = run_dir
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), path)
+    assert S.main([str(path), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and str(shape) in err and "2-D" in err and "3-D" in err
+    assert not (tmp_path / "bad_seg.nii.gz").exists()
+
+
+def test_segment_refuses_non_finite_images_and_missing_runs(run_dir, tmp_path, capsys):
+    folder, _ = run_dir
+    volume = np.ones((30, 30, 2), np.float32)
+    volume[3, 4, 1] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    assert S.main([str(path), "--model", str(folder)]) == 2
+    assert "1 NaN/Inf" in capsys.readouterr().err
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((30, 30, 2), np.float32), np.eye(4)), good)
+    assert S.main([str(good), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "good_seg.nii.gz").exists()
+
+
+def test_fit_to_inverts_crop_or_pad_offsets():
+    rng = np.random.default_rng(2)
+    for height, width in ((50, 80), (64, 64), (71, 33), (90, 101)):
+        x = rng.integers(1, 9, (height, width))
+        window = crop_or_pad(x, SIZE)
+        back = S.fit_to(window, height, width)
+        # Pixels inside the window return to their place; the rest are zero.
+        inside = back != 0
+        assert np.array_equal(back[inside], x[inside])
+        assert inside.sum() == min(height, SIZE) * min(width, SIZE)
+        top, left = max(0, (height - SIZE) // 2), max(0, (width - SIZE) // 2)
+        assert back[top, left] == x[top, left]
