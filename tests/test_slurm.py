@@ -30,7 +30,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 OVERRIDES = ["train.threads=1"]
 # 3 epochs of 2 steps, a checkpoint after each, so that a signal sent after the teacher's first
 # checkpoint lands while it still trains.
-LONGER = [*OVERRIDES, "train.epochs=3", "train.max_steps=6"]
+LONGER = [*OVERRIDES, "train.epochs=3", "train.max_steps=6", "train.log_every=1"]
 
 
 def _cluster_problem() -> str | None:
@@ -153,25 +153,71 @@ def test_sigusr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job = sbatch(cluster, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
                  "-o", "job.out", str(REPO / "slurm" / "distill.sh"), str(TINY),
                  f"run_dir={run_dir}", *LONGER)
-    latest = run_dir / "teacher" / "checkpoints" / "latest"
+    out = tmp_path / "job.out"
+    requeued = "rank 0: checkpointed after a preemption signal; requeueing job"
     end = time.monotonic() + 180
-    while not latest.is_file() and time.monotonic() < end:
-        if job_info(job).get("JobState") in FINISHED:
-            break
+    while not (run_dir / "teacher" / "checkpoints" / "latest").is_file():
+        assert time.monotonic() < end and job_info(job).get("JobState") not in FINISHED, (
+            out.read_text()[-3000:])
         time.sleep(0.1)
-    assert latest.is_file(), (tmp_path / "job.out").read_text()[-3000:]
-    # SLURM's warning signal, as --signal=USR1@120 sends it before a time limit
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    # SLURM's warning signal, as --signal=USR1@120 sends it before a time limit. The engine
+    # acts on it during training (at a step before the last); elsewhere the rank ignores it.
+    # So warn every 0.5 s until rank 0 says it checkpointed and requeued the job.
+    sent = 0
+    while requeued not in out.read_text():
+        assert time.monotonic() < end and job_info(job).get("JobState") not in FINISHED, (
+            f"no requeue after {sent} SIGUSR1:\n" + out.read_text()[-3000:])
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        sent += 1
+        time.sleep(0.5)
     info = wait_job(job, 240)
-    log = (tmp_path / "job.out").read_text()
+    log = out.read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info["Restarts"]) == 1, log[-3000:]
-    assert f"rank 0: checkpointed after a preemption signal; requeueing job {job}" in log
-    assert f"job {job} (restart 1)" in log
-    # resumed, not restarted: every teacher step was trained exactly once
-    with (run_dir / "teacher" / "train_log.csv").open() as fh:
-        steps = [int(row["step"]) for row in csv.DictReader(fh)]
-    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+    assert f"{requeued} {job}" in log and f"job {job} (restart 1)" in log
+    # resumed, not restarted: every stage trained each of its steps exactly once
+    logs = sorted(run_dir.glob("*/train_log.csv"))
+    assert len(logs) >= 4
+    for path in logs:
+        with path.open() as fh:
+            steps = [int(row["step"]) for row in csv.DictReader(fh)]
+        assert steps == list(range(1, 7)), (path, steps)
+
+
+def _rank_pid(job: str, rank: int) -> int | None:
+    """The pid of ``python -m kdhpc.distill`` of ``rank`` in ``job`` (all nodes are this host)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in
+                       (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if (env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank)
+                and cmdline[1:3] == [b"-m", b"kdhpc.distill"]):
+            return int(proc.name)
+    return None
+
+
+def test_one_failing_rank_fails_the_whole_job_at_once(cluster, tmp_path):
+    run_dir = tmp_path / "failing"
+    job = sbatch(cluster, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 "-o", "job.out", str(REPO / "slurm" / "distill.sh"), str(TINY),
+                 f"run_dir={run_dir}", *LONGER)
+    end = time.monotonic() + 180
+    while not (run_dir / "teacher" / "checkpoints" / "latest").is_file():
+        assert time.monotonic() < end and job_info(job).get("JobState") not in FINISHED
+        time.sleep(0.1)
+    pid = _rank_pid(job, 1)
+    assert pid is not None
+    os.kill(pid, 9)   # rank 1 dies in the middle of training; rank 0 waits in a collective
+    killed = time.monotonic()
+    info = wait_job(job, 120)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 0, log[-3000:]
+    assert time.monotonic() - killed < 60    # srun --kill-on-bad-exit: no hang in gloo
+    assert "requeueing" not in log and "kdhpc.distill finished" not in log
 
 
 SWEEP_FILE = REPO / "configs" / "sweeps" / "recon_tiny_2x2.yaml"
