@@ -197,6 +197,20 @@ def test_bad_config_is_refused_with_the_key(tiny_cfg):
         E.Recipe(cfg, dataset_root(cfg)).expert_stage(Path("."), "denoise", None)
 
 
+@pytest.mark.parametrize("name", ["enh_tiny", "enh_default", "enh_published",
+                                  "enh_published_lightweight"])
+def test_recipe_configs_name_existing_networks(name):
+    from kdhpc.models import MODEL_NAMES
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.recipe == "enhancement" and E.model_task(cfg) == "denoise"
+    assert cfg.model.teacher.startswith("swinir_") and cfg.model.teacher in MODEL_NAMES
+    assert E.multitask_arch(cfg.model.student) in MODEL_NAMES
+    if name.startswith("enh_published"):
+        assert cfg.model.student == "edsr_baseline"
+        assert cfg.model.teacher in ("swinir_denoise", "swinir_lightweight_sr")
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole recipe
 
@@ -225,6 +239,10 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
                                                    np.mean(timing["small_s"]))
     assert timing["p_value"] == pytest.approx(
         scipy.stats.ttest_rel(timing["big_s"], timing["small_s"]).pvalue)
+    # The DNE expert is the no-KD DNE student (same training), not trained twice.
+    expert = json.loads((run_dir / "expert_denoise" / "stage.json").read_text())["result"]
+    student = json.loads((run_dir / "student_a0.00" / "stage.json").read_text())["result"]
+    assert expert["weights"] == student["weights"] and expert["same_as"] == "student_a0.00"
     # The KD students read the cache the teacher stage's network filled.
     cache = json.loads((run_dir / "teacher_cache" / "stage.json").read_text())["result"]
     assert cache["mode"] == "precompute" and cache["records"] > 0
