@@ -22,7 +22,9 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/fft_fft2.h>
 #include <ATen/ops/fft_fftn.h>
+#include <ATen/ops/fft_ifft.h>
 #include <ATen/ops/fft_fftshift.h>
 #include <ATen/ops/fft_ifft2.h>
 #include <ATen/ops/fft_ifftn.h>
@@ -39,12 +41,51 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__) && defined(__GNUC__)
+// MKL's thread-local thread limit (the C entry point behind mkl_set_num_threads_local; the
+// lower-case symbol is the Fortran one, taking a pointer). Weak, so that torch builds without
+// MKL load this extension too (then the pointer is null and SequentialMklScope does nothing).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#define KDHPC_HAVE_MKL_LOCAL_THREADS 1
+#endif
 
 namespace kdhpc {
 
 namespace {
+
+// MKL, behind ATen's CPU FFT, threads each call by itself. For small transforms starting its
+// threads costs more than the transform (measured: ~20 ms per call instead of ~10 us on a
+// busy 2-core machine), so small problems keep MKL on the calling thread for the scope.
+class SequentialMklScope {
+ public:
+  explicit SequentialMklScope(bool active) {
+#ifdef KDHPC_HAVE_MKL_LOCAL_THREADS
+    active_ = active && MKL_Set_Num_Threads_Local != nullptr;
+    if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
+#else
+    (void)active;
+#endif
+  }
+  ~SequentialMklScope() {
+#ifdef KDHPC_HAVE_MKL_LOCAL_THREADS
+    if (active_) MKL_Set_Num_Threads_Local(previous_);  // 0 restores the global setting
+#endif
+  }
+  SequentialMklScope(const SequentialMklScope&) = delete;
+  SequentialMklScope& operator=(const SequentialMklScope&) = delete;
+
+ private:
+  bool active_ = false;
+  int previous_ = 0;
+};
+
+// Below this many spectrum bins a call runs on the calling thread only.
+constexpr int64_t kSmallSpectrum = int64_t(1) << 16;
 
 at::ScalarType real_type_of(const at::Tensor& t) { return c10::toRealValueType(t.scalar_type()); }
 
@@ -61,23 +102,15 @@ std::vector<int64_t> transform_dims(const DcGeometry& g) {
 
 }  // namespace
 
-DcGeometry make_geometry(const at::Tensor& x, const at::Tensor& mask, bool centered,
-                         bool hermitian, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x: expected 3 dims [N, H, W], found shape ", x.sizes());
-  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op,
-              ": x: expected float32/float64/complex64/complex128, found ", x.scalar_type());
+DcGeometry geometry_of(int64_t n, int64_t h, int64_t w, const at::Tensor& mask, bool centered,
+                       bool hermitian, const char* op) {
+  TORCH_CHECK(h > 0 && w > 0, op, ": expected an image size H, W > 0, found ", h, " x ", w);
   TORCH_CHECK(mask.dim() == 3, op, ": mask: expected 3 dims [Nm, Hm, Wm], found shape ",
               mask.sizes());
-  const int64_t n = x.size(0), h = x.size(1), w = x.size(2);
-  TORCH_CHECK(h > 0 && w > 0, op, ": x: expected H, W > 0, found shape ", x.sizes());
   TORCH_CHECK((mask.size(0) == 1 || mask.size(0) == n) && (mask.size(1) == 1 || mask.size(1) == h) &&
                   (mask.size(2) == 1 || mask.size(2) == w),
-              op, ": mask of shape ", mask.sizes(), " does not broadcast to x of shape ",
-              x.sizes(), ": expected each of its dims to be 1 or x's");
-  TORCH_CHECK(mask.scalar_type() == real_type_of(x), op, ": mask: expected dtype ",
-              real_type_of(x), " to match x (", x.scalar_type(), "), found ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ",
-              x.device());
+              op, ": mask of shape ", mask.sizes(), " does not broadcast to images of shape [",
+              n, ", ", h, ", ", w, "]: expected each of its dims to be 1 or the image's");
   DcGeometry g{};
   g.rows = n;
   g.height = h;
@@ -91,7 +124,22 @@ DcGeometry make_geometry(const at::Tensor& x, const at::Tensor& mask, bool cente
   g.transform_w = mask.size(2) > 1 || mask.size(1) == 1;
   g.spec_h = g.half_on_h() ? h / 2 + 1 : h;
   g.spec_w = g.half_on_w() ? w / 2 + 1 : w;
+  const double points = double(g.transform_h ? h : 1) * double(g.transform_w ? w : 1);
+  g.inv_n = 1.0 / points;
+  g.inv_sqrt_n = 1.0 / std::sqrt(points);
   return g;
+}
+
+DcGeometry make_geometry(const at::Tensor& x, const at::Tensor& mask, bool centered,
+                         bool hermitian, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x: expected 3 dims [N, H, W], found shape ", x.sizes());
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op,
+              ": x: expected float32/float64/complex64/complex128, found ", x.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == real_type_of(x), op, ": mask: expected dtype ",
+              real_type_of(x), " to match x (", x.scalar_type(), "), found ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on ", mask.device(), " but x is on ",
+              x.device());
+  return geometry_of(x.size(0), x.size(1), x.size(2), mask, centered, hermitian, op);
 }
 
 void check_apply_operands(const at::Tensor& x, const at::Tensor& q, const at::Tensor& mask,
@@ -116,22 +164,22 @@ void check_apply_operands(const at::Tensor& x, const at::Tensor& q, const at::Te
   (void)mask;
 }
 
-at::Tensor forward_transform(const at::Tensor& image, const DcGeometry& g) {
+at::Tensor forward_transform(const at::Tensor& image, const DcGeometry& g, bool orthonormal) {
   const auto dims = transform_dims(g);
-  if (!g.hermitian) return at::fft_fftn(image, std::nullopt, dims, "ortho");
-  if (dims.size() == 2) return at::fft_rfft2(image, std::nullopt, dims, "ortho");
-  return at::fft_rfft(image, std::nullopt, dims[0], "ortho");
+  const char* norm = orthonormal ? "ortho" : "backward";  // "backward": no forward scaling
+  if (!g.hermitian) return at::fft_fftn(image, std::nullopt, dims, norm);
+  if (dims.size() == 2) return at::fft_rfft2(image, std::nullopt, dims, norm);
+  return at::fft_rfft(image, std::nullopt, dims[0], norm);
 }
 
-void inverse_transform_out(at::Tensor& out, const at::Tensor& spec, const DcGeometry& g) {
+at::Tensor inverse_transform(const at::Tensor& spec, const DcGeometry& g, bool orthonormal) {
   const auto dims = transform_dims(g);
-  if (!g.hermitian) {
-    at::fft_ifftn_out(out, spec, std::nullopt, dims, "ortho");
-  } else if (dims.size() == 2) {
-    at::fft_irfft2_out(out, spec, std::vector<int64_t>{g.height, g.width}, dims, "ortho");
-  } else {
-    at::fft_irfft_out(out, spec, dims[0] == 1 ? g.height : g.width, dims[0], "ortho");
+  const char* norm = orthonormal ? "ortho" : "forward";   // "forward": no inverse scaling
+  if (!g.hermitian) return at::fft_ifftn(spec, std::nullopt, dims, norm);
+  if (dims.size() == 2) {
+    return at::fft_irfft2(spec, std::vector<int64_t>{g.height, g.width}, dims, norm);
   }
+  return at::fft_irfft(spec, dims[0] == 1 ? g.height : g.width, dims[0], norm);
 }
 
 at::Tensor k0_term(const at::Tensor& k0, const at::Tensor& mask, bool centered, bool hermitian) {
@@ -140,114 +188,204 @@ at::Tensor k0_term(const at::Tensor& k0, const at::Tensor& mask, bool centered, 
               k0.scalar_type());
   const DcGeometry g = make_geometry(k0, mask, centered, hermitian, op);
   const std::vector<int64_t> image_dims{1, 2};
+  const SequentialMklScope sequential(k0.is_cpu() && g.spec_numel() < kSmallSpectrum);
   // Once per batch, so the shifts stay plain ATen rolls here (the per-cascade op needs none).
   at::Tensor z = k0 * mask;                                   // [N, H, W] complex
   if (centered) z = at::fft_ifftshift(z, image_dims);
   at::Tensor p = at::fft_ifft2(z, std::nullopt, image_dims, "ortho");
   if (centered) p = at::fft_fftshift(p, image_dims);
   if (hermitian) p = at::real(p);
-  return forward_transform(p, g).contiguous();                // [N, spec_h, spec_w]
+  return forward_transform(p, g, true).contiguous();          // [N, spec_h, spec_w]
+}
+
+at::Tensor k0_term_backward(const at::Tensor& grad_q, const at::Tensor& mask, bool centered,
+                            bool hermitian, int64_t height, int64_t width) {
+  const char* op = "kdhpc::data_consistency_k0_term_backward";
+  TORCH_CHECK(grad_q.is_complex() && grad_q.dim() == 3, op,
+              ": grad_q: expected a complex [N, spec_h, spec_w] tensor, found ",
+              grad_q.scalar_type(), " of shape ", grad_q.sizes());
+  TORCH_CHECK(mask.scalar_type() == real_type_of(grad_q) && mask.device() == grad_q.device(),
+              op, ": mask: expected ", real_type_of(grad_q), " on ", grad_q.device(), ", found ",
+              mask.scalar_type(), " on ", mask.device());
+  const DcGeometry g = geometry_of(grad_q.size(0), height, width, mask, centered, hermitian, op);
+  TORCH_CHECK(grad_q.size(1) == g.spec_h && grad_q.size(2) == g.spec_w, op,
+              ": grad_q: expected the spectrum shape [", g.rows, ", ", g.spec_h, ", ", g.spec_w,
+              "], found ", grad_q.sizes());
+  const SequentialMklScope sequential(grad_q.is_cpu() && g.spec_numel() < kSmallSpectrum);
+  // The adjoint of each step of k0_term in reverse: T, the real part, the centred IFFT2, M.
+  at::Tensor image;                                           // [N, H, W] complex
+  if (hermitian) {
+    // rfft's adjoint is irfft(Z / w): an interior bin also stands for its conjugate mirror,
+    // which irfft counts again.
+    const int64_t half_dim = g.half_on_w() ? 2 : 1;
+    const int64_t points = half_dim == 2 ? width : height;
+    at::Tensor z = grad_q * 0.5;
+    z.select(half_dim, 0).mul_(2.0);
+    if (points % 2 == 0) z.select(half_dim, z.size(half_dim) - 1).mul_(2.0);
+    if (g.transform_h && g.transform_w) z = at::fft_ifft(z, std::nullopt, 1, "ortho");
+    image = at::fft_irfft(z, points, half_dim, "ortho").to(grad_q.scalar_type());
+  } else {
+    image = at::fft_ifftn(grad_q, std::nullopt, transform_dims(g), "ortho");
+  }
+  const std::vector<int64_t> image_dims{1, 2};
+  if (centered) image = at::fft_ifftshift(image, image_dims);
+  at::Tensor k = at::fft_fft2(image, std::nullopt, image_dims, "ortho");
+  if (centered) k = at::fft_fftshift(k, image_dims);
+  return k * mask;
 }
 
 namespace {
 
-// Blocks the CPU code works on: `units` blocks of `unit_h` image rows (x viewed as
-// [units, unit_h, W]); each covers unit_spec_h spectrum lines of spec_w bins.
+// Blocks the CPU code works on: x viewed as [units, unit_h, W]; block b holds units
+// [b * per_block, min(units, (b + 1) * per_block)), which are spectrum lines
+// [first unit * unit_spec_h, end unit * unit_spec_h).
 struct Tiling {
-  int64_t units, unit_h, unit_spec_h, per_block;
-  int64_t blocks() const { return (units + per_block - 1) / per_block; }
+  int64_t units, unit_h, unit_spec_h, per_block, blocks;
 };
 
-Tiling cpu_tiling(const DcGeometry& g) {
-  if (g.transform_h) return {g.rows, g.height, g.spec_h, 1};
-  // Row-wise FFTs: enough rows per block to amortise the per-call cost, few enough that the
-  // block's image, spectrum and output stay in a core's L2.
-  const int64_t rows_per_block = std::max<int64_t>(1, 24576 / g.spec_w);
-  return {g.rows * g.height, 1, 1, rows_per_block};
+Tiling cpu_tiling(const DcGeometry& g, int64_t spec_element_bytes) {
+  if (g.transform_h) return {g.rows, g.height, g.spec_h, 1, g.rows};  // whole images
+  // Row-wise FFTs in batches of about 256 KiB of spectrum (a block's image, spectrum and
+  // output stay in a core's L2), at least 8 blocks when there are enough rows. Each ATen FFT
+  // call plans MKL afresh (~10 us), which bounds how small blocks can usefully be. The blocks
+  // depend on the shape only, so results do not depend on the thread count.
+  const int64_t units = g.rows * g.height;
+  int64_t blocks = (units * g.spec_w * spec_element_bytes + (1 << 18) - 1) >> 18;
+  blocks = std::min(units, std::max<int64_t>(blocks, 8));
+  const int64_t per_block = (units + blocks - 1) / blocks;
+  return {units, 1, 1, per_block, (units + per_block - 1) / per_block};
 }
 
-// M' over the spectrum, [mask_rows, mh, mw] with mh / mw = 1 where the mask does not vary.
+// Runs f(block) for every block, on ATen's threads unless the problem is small, handing blocks
+// out one at a time: on a busy machine a thread that loses its core does not hold the others
+// back (a static split would). FFTs inside the parallel region run single-threaded.
+template <typename F>
+void for_each_block(int64_t blocks, bool small, const F& f) {
+  if (small) {
+    const SequentialMklScope sequential(true);
+    for (int64_t b = 0; b < blocks; ++b) f(b);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next++; b < blocks; b = next++) f(b);
+  });
+}
+
+// Per-bin coefficients over [mask_rows, lines, spec_w], "lines" being 1 where neither the mask
+// nor the Parseval weight varies along H. Complex bins are (re, im) pairs, so every update is
+// a plain loop over reals that the compiler vectorises, with no branch on the mask. The
+// spectra X, G are unnormalised, Q orthonormal (see DcGeometry), with [.] = [M' != 0]:
+//   scale = (1 - lam M') / n                  forward and backward spectrum scaling
+//   take  = lam [.] / sqrt(n)                 the k0 term (Q is rounding noise off the support)
+//   grad_q_scale = lam w [.] / sqrt(n)        (w the Parseval weight)
+//   lam_q = w [.] / sqrt(n), lam_x = w M' / n the lam gradient sum_k G.(lam_q Q - lam_x X)
 template <typename real_t>
-struct SpectralMask {
-  std::vector<real_t> values;
-  int64_t mh, mw;
-  const real_t* line(const DcGeometry& g, int64_t row, int64_t kh) const {
-    return values.data() + ((g.mask_rows == 1 ? 0 : row) * mh + (mh == 1 ? 0 : kh)) * mw;
+struct MixCoefficients {
+  std::vector<real_t> scale, take, grad_q_scale, lam_q, lam_x;  // each [rows, lines, 2 * spec_w]
+  int64_t lines = 1;
+  int64_t offset(const DcGeometry& g, int64_t row, int64_t kh) const {
+    return ((g.mask_rows == 1 ? 0 : row) * lines + (lines == 1 ? 0 : kh)) * 2 * g.spec_w;
   }
 };
 
 template <typename real_t>
-SpectralMask<real_t> spectral_mask_table(const at::Tensor& mask, const DcGeometry& g) {
-  SpectralMask<real_t> table;
-  table.mh = g.mask_h == 1 ? 1 : g.spec_h;
-  table.mw = g.mask_w == 1 ? 1 : g.spec_w;
-  table.values.resize(g.mask_rows * table.mh * table.mw);
+MixCoefficients<real_t> mix_coefficients(const at::Tensor& mask, const DcGeometry& g,
+                                         real_t lam, bool backward) {
+  MixCoefficients<real_t> c;
+  c.lines = (g.mask_h == 1 && !g.half_on_h()) ? 1 : g.spec_h;
+  const int64_t size = g.mask_rows * c.lines * 2 * g.spec_w;
+  c.scale.resize(size);
+  c.take.resize(size);
+  if (backward) {
+    c.grad_q_scale.resize(size);
+    c.lam_q.resize(size);
+    c.lam_x.resize(size);
+  }
   const real_t* m = mask.data_ptr<real_t>();
-  for (int64_t r = 0; r < g.mask_rows; ++r)
-    for (int64_t a = 0; a < table.mh; ++a)
-      for (int64_t b = 0; b < table.mw; ++b)
-        table.values[(r * table.mh + a) * table.mw + b] = spectral_mask(m, g, r, a, b);
-  return table;
-}
-
-// spec <- (1 - lam M') spec + lam Q on spectrum lines [line_begin, line_end); spec points at
-// line_begin, q at the whole Q. Bins with M' = 0 are left alone (S = 1 there, Q = 0).
-template <typename real_t>
-void mix_forward(c10::complex<real_t>* spec, const c10::complex<real_t>* q,
-                 const SpectralMask<real_t>& table, real_t lam, const DcGeometry& g,
-                 int64_t line_begin, int64_t line_end) {
-  for (int64_t line = line_begin; line < line_end; ++line) {
-    const real_t* m = table.line(g, line / g.spec_h, line % g.spec_h);
-    c10::complex<real_t>* s = spec + (line - line_begin) * g.spec_w;
-    const c10::complex<real_t>* ql = q + line * g.spec_w;
-    const int64_t m_step = table.mw == 1 ? 0 : 1;
-    for (int64_t b = 0; b < g.spec_w; ++b) {
-      const real_t mb = m[b * m_step];
-      if (mb != real_t(0)) s[b] = s[b] * (real_t(1) - lam * mb) + ql[b] * lam;
+  for (int64_t r = 0; r < g.mask_rows; ++r) {
+    for (int64_t kh = 0; kh < c.lines; ++kh) {
+      const int64_t o = c.offset(g, r, kh);
+      for (int64_t kw = 0; kw < g.spec_w; ++kw) {
+        const real_t mk = spectral_mask(m, g, r, kh, kw);
+        const real_t on = mk != real_t(0) ? real_t(1) : real_t(0);
+        const real_t w = static_cast<real_t>(parseval_weight(g, kh, kw));
+        const real_t inv_n = static_cast<real_t>(g.inv_n);
+        const real_t inv_sqrt_n = static_cast<real_t>(g.inv_sqrt_n);
+        for (int64_t part = 2 * kw; part < 2 * kw + 2; ++part) {
+          c.scale[o + part] = (real_t(1) - lam * mk) * inv_n;
+          c.take[o + part] = lam * on * inv_sqrt_n;
+          if (backward) {
+            c.grad_q_scale[o + part] = lam * w * on * inv_sqrt_n;
+            c.lam_q[o + part] = w * on * inv_sqrt_n;
+            c.lam_x[o + part] = w * mk * inv_n;
+          }
+        }
+      }
     }
   }
+  return c;
 }
 
-// The backward pass over the same lines, from G = T(grad):
-//   returns sum_k w_k Re(conj(G_k) (Q_k - M'_k X_k))    (the lam gradient, Parseval weights w)
-//   grad_q <- lam w G on the support of M', 0 elsewhere  (when grad_q is given)
-//   G <- (1 - lam M') G                                   (when scale_g: then grad_x = T^-1 G)
+// spec <- scale * spec + take * q on spectrum lines [line_begin, line_end). spec points at
+// line_begin's first real, q at the whole Q; both are (re, im) pairs.
 template <typename real_t>
-double mix_backward(c10::complex<real_t>* g_spec, const c10::complex<real_t>* x_spec,
-                    const c10::complex<real_t>* q, c10::complex<real_t>* grad_q,
-                    const SpectralMask<real_t>& table, real_t lam, const DcGeometry& g,
-                    int64_t line_begin, int64_t line_end, bool scale_g) {
+void mix_forward(real_t* spec, const real_t* q, const MixCoefficients<real_t>& c,
+                 const DcGeometry& g, int64_t line_begin, int64_t line_end) {
+  const int64_t n = 2 * g.spec_w;
+  for (int64_t line = line_begin; line < line_end; ++line) {
+    const int64_t o = c.offset(g, line / g.spec_h, line % g.spec_h);
+    const real_t* scale = c.scale.data() + o;
+    const real_t* take = c.take.data() + o;
+    real_t* s = spec + (line - line_begin) * n;
+    const real_t* ql = q + line * n;
+    for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale[j] + ql[j] * take[j];
+  }
+}
+
+// The backward pass over the same lines, from G = T(grad) (see MixCoefficients): returns this
+// block's lam-gradient sum (when x_spec is given), writes grad_q (when given) and scales G by
+// (1 - lam M') / n (when scale_g; then grad_x = T^-1 G with an unnormalised inverse).
+template <typename real_t>
+double mix_backward(real_t* g_spec, const real_t* x_spec, const real_t* q, real_t* grad_q,
+                    const MixCoefficients<real_t>& c, const DcGeometry& g, int64_t line_begin,
+                    int64_t line_end, bool scale_g) {
+  const int64_t n = 2 * g.spec_w;
   double lam_grad = 0.0;
   for (int64_t line = line_begin; line < line_end; ++line) {
-    const int64_t kh = line % g.spec_h;
-    const real_t* m = table.line(g, line / g.spec_h, kh);
-    const int64_t local = (line - line_begin) * g.spec_w;
-    const int64_t m_step = table.mw == 1 ? 0 : 1;
-    for (int64_t b = 0; b < g.spec_w; ++b) {
-      const real_t mb = m[b * m_step];
-      const c10::complex<real_t> gk = g_spec[local + b];
-      if (mb == real_t(0)) {
-        if (grad_q) grad_q[line * g.spec_w + b] = c10::complex<real_t>(0, 0);
-        continue;
-      }
-      const real_t w = static_cast<real_t>(parseval_weight(g, kh, b));
-      if (x_spec) {
-        const c10::complex<real_t> d = q[line * g.spec_w + b] - x_spec[local + b] * mb;
-        lam_grad += static_cast<double>(w * (gk.real() * d.real() + gk.imag() * d.imag()));
-      }
-      if (grad_q) grad_q[line * g.spec_w + b] = gk * (lam * w);
-      if (scale_g) g_spec[local + b] = gk * (real_t(1) - lam * mb);
+    const int64_t o = c.offset(g, line / g.spec_h, line % g.spec_h);
+    real_t* gl = g_spec + (line - line_begin) * n;
+    const real_t* ql = q + line * n;
+    if (x_spec) {
+      const real_t* xl = x_spec + (line - line_begin) * n;
+      const real_t* lam_q = c.lam_q.data() + o;
+      const real_t* lam_x = c.lam_x.data() + o;
+      double acc = 0.0;
+      for (int64_t j = 0; j < n; ++j) acc += gl[j] * (lam_q[j] * ql[j] - lam_x[j] * xl[j]);
+      lam_grad += acc;
+    }
+    if (grad_q) {
+      const real_t* k = c.grad_q_scale.data() + o;
+      real_t* gq = grad_q + line * n;
+      for (int64_t j = 0; j < n; ++j) gq[j] = gl[j] * k[j];
+    }
+    if (scale_g) {
+      const real_t* scale = c.scale.data() + o;
+      for (int64_t j = 0; j < n; ++j) gl[j] *= scale[j];
     }
   }
   return lam_grad;
 }
 
-// x + 0.0 is +0.0 for x = -0.0 and x otherwise (no -ffast-math here, so it is not folded).
+// dst <- src + 0.0: the copy out of the FFT's buffer also turns -0.0 into +0.0 (there is no
+// -ffast-math here, so the + 0.0 is not folded away).
 template <typename real_t>
-void make_zeros_positive(at::Tensor& block) {
-  real_t* p = reinterpret_cast<real_t*>(block.data_ptr());
-  const int64_t n = block.numel() * (block.is_complex() ? 2 : 1);
-  for (int64_t i = 0; i < n; ++i) p[i] = p[i] + real_t(0);
+void copy_zeros_positive(real_t* dst, const at::Tensor& src) {
+  const at::Tensor s = src.contiguous();
+  const real_t* from = reinterpret_cast<const real_t*>(s.data_ptr());
+  const int64_t n = s.numel() * (s.is_complex() ? 2 : 1);
+  for (int64_t i = 0; i < n; ++i) dst[i] = from[i] + real_t(0);
 }
 
 at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& mask,
@@ -259,24 +397,19 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const auto real_type = real_type_of(x);
   at::Tensor out = at::empty(
       x.sizes(), x.options().dtype(hermitian ? real_type : c10::toComplexType(real_type)));
-  const Tiling t = cpu_tiling(g);
+  const Tiling t = cpu_tiling(g, qc.element_size());
   const at::Tensor x_units = xc.view({t.units, t.unit_h, g.width});
-  const at::Tensor out_units = out.view({t.units, t.unit_h, g.width});
+  const int64_t unit_reals = t.unit_h * g.width * (hermitian ? 1 : 2);
   AT_DISPATCH_FLOATING_TYPES(real_type, "data_consistency_apply_cpu", [&] {
-    using complex_t = c10::complex<scalar_t>;
-    const SpectralMask<scalar_t> table = spectral_mask_table<scalar_t>(mc, g);
-    const scalar_t lam_value = lam.item<scalar_t>();
-    const complex_t* q_ptr = qc.data_ptr<complex_t>();
-    at::parallel_for(0, t.blocks(), 1, [&](int64_t first, int64_t last) {
-      for (int64_t blk = first; blk < last; ++blk) {
-        const int64_t s = blk * t.per_block, e = std::min(t.units, s + t.per_block);
-        at::Tensor spec = forward_transform(x_units.slice(0, s, e), g).contiguous();
-        mix_forward(spec.data_ptr<complex_t>(), q_ptr, table, lam_value, g, s * t.unit_spec_h,
-                    e * t.unit_spec_h);
-        at::Tensor out_block = out_units.slice(0, s, e);
-        inverse_transform_out(out_block, spec, g);
-        make_zeros_positive<scalar_t>(out_block);
-      }
+    const auto coef = mix_coefficients<scalar_t>(mc, g, lam.item<scalar_t>(), false);
+    const scalar_t* q_ptr = reinterpret_cast<const scalar_t*>(qc.data_ptr());
+    scalar_t* out_ptr = reinterpret_cast<scalar_t*>(out.data_ptr());
+    for_each_block(t.blocks, g.spec_numel() < kSmallSpectrum, [&](int64_t blk) {
+      const int64_t s = blk * t.per_block, e = std::min(t.units, s + t.per_block);
+      at::Tensor spec = forward_transform(x_units.slice(0, s, e), g, false).contiguous();
+      mix_forward(reinterpret_cast<scalar_t*>(spec.data_ptr()), q_ptr, coef, g,
+                  s * t.unit_spec_h, e * t.unit_spec_h);
+      copy_zeros_positive(out_ptr + s * unit_reals, inverse_transform(spec, g, false));
     });
   });
   return out;
@@ -293,36 +426,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cpu(
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == out_type, op,
               ": grad: expected ", out_type, " of shape ", x.sizes(), ", found ",
               grad.scalar_type(), " of shape ", grad.sizes());
-  const auto [need_x, need_q, need_lam] = needs;
+  const bool need_x = needs[0], need_q = needs[1], need_lam = needs[2];
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), qc = q.contiguous(),
                    mc = mask.contiguous();
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options().dtype(out_type))
                              : at::empty({0}, x.options());
   at::Tensor grad_q = need_q ? at::empty_like(qc) : at::empty({0}, q.options());
-  const Tiling t = cpu_tiling(g);
+  const Tiling t = cpu_tiling(g, qc.element_size());
   const at::Tensor g_units = gc.view({t.units, t.unit_h, g.width});
   const at::Tensor x_units = xc.view({t.units, t.unit_h, g.width});
-  std::vector<double> lam_partials(t.blocks(), 0.0);
+  const int64_t unit_reals = t.unit_h * g.width * (hermitian ? 1 : 2);
+  std::vector<double> lam_partials(t.blocks, 0.0);
   AT_DISPATCH_FLOATING_TYPES(real_type, "data_consistency_apply_backward_cpu", [&] {
-    using complex_t = c10::complex<scalar_t>;
-    const SpectralMask<scalar_t> table = spectral_mask_table<scalar_t>(mc, g);
-    const scalar_t lam_value = lam.item<scalar_t>();
-    const complex_t* q_ptr = qc.data_ptr<complex_t>();
-    complex_t* grad_q_ptr = need_q ? grad_q.data_ptr<complex_t>() : nullptr;
-    at::parallel_for(0, t.blocks(), 1, [&](int64_t first, int64_t last) {
-      for (int64_t blk = first; blk < last; ++blk) {
-        const int64_t s = blk * t.per_block, e = std::min(t.units, s + t.per_block);
-        at::Tensor g_spec = forward_transform(g_units.slice(0, s, e), g).contiguous();
-        at::Tensor x_spec;
-        if (need_lam) x_spec = forward_transform(x_units.slice(0, s, e), g).contiguous();
-        lam_partials[blk] = mix_backward(
-            g_spec.data_ptr<complex_t>(), need_lam ? x_spec.data_ptr<complex_t>() : nullptr,
-            q_ptr, grad_q_ptr, table, lam_value, g, s * t.unit_spec_h, e * t.unit_spec_h,
-            need_x);
-        if (need_x) {
-          at::Tensor gx_block = grad_x.view({t.units, t.unit_h, g.width}).slice(0, s, e);
-          inverse_transform_out(gx_block, g_spec, g);
-        }
+    const auto coef = mix_coefficients<scalar_t>(mc, g, lam.item<scalar_t>(), true);
+    const scalar_t* q_ptr = reinterpret_cast<const scalar_t*>(qc.data_ptr());
+    scalar_t* grad_q_ptr = need_q ? reinterpret_cast<scalar_t*>(grad_q.data_ptr()) : nullptr;
+    scalar_t* grad_x_ptr = need_x ? reinterpret_cast<scalar_t*>(grad_x.data_ptr()) : nullptr;
+    for_each_block(t.blocks, g.spec_numel() < kSmallSpectrum, [&](int64_t blk) {
+      const int64_t s = blk * t.per_block, e = std::min(t.units, s + t.per_block);
+      at::Tensor g_spec = forward_transform(g_units.slice(0, s, e), g, false).contiguous();
+      at::Tensor x_spec;
+      if (need_lam) x_spec = forward_transform(x_units.slice(0, s, e), g, false).contiguous();
+      lam_partials[blk] = mix_backward(
+          reinterpret_cast<scalar_t*>(g_spec.data_ptr()),
+          need_lam ? reinterpret_cast<const scalar_t*>(x_spec.data_ptr()) : nullptr, q_ptr,
+          grad_q_ptr, coef, g, s * t.unit_spec_h, e * t.unit_spec_h, need_x);
+      if (need_x) {
+        copy_zeros_positive(grad_x_ptr + s * unit_reals, inverse_transform(g_spec, g, false));
       }
     });
   });
@@ -345,6 +475,10 @@ TORCH_LIBRARY_FRAGMENT(kdhpc, m) {
       "data_consistency_k0_term(Tensor k0, Tensor mask, bool centered, bool hermitian) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
+      "data_consistency_k0_term_backward(Tensor grad_q, Tensor mask, bool centered, "
+      "bool hermitian, int height, int width) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
       "data_consistency_apply(Tensor x, Tensor q, Tensor mask, Tensor lam, bool centered, "
       "bool hermitian) -> Tensor",
       {at::Tag::pt2_compliant_tag});
@@ -356,6 +490,7 @@ TORCH_LIBRARY_FRAGMENT(kdhpc, m) {
 
 TORCH_LIBRARY_IMPL(kdhpc, CPU, m) {
   m.impl("data_consistency_k0_term", &kdhpc::k0_term);
+  m.impl("data_consistency_k0_term_backward", &kdhpc::k0_term_backward);
   m.impl("data_consistency_apply", &kdhpc::apply_cpu);
   m.impl("data_consistency_apply_backward", &kdhpc::apply_backward_cpu);
 }

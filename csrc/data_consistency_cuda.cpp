@@ -4,6 +4,10 @@
 // JIT build) defines KDHPC_WITH_CUDA, i.e. when CUDA_HOME is set.
 #ifdef KDHPC_WITH_CUDA
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/real.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -41,16 +45,15 @@ at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor qc = q.contiguous(), mc = mask.contiguous(), lc = lam.contiguous();
   const auto real_type = c10::toRealValueType(x.scalar_type());
-  at::Tensor spec = forward_transform(x.contiguous(), g).contiguous();  // [N, spec_h, spec_w]
-  at::Tensor out = at::empty(
-      x.sizes(), x.options().dtype(hermitian ? real_type : c10::toComplexType(real_type)));
+  at::Tensor spec = forward_transform(x.contiguous(), g, false).contiguous();  // [N, spec_h, spec_w]
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(real_type, "data_consistency_apply_cuda", [&] {
     check_launch(cuda::launch_mix_forward<scalar_t>(real_ptr<scalar_t>(spec),
                                                     real_ptr<scalar_t>(qc),
                                                     real_ptr<scalar_t>(mc),
                                                     real_ptr<scalar_t>(lc), g, stream),
                  op);
-    inverse_transform_out(out, spec, g);
+    out = inverse_transform(spec, g, false).contiguous();                      // [N, H, W]
     check_launch(cuda::launch_make_zeros_positive<scalar_t>(real_ptr<scalar_t>(out),
                                                             real_count(out), stream),
                  op);
@@ -74,9 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor qc = q.contiguous(), mc = mask.contiguous(), lc = lam.contiguous();
-  at::Tensor g_spec = forward_transform(grad.contiguous(), g).contiguous();
+  at::Tensor g_spec = forward_transform(grad.contiguous(), g, false).contiguous();
   at::Tensor x_spec;
-  if (need_lam) x_spec = forward_transform(x.contiguous(), g).contiguous();
+  if (need_lam) x_spec = forward_transform(x.contiguous(), g, false).contiguous();
   at::Tensor grad_q = need_q ? at::empty_like(qc) : at::empty({0}, q.options());
   at::Tensor partials = at::empty({need_lam ? cuda::mix_backward_blocks(g) : 0},
                                   x.options().dtype(at::kDouble));
@@ -91,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cuda(
   });
   at::Tensor grad_x = at::empty({0}, x.options());
   if (need_x) {
-    grad_x = at::empty(x.sizes(), x.options().dtype(out_type));
-    inverse_transform_out(grad_x, g_spec, g);
+    grad_x = inverse_transform(g_spec, g, false);
     if (!hermitian && !x.is_complex()) grad_x = at::real(grad_x).contiguous();
   }
   // Summed on the device in a fixed order: no host sync, the same result every run.
@@ -105,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cuda(
 
 TORCH_LIBRARY_IMPL(kdhpc, CUDA, m) {
   m.impl("data_consistency_k0_term", &kdhpc::k0_term);
+  m.impl("data_consistency_k0_term_backward", &kdhpc::k0_term_backward);
   m.impl("data_consistency_apply", &kdhpc::apply_cuda);
   m.impl("data_consistency_apply_backward", &kdhpc::apply_backward_cuda);
 }

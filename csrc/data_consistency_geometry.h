@@ -13,6 +13,9 @@
 // - "hermitian": real image and real-part output. Then Re(IFFT(D FFT x)) = IFFT(Dsym FFT x)
 //   with Dsym(k) = (D(k) + D(-k)) / 2, and the last transformed axis keeps its half spectrum
 //   (rfft); spec_h / spec_w are the spectrum sizes.
+// - The per-cascade transforms are unnormalised; the mix pass applies the orthonormal scale
+//   (inv_n for a forward-inverse pair, inv_sqrt_n against the orthonormal k0 term), which saves
+//   the FFT library's two separate scaling passes.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +36,7 @@ struct DcGeometry {
   bool centered;                     // mask given in fastMRI's centred layout
   bool hermitian;                    // real image and real output: half spectrum, Dsym
   bool transform_h, transform_w;     // which axes are Fourier-transformed
+  double inv_n, inv_sqrt_n;          // 1 / n and 1 / sqrt(n), n = points per transform
 
   KDHPC_HOST_DEVICE int64_t spec_numel() const { return rows * spec_h * spec_w; }
   // The axis that holds the half spectrum in the hermitian case: W, or H for [H, 1] masks.

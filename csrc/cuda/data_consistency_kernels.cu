@@ -1,8 +1,9 @@
 // CUDA kernels of the data-consistency op (interface and conventions: the .cuh). The FFTs are
-// cuFFT calls made by the torch glue; these kernels are the fused elementwise passes between
-// them: one grid-stride pass over the spectrum that reads the mask through the geometry's
-// index arithmetic (no shifted or symmetrised mask copy), lam from device memory, and touches
-// spectrum memory only where the mask is nonzero.
+// unnormalised cuFFT calls made by the torch glue; these kernels are the fused elementwise
+// passes between them: one grid-stride pass over the spectrum that applies the orthonormal
+// scale (so no separate scaling kernels run), reads the mask through the geometry's index
+// arithmetic (no shifted or symmetrised mask copy) and lam from device memory, and reads the
+// k0 term only where the mask is nonzero.
 
 #include "data_consistency_kernels.cuh"
 
@@ -41,17 +42,21 @@ __global__ void mix_forward_kernel(real_t* spec, const real_t* q, const real_t* 
   complex2* s = reinterpret_cast<complex2*>(spec);          // [rows, spec_h, spec_w]
   const complex2* qc = reinterpret_cast<const complex2*>(q);  // [rows, spec_h, spec_w]
   const real_t lam = *lam_ptr;
+  const real_t inv_n = real_t(g.inv_n), lam_q = lam * real_t(g.inv_sqrt_n);
   const int64_t total = g.spec_numel();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const SpectrumIndex k = spectrum_index(i, g);
     const real_t m = spectral_mask(mask, g, k.row, k.kh, k.kw);
-    if (m == real_t(0)) continue;
-    const real_t d = real_t(1) - lam * m;
+    const real_t d = (real_t(1) - lam * m) * inv_n;
     complex2 v = s[i];
-    const complex2 qk = qc[i];
-    v.x = v.x * d + lam * qk.x;
-    v.y = v.y * d + lam * qk.y;
+    v.x *= d;
+    v.y *= d;
+    if (m != real_t(0)) {  // the k0 term is rounding noise off the support: not read there
+      const complex2 qk = qc[i];
+      v.x += lam_q * qk.x;
+      v.y += lam_q * qk.y;
+    }
     s[i] = v;
   }
 }
@@ -66,26 +71,31 @@ __global__ void mix_backward_kernel(real_t* g_spec, const real_t* x_spec, const 
   const complex2* qc = reinterpret_cast<const complex2*>(q);
   complex2* gq = reinterpret_cast<complex2*>(grad_q);
   const real_t lam = *lam_ptr;
+  const real_t inv_n = real_t(g.inv_n), inv_sqrt_n = real_t(g.inv_sqrt_n);
   const int64_t total = g.spec_numel();
   double acc = 0.0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const SpectrumIndex k = spectrum_index(i, g);
     const real_t m = spectral_mask(mask, g, k.row, k.kh, k.kw);
+    const complex2 gk = gs[i];
+    if (scale_g) {
+      const real_t d = (real_t(1) - lam * m) * inv_n;
+      gs[i] = complex2{gk.x * d, gk.y * d};
+    }
     if (m == real_t(0)) {
       if (gq) gq[i] = complex2{real_t(0), real_t(0)};
       continue;
     }
-    const complex2 gk = gs[i];
     const real_t w = real_t(parseval_weight(g, k.kh, k.kw));
-    if (xs) {
+    if (xs) {  // G and X unnormalised, Q orthonormal
       const complex2 xk = xs[i], qk = qc[i];
-      acc += double(w * (gk.x * (qk.x - m * xk.x) + gk.y * (qk.y - m * xk.y)));
+      acc += double(w * (gk.x * (qk.x * inv_sqrt_n - m * xk.x * inv_n) +
+                         gk.y * (qk.y * inv_sqrt_n - m * xk.y * inv_n)));
     }
-    if (gq) gq[i] = complex2{lam * w * gk.x, lam * w * gk.y};
-    if (scale_g) {
-      const real_t d = real_t(1) - lam * m;
-      gs[i] = complex2{gk.x * d, gk.y * d};
+    if (gq) {
+      const real_t c = lam * w * inv_sqrt_n;
+      gq[i] = complex2{c * gk.x, c * gk.y};
     }
   }
   if (lam_partials == nullptr) return;

@@ -14,7 +14,8 @@
 namespace kdhpc {
 namespace cuda {
 
-// spec <- (1 - lam M') spec + lam q where M' != 0.
+// spec <- (1 - lam M') spec / n + lam q / sqrt(n), the second term only where M' != 0
+// (spec from an unnormalised transform, q orthonormal; n, sqrt(n) from g.inv_n, g.inv_sqrt_n).
 //   spec, q: [rows, spec_h, spec_w] complex; mask: raw [mask_rows, mask_h, mask_w];
 //   lam: one real_t on the device (read in the kernel: no host sync).
 template <typename real_t>
@@ -24,10 +25,11 @@ cudaError_t launch_mix_forward(real_t* spec, const real_t* q, const real_t* mask
 // Number of per-block partial sums launch_mix_backward writes (fixed by the shape).
 int64_t mix_backward_blocks(const DcGeometry& g);
 
-// From g_spec = T(grad), over the bins where M' != 0:
-//   lam_partials[b] = block b's share of sum w Re(conj(G) (q - M' x_spec))  (if x_spec given)
-//   grad_q = lam w G there and 0 elsewhere                                  (if grad_q given)
-//   g_spec <- (1 - lam M') g_spec                                            (if scale_g)
+// From g_spec = T(grad) and x_spec = T(x) (unnormalised), over the bins where M' != 0:
+//   lam_partials[b] = block b's share of sum w Re(conj(G) (q / sqrt(n) - M' x_spec / n))
+//                                                                      (if x_spec is given)
+//   grad_q = lam w G / sqrt(n) there and 0 elsewhere                   (if grad_q is given)
+// and over all bins g_spec <- (1 - lam M') g_spec / n                  (if scale_g).
 // lam_partials: mix_backward_blocks(g) doubles, or null when x_spec is null.
 template <typename real_t>
 cudaError_t launch_mix_backward(real_t* g_spec, const real_t* x_spec, const real_t* q,

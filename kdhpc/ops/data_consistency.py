@@ -140,7 +140,6 @@ def data_consistency_reference(x: torch.Tensor, k0: torch.Tensor, mask: torch.Te
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_OPS = ("data_consistency_k0_term", "data_consistency_apply", "data_consistency_apply_backward")
 
 
 class _Extension:
@@ -264,33 +263,18 @@ def _apply_backward_fake(grad, x, q, mask, lam, centered, hermitian, needs):
 def _k0_term_setup(ctx, inputs, output):
     k0, mask, centered, hermitian = inputs
     ctx.save_for_backward(mask)
-    ctx.flags = (centered, hermitian, k0.shape[-2], k0.shape[-1])
+    ctx.flags = (centered, hermitian, k0.shape[-2], k0.shape[-1])  # [N, H, W]
 
 
 def _k0_term_backward(ctx, grad_q):
-    """Adjoint of Q = T(R(F_c^-1(M k0))): grad_k0 = M F_c(R^H(T^H grad_q)).
-
-    T^H is the inverse transform except that the adjoint of rfft is irfft(Z / w): an interior
-    half-spectrum bin also stands for its conjugate mirror, which irfft counts twice.
-    """
+    """grad_k0 = M F_c(R^H(T^H grad_q)), the adjoint of the k0 term (in C++)."""
     (mask,) = ctx.saved_tensors
-    centered, hermitian, H, W = ctx.flags
-    mask_h, mask_w = mask.shape[-2:]
-    transform_h, transform_w = mask_h > 1, mask_w > 1 or mask_h == 1
-    if hermitian:
-        half_dim, n = (-1, W) if transform_w else (-2, H)
-        weight = torch.full((grad_q.shape[half_dim],), 2.0, dtype=mask.dtype, device=mask.device)
-        weight[0] = 1.0
-        if n % 2 == 0:
-            weight[-1] = 1.0
-        z = grad_q / (weight if half_dim == -1 else weight[:, None])
-        if transform_h and transform_w:
-            z = torch.fft.ifft(z, dim=-2, norm="ortho")
-        image = torch.fft.irfft(z, n=n, dim=half_dim, norm="ortho").to(grad_q.dtype)
-    else:
-        dims = [d for d, on in ((-2, transform_h), (-1, transform_w)) if on]
-        image = torch.fft.ifftn(grad_q, dim=dims, norm="ortho")
-    return fft2(image, centered) * mask, None, None, None
+    grad_k0 = torch.ops.kdhpc.data_consistency_k0_term_backward(grad_q, mask, *ctx.flags)
+    return grad_k0, None, None, None
+
+
+def _k0_term_backward_fake(grad_q, mask, centered, hermitian, height, width):
+    return grad_q.new_empty((grad_q.shape[0], height, width))
 
 
 def _apply_setup(ctx, inputs, output):
@@ -313,6 +297,7 @@ def _register_python_side() -> None:
         return
     _Extension.registered = True
     torch.library.register_fake("kdhpc::data_consistency_k0_term", _k0_term_fake)
+    torch.library.register_fake("kdhpc::data_consistency_k0_term_backward", _k0_term_backward_fake)
     torch.library.register_fake("kdhpc::data_consistency_apply", _apply_fake)
     torch.library.register_fake("kdhpc::data_consistency_apply_backward", _apply_backward_fake)
     torch.library.register_autograd("kdhpc::data_consistency_k0_term", _k0_term_backward,
