@@ -266,6 +266,10 @@ do_start() {
 
   # 2. optional accounting: MariaDB (private datadir, TCP on 127.0.0.1 only) + slurmdbd
   if [ "$ACCT" = 1 ]; then
+    # The controller starts with no state (job ids from 1 again), so the accounting database
+    # must too: a job id that sacct still knew from an earlier start would report that old
+    # job's state (submitit would take a running job for a finished one).
+    rm -rf "$D/mysql"
     if [ ! -d "$D/mysql/mysql" ]; then
       mariadb-install-db --no-defaults --datadir="$D/mysql" --user=root \
         --auth-root-authentication-method=normal --skip-test-db >"$D/log/mariadb-install.log" 2>&1
