@@ -129,10 +129,9 @@ def test_quarter_turn_warp_equals_the_dihedral_view_and_gamma_formula():
                                atol=1e-4)
     assert np.array_equal(y.numpy(), np.rot90(np.flip(label, -1), 1))
 
-    x, y = seg.make_view(image, label, seg.ViewParams(0, 17_000, -4, 5, 800), patch=16)
-    assert x.shape == (16, 16) and set(np.unique(y.numpy())) <= {0, 1, 2, 3}
-    full, full_label = seg.make_view(image, label, seg.ViewParams(0, 17_000, -4, 5, 800))
-    assert np.array_equal(y.numpy(), full_label.numpy()[8:24, 8:24])
+    x, y = seg.make_view(image, label, seg.ViewParams(0, 17_000, -4, 5, 800))
+    assert set(np.unique(y.numpy())) <= {0, 1, 2, 3} and len(np.unique(y.numpy())) == 4
+    assert np.array_equal(seg.center_patch(y, 16).numpy(), y.numpy()[8:24, 8:24])
 
 
 def test_view_keys_are_deterministic_identity_at_zero_and_within_ranges():
@@ -250,11 +249,20 @@ def test_tiny_run_cache_holds_the_teacher_logits_of_each_view(tiny_run):
              "view": torch.tensor([v for _, v in picks]),
              "view_key": torch.stack([it["view_key"] for it in items])}
     cached = cache.targets(batch)
+    # the teacher sees the whole view; its logits are cut to the student's central patch
+    size, patch = cfg.data.crop[0], cfg.data.patch_size
+    contexts = torch.stack([it["context"] for it in items])
+    assert contexts.shape[-1] == size and items[0]["image"].shape[-1] == patch
+    for it in items:
+        start = (size - patch) // 2
+        assert torch.equal(it["image"], it["context"][:, start:start + patch, start:start + patch])
     with torch.no_grad():
-        direct = teacher(torch.stack([it["image"] for it in items]))
+        direct = teacher(contexts)
     assert len(cached) == len(direct) == 4
     for level, logits in enumerate(direct):
-        torch.testing.assert_close(cached[f"logits_{level}"], logits, rtol=2e-3, atol=2e-3)
+        start, width = (size - patch) // 2 >> level, patch >> level
+        want = logits[..., start:start + width, start:start + width]
+        torch.testing.assert_close(cached[f"logits_{level}"], want, rtol=2e-3, atol=2e-3)
     cache.close()
 
     log = (run_dir / "student_kd" / "train_log.csv").read_text().splitlines()
@@ -294,6 +302,7 @@ def test_bad_config_is_refused_with_the_key():
     cfg = load_config(TINY, ["data.crop=[64, 48]"])
     with pytest.raises(ConfigError, match="data.crop"):
         seg.image_size(cfg)
-    cfg = load_config(TINY, ["data.patch_size=96"])
-    with pytest.raises(ConfigError, match="data.patch_size"):
-        seg.patch_size(cfg)
+    for patch in (96, 40):
+        cfg = load_config(TINY, [f"data.patch_size={patch}"])
+        with pytest.raises(ConfigError, match="data.patch_size"):
+            seg.patch_size(cfg)

@@ -62,12 +62,19 @@ Views (enumerable augmentation, identical for teacher and student): sample i has
 dihedral id and a seed come from :func:`kdhpc.data.degrade.view_key` of (slice name, v), and
 the seed draws the rotation (uniform, +-:data:`MAX_ROTATION_DEG`), the translation (integers,
 +-:data:`MAX_SHIFT_FRACTION` of S) and the gamma (log-uniform in :data:`GAMMA_RANGE`); view 0
-is the identity. A view is made from the raw cropped slice: rotation + translation (bilinear for
-the image, nearest for the labels, zero = air outside), the dihedral flip/rotation, gamma on the
-min-max rescaled image (nnU-Net's contrast augmentation), z-score; then, for training with
-``data.patch_size > 0``, the central ``patch_size`` square of the view (the translation moves
-the patch over the slice). The key travels in each batch (``view_key``) and the teacher cache
-stores it, so a cached logit always belongs to the student's exact input.
+is the identity. A view is made from the raw cropped slice (:func:`make_view`): rotation +
+translation (bilinear for the image, nearest for the labels, zero = air outside), the dihedral
+flip/rotation, gamma on the min-max rescaled image (nnU-Net's contrast augmentation), z-score.
+The key travels in each batch (``view_key``) and the teacher cache stores it, so a cached logit
+always belongs to the student's exact input.
+
+Patches: the teacher trains and predicts on whole S x S views (its InstanceNorm statistics of a
+patch differ from a whole slice's, and it is evaluated on whole slices). Students train on the
+central ``data.patch_size`` square of each view (0 = whole views; the translation moves the
+patch over the slice; their BatchNorm uses running statistics at inference, so whole-slice
+prediction is unaffected). Their teacher targets are the teacher's logits on the whole view,
+centre-cropped at every level to the patch (:func:`extract_logits`; the view rides along in
+the batch as ``context``), i.e. what the teacher predicts at those pixels of that image.
 
 Optimiser: whatever ``optim`` / ``schedule`` say, for teacher and students alike. The CPU
 default uses Adam (lr 1e-3, poly decay): nnU-Net's SGD (lr 1e-2, momentum 0.99 Nesterov, wd
@@ -118,6 +125,10 @@ GAMMA_RANGE = (0.7, 1.5)
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 """Mirrorings of the teacher's flip test-time augmentation (nnU-Net's 2-D mirror axes)."""
 
+PATCH_ALIGNMENT = 16
+"""crop - patch_size must be a multiple of this: the centred patch then starts at a multiple of
+8 = 2^3, a whole pixel of the lowest of the 4 deep-supervision levels."""
+
 PARITY_TOLERANCE = 1e-3
 """Largest |logit difference| between an exported model and the eager one that passes."""
 
@@ -140,9 +151,10 @@ def image_size(cfg: Config) -> int:
 def patch_size(cfg: Config) -> int:
     """Training patch size (``data.patch_size``; 0 = the whole S x S view), checked."""
     size, patch = image_size(cfg), cfg.data.patch_size
-    if patch > size:
-        raise ConfigError(f"data.patch_size: expected at most data.crop = {size} (or 0), found "
-                          f"{patch}")
+    if patch > size or (patch and (size - patch) % PATCH_ALIGNMENT):
+        raise ConfigError(f"data.patch_size: expected 0 or at most data.crop = {size} with "
+                          f"crop - patch a multiple of {PATCH_ALIGNMENT} (so the patch starts "
+                          f"on a pixel of every deep-supervision level), found {patch}")
     return patch
 
 
@@ -235,9 +247,9 @@ def gamma_contrast(image: torch.Tensor, gamma: float) -> torch.Tensor:
     return lo + span * ((image - lo) / span).clamp(0, 1) ** gamma
 
 
-def make_view(image: np.ndarray, label: np.ndarray, params: ViewParams,
-              patch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z-scored image [P, P] float32, labels [P, P] int64) of a raw S x S slice's view."""
+def make_view(image: np.ndarray, label: np.ndarray,
+              params: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z-scored image [S, S] float32, labels [S, S] int64) of a raw S x S slice's view."""
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))   # [S, S]
     y = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))     # [S, S]
     if params.rotation_mdeg or params.shift_y or params.shift_x:
@@ -246,26 +258,31 @@ def make_view(image: np.ndarray, label: np.ndarray, params: ViewParams,
         x, y = dihedral(x, params.dihedral), dihedral(y, params.dihedral)
     if params.gamma_milli != 1000:
         x = gamma_contrast(x, params.gamma_milli / 1000.0)
-    x = torch.from_numpy(normalize_slice(x.contiguous().numpy()))
-    y = y.contiguous()
-    if patch and patch < x.shape[-1]:
-        start = (x.shape[-1] - patch) // 2
-        window = (slice(start, start + patch), slice(start, start + patch))
-        x, y = x[window].contiguous(), y[window].contiguous()
-    return x, y
+    return torch.from_numpy(normalize_slice(x.contiguous().numpy())), y.contiguous()
+
+
+def center_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The central ``patch x patch`` square of the last two dims (all of ``x`` when 0)."""
+    size = x.shape[-1]
+    if not patch or patch >= size:
+        return x
+    start = (size - patch) // 2
+    return x[..., start:start + patch, start:start + patch].contiguous()
 
 
 class CardiacViews:
     """Dataset of views (:mod:`kdhpc.train`) over the slices of one split.
 
     ``get_view(i, v)`` -> ``image`` float32 [1, P, P], ``label`` int64 [P, P] and ``view_key``
-    int64 [5] (:class:`ViewParams`); ``num_views`` = ``degrade.views_per_sample`` when
+    int64 [5] (:class:`ViewParams`), P = ``patch`` or S; with a patch also ``context``, the
+    whole view [1, S, S] the teacher sees. ``num_views`` = ``degrade.views_per_sample`` when
     ``augment``, else 1 (evaluation reads view 0 only).
     """
 
     def __init__(self, slices: ACDCSliceDataset, degrade: DegradeConfig, size: int,
                  patch: int = 0, augment: bool = True):
-        self.slices, self.degrade, self.size, self.patch = slices, degrade, size, patch
+        self.slices, self.degrade, self.size = slices, degrade, size
+        self.patch = patch if patch and patch < size else 0
         self.num_views = degrade.views_per_sample if augment else 1
 
     def __len__(self) -> int:
@@ -286,10 +303,13 @@ class CardiacViews:
     def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
         params = ViewParams(*self.view_key(index, view))
         item = self.slices[index]
-        image, label = make_view(item["image"][0].numpy(), item["label"].numpy(), params,
-                                 self.patch)
-        return {"image": image[None], "label": label,
-                "view_key": torch.tensor(list(params), dtype=torch.int64)}
+        image, label = make_view(item["image"][0].numpy(), item["label"].numpy(), params)
+        out = {"image": center_patch(image, self.patch)[None],
+               "label": center_patch(label, self.patch),
+               "view_key": torch.tensor(list(params), dtype=torch.int64)}
+        if self.patch:
+            out["context"] = image[None]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +328,17 @@ def load_network(arch: str, weights: str | os.PathLike) -> nn.Module:
 
 
 def extract_logits(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    """Teacher targets: ``logits_i`` [B, K, P / 2^i, P / 2^i] for every deep-supervision level."""
-    return {f"logits_{i}": logits for i, logits in enumerate(model(batch["image"]))}
+    """Teacher targets: ``logits_i`` [B, K, P / 2^i, P / 2^i] for every deep-supervision level.
+
+    The teacher sees the whole view (``batch["context"]`` [B, 1, S, S] when the student's
+    ``image`` is a central P x P patch of it) and its logits are centre-cropped to the patch.
+    """
+    context = batch.get("context")
+    logits = model(batch["image"] if context is None else context)
+    if context is None:
+        return {f"logits_{i}": level for i, level in enumerate(logits)}
+    patch = batch["image"].shape[-1]
+    return {f"logits_{i}": center_patch(level, patch >> i) for i, level in enumerate(logits)}
 
 
 def teacher_levels(targets: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -411,19 +440,21 @@ class Recipe:
             self._slices[split] = slice_dataset(self.cfg, self.root, name)
         return self._slices[split]
 
-    def views(self, split: str) -> CardiacViews:
-        """Training views (augmented, patches) or view 0 of whole slices (val, test)."""
+    def views(self, split: str, whole: bool = False) -> CardiacViews:
+        """Training views (augmented; student patches unless ``whole``) or view 0 of whole
+        slices (val, test)."""
         train = split == "train"
         return CardiacViews(self.slices(split), self.cfg.degrade, self.size,
-                            self.patch if train else 0, augment=train)
+                            self.patch if train and not whole else 0, augment=train)
 
-    def train_network(self, stage_dir: Path, arch: str, weight: float, teacher=None) -> dict:
+    def train_network(self, stage_dir: Path, arch: str, weight: float, teacher=None,
+                      whole: bool = False) -> dict:
         from kdhpc.train import seed_everything, train
 
         seed_everything(self.cfg.train.seed)  # the no-KD and KD students start from one init
         model = build_model(arch)
         result = train(selection_config(self.cfg), model, make_loss(self.cfg, weight),
-                       self.views("train"), val_set=self.views("val"), teacher=teacher,
+                       self.views("train", whole), val_set=self.views("val"), teacher=teacher,
                        eval_fn=slice_counts, volume_metrics=volume_dice, run_dir=stage_dir)
         return {"arch": arch, "weights": str(result.best_weights), "trained": True,
                 "kd_weight": weight, "steps": result.steps, "best_metric": result.best_metric,
@@ -436,7 +467,7 @@ class Recipe:
             load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
             return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
                     "trained": False}
-        return self.train_network(stage_dir, cfg.model.teacher, 0.0)
+        return self.train_network(stage_dir, cfg.model.teacher, 0.0, whole=True)
 
     def cache_stage(self, teacher: nn.Module, cache_dir: Path, data_config: dict) -> dict:
         from kdhpc.teacher import fill_cache, teacher_fingerprint
@@ -866,8 +897,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
         f"train {results['data']['train_volumes']} volumes / {results['data']['train_slices']} "
         f"slices, val {results['data']['val_volumes']} / {results['data']['val_slices']}, test "
         f"{results['data']['test_volumes']} / {results['data']['test_slices']} (ED + ES frames; "
-        f"one volume = one patient frame); slices {recipe.size} x {recipe.size}, training "
-        f"patches {recipe.patch or recipe.size}, {cfg.degrade.views_per_sample} views per slice",
+        f"one volume = one patient frame); slices {recipe.size} x {recipe.size}, student "
+        f"training patches {recipe.patch or recipe.size} (teacher: whole slices), {cfg.degrade.views_per_sample} views per slice",
         f"- teacher: {teacher_res['arch']} "
         f"({'trained here, ' + str(teacher_res['steps']) + ' steps' if teacher_res['trained'] else 'loaded from ' + teacher_res['weights']}); "
         f"students: {kd_res['arch']}, {kd_res['steps']} steps each, same initial weights",
