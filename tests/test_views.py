@@ -158,6 +158,24 @@ def test_kdmri_volumes_without_a_max_attribute(tmp_path):
     np.testing.assert_allclose(item["target"][0].numpy(), volfs[:, :, 1] / peak, rtol=1e-6)
 
 
+def test_two_dimensional_mask_files(brain, tmp_path):
+    """KD-MRI ships [H, W] masks (unshifted): used as they are, and their shape is checked."""
+    n = TINY.brain_size
+    mask = (np.random.default_rng(1).uniform(size=(n, n)) < 0.3).astype(np.float32)
+    mask[0, 0] = 1.0
+    np.save(tmp_path / "mask_4x.npy", mask)
+    cfg = MaskConfig(kind="file", path=str(tmp_path / "mask_4x.npy"), layout="unshifted")
+    item = SliceViews(brain, RECON, mask=cfg).get_view(1, 0)
+    target, peak = stored(brain, 1)
+    np.testing.assert_array_equal(item["mask"].numpy(), mask[None])
+    np.testing.assert_allclose(item["kspace"][0].numpy(),
+                               np.fft.fft2(target / peak, norm="ortho") * mask, atol=1e-6)
+    with pytest.raises(ValueError, match=r"image shape \(30, 40\)"):
+        SliceViews(brain, RECON, mask=cfg, crop=(30, 40)).get_view(1, 0)
+    with pytest.raises(ValueError, match="mask width 40 differs from the k-space width 30"):
+        SliceViews(brain, RECON, mask=cfg, crop=(40, 30)).get_view(1, 0)
+
+
 def test_bad_input_is_named(brain, tmp_path):
     with pytest.raises(ValueError, match="expected a mask config"):
         SliceViews(brain, RECON)

@@ -40,7 +40,8 @@ Conventions (decided here, used by every recipe that reads these views):
   KD-MRI ships them), drawn once with ``mask.seed``; ``random`` and ``equispaced`` are drawn per
   view from the view key's mask seed (so every view, and view 0 that evaluation reads, is
   reproducible in every process). A mask is built for the width of the (transformed) image in
-  ``mask.layout`` and moved to the layout ``centered`` names.
+  ``mask.layout`` and moved to the layout ``centered`` names; a 2-D mask file must match the
+  image's shape (KD-MRI's ``us_masks`` match its data).
 - Views. ``num_views = degrade.views_per_sample``; view ``v`` of sample ``i`` is
   :func:`kdhpc.data.degrade.view_key` of ``"<file name>:<slice>"`` (the file's name, not its
   folder, so keys survive moving the data) with ``base_seed``; view 0 is the un-augmented one
@@ -50,8 +51,9 @@ Items (``get_view``), all tensors so that ``default_collate`` batches them:
 
 - ``input`` float32 ``[1, H, W]``, ``target`` float32 ``[1, H, W]`` (normalised),
 - ``kspace`` complex64 ``[1, H, W]``: the degraded k-space in the ``centered`` layout (DC's k0),
-- ``mask`` float32 ``[1, 1, W]`` (``undersample`` only; batches to ``[B, 1, 1, W]``, which
-  broadcasts against ``[B, 1, H, W]``),
+- ``mask`` float32 ``[1, 1, W]``, or ``[1, H, W]`` for a 2-D mask file (``undersample``
+  only; batches to ``[B, 1, 1, W]`` / ``[B, 1, H, W]``, which broadcast against
+  ``[B, 1, H, W]``),
 - ``scale``, ``volume_max`` float32 scalars; ``volume``, ``slice`` int64 scalars;
   ``view_key`` int64 ``[3]`` (dihedral id, mask seed, noise seed).
 """
@@ -174,8 +176,9 @@ class SliceViews:
         mask = None
         if self.degrade.task == "undersample":
             # rot90 by an odd number of quarter turns swaps H and W before the mask is applied.
-            width = target.shape[-1] if key.dihedral % 2 == 0 else target.shape[-2]
-            mask = self.mask_for(width, key)
+            shape = tuple(target.shape[-2:]) if key.dihedral % 2 == 0 else tuple(
+                target.shape[-2:])[::-1]
+            mask = self.mask_for(shape, key)
         out = make_view(target, key, self.degrade, centered=self.centered, mask=mask)
         image = out["image"]  # [H, W] complex
         net_input = image.real if self.input_kind == "real" else image.abs()
@@ -190,7 +193,7 @@ class SliceViews:
             "view_key": torch.tensor(list(key), dtype=torch.int64),
         }
         if mask is not None:
-            item_out["mask"] = mask.reshape(1, 1, -1)  # [1, 1, W]
+            item_out["mask"] = mask.reshape(1, -1, mask.shape[-1])  # [1, 1, W] or [1, H, W]
         return item_out
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -221,21 +224,23 @@ class SliceViews:
             self._volume_max[volume] = peak
         return self._volume_max[volume]
 
-    def mask_for(self, width: int, key: ViewKey) -> torch.Tensor:
-        """float32 ``[W]`` mask in the layout ``centered`` names: a fixed mask (``kdmri``,
-        ``file``) drawn once with ``mask.seed``, else one drawn from the view's mask seed."""
+    def mask_for(self, shape: tuple[int, int], key: ViewKey) -> torch.Tensor:
+        """float32 mask for an image of ``shape`` (H, W), in the layout ``centered`` names:
+        ``[W]`` lines, or ``[H, W]`` from a 2-D ``.npy`` (``mask.kind: file``, KD-MRI's
+        ``us_masks``). Fixed kinds (``kdmri``, ``file``) are drawn once with ``mask.seed``,
+        the random ones from the view's mask seed."""
         cfg = self.mask_cfg
         fixed = cfg.kind in FIXED_MASKS
-        if fixed and width in self._fixed_masks:
-            return self._fixed_masks[width]
-        mask = make_mask(cfg, width, seed=None if fixed else key.mask_seed)
-        if mask.ndim != 1:
-            raise ValueError(f"{cfg.path or 'mask'}: expected a 1-D [W] line mask for views, "
-                             f"found shape {mask.shape}")
+        if fixed and shape in self._fixed_masks:
+            return self._fixed_masks[shape]
+        mask = make_mask(cfg, shape[-1], seed=None if fixed else key.mask_seed)
+        if mask.ndim == 2 and mask.shape != shape:
+            raise ValueError(f"{cfg.path}: expected a 2-D mask of the image shape {shape} (after "
+                             f"data.crop), found {mask.shape}")
         layout = "centered" if self.centered else "unshifted"
         mask = torch.from_numpy(np.ascontiguousarray(to_layout(mask, cfg.layout, layout)))
         if fixed:
-            self._fixed_masks[width] = mask
+            self._fixed_masks[shape] = mask
         return mask
 
 

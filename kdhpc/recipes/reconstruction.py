@@ -544,7 +544,16 @@ def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
 # the recipe
 
 def run(cfg: Config, stages) -> dict:
-    """The stage chain (module docstring); returns the report's key numbers."""
+    """The stage chain (module docstring); returns the report's key numbers. The engine applies
+    ``train.threads``; the caller's torch thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, stages)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, stages) -> dict:
     check_config(cfg)
     run_dir = Path(cfg.run_dir)
     rank, _ = _rank_world()
