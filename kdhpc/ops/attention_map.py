@@ -582,15 +582,9 @@ def _fast_unavailable_reason(tensors: dict, mode: str = "paper",
 def _choose_path(op: str, impl: str, tensors: dict, mode: str = "paper") -> str:
     """``"fast"`` or ``"reference"``: Triton on CUDA for ``auto``; on CPU the interpreter only
     when the fast path is asked for explicitly (argument or process-wide override)."""
-    reason = _fast_unavailable_reason(tensors, mode)
-    try:
-        return dispatch.resolve(op, impl, lambda: reason or True)
-    except RuntimeError:
-        # resolve raises only where "fast" was required; on CPU that is a request for the
-        # interpreter, which "auto" must never pick (it would slow every CPU user down).
-        if _fast_unavailable_reason(tensors, mode, interpreter_ok=True) is None:
-            return "fast"
-        raise
+    return dispatch.resolve(
+        op, impl, lambda explicit: _fast_unavailable_reason(tensors, mode,
+                                                            interpreter_ok=explicit) or True)
 
 
 def attention_map(features: torch.Tensor, p: float = 2, normalize: bool = True,

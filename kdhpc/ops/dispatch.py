@@ -51,11 +51,14 @@ def force_impl(impl: str | None) -> Iterator[None]:
         _override = previous
 
 
-def resolve(op: str, impl: str, fast_available: Callable[[], bool | str]) -> str:
+def resolve(op: str, impl: str, fast_available: Callable[[bool], bool | str]) -> str:
     """Return ``"fast"`` or ``"reference"`` for one call of ``op``.
 
-    ``fast_available()`` returns True, or False / a string saying why the fast path cannot
-    run for this call (the string ends up in the error raised for ``impl="fast"``).
+    ``fast_available(explicit)`` returns True, or False / a string saying why the fast path
+    cannot run for this call (the string ends up in the error raised for ``impl="fast"``).
+    ``explicit`` is True when the fast path was asked for by name (argument or process-wide
+    override), so an op may admit a slow fast path only then: Triton's CPU interpreter serves
+    parity tests but must never be picked by ``"auto"``.
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl: expected one of {IMPLS}, found {impl!r}")
@@ -63,7 +66,7 @@ def resolve(op: str, impl: str, fast_available: Callable[[], bool | str]) -> str
         impl = _override or _env_override() or "auto"
     if impl == "reference":
         return "reference"
-    ok = fast_available()
+    ok = fast_available(impl == "fast")
     if impl == "fast":
         if ok is not True:
             reason = ok if isinstance(ok, str) else "no fast path for these inputs"

@@ -504,15 +504,9 @@ def _fast_unavailable_reason(student: torch.Tensor, teacher: torch.Tensor,
 def _choose_path(student: torch.Tensor, teacher: torch.Tensor, impl: str) -> str:
     """``"fast"`` or ``"reference"``: Triton on CUDA for ``auto``; on CPU the interpreter only
     when the fast path is asked for explicitly (argument or process-wide override)."""
-    reason = _fast_unavailable_reason(student, teacher)
-    try:
-        return dispatch.resolve(OP, impl, lambda: reason or True)
-    except RuntimeError:
-        # resolve raises only where "fast" was required; on CPU that is a request for the
-        # interpreter, which "auto" must never pick (it would slow every CPU user down).
-        if _fast_unavailable_reason(student, teacher, interpreter_ok=True) is None:
-            return "fast"
-        raise
+    return dispatch.resolve(
+        OP, impl, lambda explicit: _fast_unavailable_reason(student, teacher,
+                                                            interpreter_ok=explicit) or True)
 
 
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
