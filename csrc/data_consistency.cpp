@@ -7,13 +7,15 @@
 // T the orthonormal FFT along the axes where the mask varies (rfft when x is real and the
 // output is its real part, "hermitian"; then M' is the symmetrised mask), R the real part in
 // that case. Q does not change between the cascades of one sample, so it is its own op
-// (data_consistency_k0_term) and the per-cascade op reads it only where M' != 0.
+// (data_consistency_k0_term) and the per-cascade op uses it only where M' != 0.
 //
-// CPU strategy: the image is cut into cache-sized blocks (rows of the image for 1-D masks along
-// W, whole images otherwise); each thread transforms a block, applies S and Q in one pass over
-// its spectrum while it is in cache, transforms it back into the output and turns -0.0 into
-// +0.0. Blocks are fixed by the shape, not by the thread count, so results (and the lam
-// gradient's sum) do not depend on the number of threads.
+// CPU strategy: the image is cut into blocks fixed by the shape (rows of the image for 1-D masks
+// along W, whole images otherwise), handed out one at a time to ATen's threads. A thread
+// transforms its block (unnormalised MKL FFT through ATen, single-threaded inside the parallel
+// region), applies the orthonormal scale, S and Q in one branch-free pass over the block's
+// spectrum while it is in cache, transforms it back and copies it into the output, turning
+// -0.0 into +0.0 on the way. Results, the lam gradient's sum included, do not depend on the
+// number of threads.
 
 #include "data_consistency.h"
 
@@ -245,12 +247,13 @@ struct Tiling {
 
 Tiling cpu_tiling(const DcGeometry& g, int64_t spec_element_bytes) {
   if (g.transform_h) return {g.rows, g.height, g.spec_h, 1, g.rows};  // whole images
-  // Row-wise FFTs in batches of about 256 KiB of spectrum (a block's image, spectrum and
-  // output stay in a core's L2), at least 8 blocks when there are enough rows. Each ATen FFT
-  // call plans MKL afresh (~10 us), which bounds how small blocks can usefully be. The blocks
-  // depend on the shape only, so results do not depend on the thread count.
+  // Row-wise FFTs in batches of about 512 KiB of spectrum (a block's image, spectrum and
+  // output stay in a core's L2) and at least 8 blocks when there are enough rows, so that
+  // threads can share them. Each ATen FFT call plans MKL afresh (~10 us), which bounds how
+  // small blocks can usefully be. The blocks depend on the shape only, so results do not
+  // depend on the thread count.
   const int64_t units = g.rows * g.height;
-  int64_t blocks = (units * g.spec_w * spec_element_bytes + (1 << 18) - 1) >> 18;
+  int64_t blocks = (units * g.spec_w * spec_element_bytes + (1 << 19) - 1) >> 19;
   blocks = std::min(units, std::max<int64_t>(blocks, 8));
   const int64_t per_block = (units + blocks - 1) / blocks;
   return {units, 1, 1, per_block, (units + per_block - 1) / per_block};
