@@ -14,15 +14,17 @@ Stages (each resumable, :class:`kdhpc.distill.Stages`)::
          -> multitask_nokd, multitask_kd (multi-task EDSR) -> evaluate (test split) -> timing
          -> report
 
-Model-based KD: one SwinIR teacher trained on ``degrade.task`` (denoise in the paper) and one
-cache of its outputs on every training view, shared by EDSR students at each alpha of
-:data:`ALPHA_GRID`; alpha 0 is the no-KD student (trained on the input/reference pairs only),
-all students start from the same initial weights. Task-based KD: an EDSR denoising (DNE) expert
-and an EDSR super-resolution (SRE) expert (``model.experts`` may name trained ones, DNE first),
-one cache of the *routed* experts (:class:`TaskExperts`: each view's task picks its expert)
-over the mixed training set, and a multi-task EDSR (``model.student`` with ``multitask`` in the
-name, FiLM task conditioning, see :mod:`kdhpc.models.edsr`) trained on the mixed pairs without
-KD and with KD at ``loss.alpha`` (the paper's multi-task figure uses 0.75).
+Model-based KD: one SwinIR teacher trained on ``degrade.task`` (denoise in the paper) for
+:data:`TEACHER_EPOCHS_FACTOR` times the students' epochs, and one cache of its outputs on every
+training view, shared by EDSR students at each alpha of :data:`ALPHA_GRID`; alpha 0 is the no-KD
+student (trained on the input/reference pairs only); all students start from the same initial
+weights. Task-based KD: an EDSR denoising (DNE) expert and an EDSR super-resolution (SRE) expert
+(``model.experts`` may name trained ones, DNE first; the expert of ``degrade.task`` is the no-KD
+student itself, trained identically), one cache of the *routed* experts (:class:`TaskExperts`:
+each view's task picks its expert) over the mixed training set, and the multi-task sibling of
+``model.student`` (``edsr_small`` -> ``edsr_multitask_small``: FiLM conditioning by a learned
+per-task embedding, see :mod:`kdhpc.models.edsr`) trained on the mixed pairs without KD and with
+KD at ``loss.alpha`` (the paper's multi-task figure uses 0.75).
 
 Loss (:func:`kdhpc.losses.enhancement_loss`):
 ``alpha * L1(S, T) + (1 - alpha) * (l1_weight L1 + ssim_weight (1 - SSIM) + perceptual_weight P)``.
@@ -34,20 +36,20 @@ features. Every EDSR (students, experts, multi-task) uses that same feature netw
 data terms are identical; the SwinIR teacher itself is trained without P unless a checkpoint
 is given (it cannot judge itself before it is trained), and the report says so.
 
-Data (:class:`EnhancementViews`): fastMRI-layout volumes (the default brain set, or
-``data.dataset: fastmri`` with ``data.root`` holding ``<challenge>_<split>/`` or ``<split>/``
-folders). Each slice's complex image ``x = ifft2(kspace)`` (centred) is cropped to the
-reconstruction's size and then to ``data.crop``; a view (:func:`kdhpc.data.degrade.make_view`)
-applies a dihedral transform and the task's k-space degradation to the whole field of view
-(reduced-NSA noise with ``degrade.nsa_factor``, ``noise_sigma`` and random levels from
-``noise_jitter``; or phase-encode truncation with ``sr_scale``, ``sr_mode``); input and target
-are magnitudes (root-sum-of-squares over coils), both divided by the input's maximum (known at
-inference). Training crops ``data.patch_size`` patches *after* the degradation (the k-space
-operations act on the whole field of view, as in a scanner); the patch origin is drawn from a
-seed of (slice, view), so it is part of the view key and a cached teacher output always matches
-the student's patch. ``patch_size: 0`` trains on whole slices (needs square crops when dihedral
-views are on). Validation (model selection on ``val_loss``) uses the same patches at view 0;
-the test split is evaluated on whole slices at view 0 (fixed noise per slice).
+Data (:class:`EnhancementViews`, a wrapper of :class:`kdhpc.data.views.SliceViews` and its
+conventions): fastMRI-layout volumes (the default brain set, or ``data.dataset: fastmri`` with
+``data.root`` holding ``<challenge>_<split>/`` or ``<split>/`` folders); targets are the files'
+reconstructions, centre-cropped to ``data.crop`` and divided by the volume maximum; a view
+(:func:`kdhpc.data.degrade.make_view`) applies a dihedral transform and the task's degradation
+to the k-space of the whole cropped slice (reduced-NSA noise: ``degrade.nsa_factor``,
+``noise_sigma``, random levels from ``noise_jitter``; or phase-encode truncation: ``sr_scale``,
+``sr_mode``) and the input is the magnitude image. Training cuts ``data.patch_size`` patches
+*after* the degradation (k-space operations act on the whole field of view, as in a scanner);
+the patch origin is drawn from a seed of (slice, view), so it is part of the view key and a
+cached teacher output always matches the student's patch. ``patch_size: 0`` trains on whole
+slices (square crops needed with dihedral views). Validation (model selection on ``val_loss``)
+uses the same patches at view 0; the test split is evaluated on whole slices at view 0 (its
+noise fixed per slice).
 
 Evaluation (:func:`evaluate_models`): per test slice, PSNR and SSIM (fastMRI definitions,
 data range = the volume's target maximum) and SNR in ROIs (:func:`kdhpc.metrics.snr_roi`):
@@ -62,7 +64,8 @@ Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES`
 ``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
 
 Config fields this recipe would like (derived meanwhile): ``loss.alpha_grid`` (list of float,
-:data:`ALPHA_GRID`), ``model.multitask_student`` (str, :func:`multitask_arch`).
+:data:`ALPHA_GRID`), ``model.multitask_student`` (str, :func:`multitask_arch`),
+``train.teacher_epochs`` (int, :data:`TEACHER_EPOCHS_FACTOR`).
 """
 
 from __future__ import annotations
@@ -1120,6 +1123,15 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
     if not teacher_res.get("perceptual") and teacher_res.get("trained"):
         limits += (" The SwinIR teacher was trained without the perceptual term (no feature "
                    "network exists before it is trained; set loss.perceptual_checkpoint).")
+    for t in TASKS:
+        scores = {e["model"]: e["psnr"] for e in task_summary if e["task"] == t}
+        if max(v for m, v in scores.items() if m != "input") <= scores["input"]:
+            limits += (f" On {TASK_LABELS[t]} no network beats its own input's PSNR "
+                       f"({scores['input']:.2f} dB) at this budget, so that task's comparisons "
+                       f"rank degraded outputs, not restorations.")
+    limits += (" SNR on SRE is reported for completeness only: truncating k-space low-passes the "
+               "noise, so the SRE input's background is quiet and its SNR high; PSNR and SSIM "
+               "are the SRE measures.")
 
     sections = [
         ("Setup", f"Model-based task: {TASK_LABELS[task]}; teacher {cfg.model.teacher}, "
