@@ -147,6 +147,27 @@ def test_two_nodes_match_one_node_and_no_argument_reaches_a_shell(cluster, tmp_p
     # 2 ranks on 2 nodes and 2 ranks on 1 node: the same weights in every stage
     assert_same_weights(trained_weights(hostile), trained_weights(tmp_path / "one_node"))
 
+    # slurm/teacher_cache.sh, one shard per rank on two nodes, from the trained teacher: the
+    # same targets as the cache the recipe filled itself
+    from kdhpc.teacher import CachedTeacher
+
+    teacher = tmp_path / "one_node" / "teacher" / "best_model.pt"
+    cache = sbatch(cluster, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                   "-o", "cache.out", str(REPO / "slurm" / "teacher_cache.sh"), str(TINY),
+                   f"model.teacher_checkpoint={teacher}",
+                   f"teacher.cache_dir={tmp_path / 'cache'}", *OVERRIDES)
+    info = wait_job(cache, 180)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "cache.out").read_text()[-3000:]
+    ours = CachedTeacher(tmp_path / "cache")
+    recipes = CachedTeacher(tmp_path / "one_node" / "teacher_cache")
+    assert (ours.num_samples, ours.num_views) == (recipes.num_samples, recipes.num_views)
+    everything = {"index": torch.arange(ours.num_samples).repeat_interleave(ours.num_views),
+                  "view": torch.arange(ours.num_views).repeat(ours.num_samples)}
+    a, b = ours.targets(everything), recipes.targets(everything)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
 
 def test_sigusr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     run_dir = tmp_path / "preempted"
