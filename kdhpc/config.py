@@ -150,6 +150,9 @@ class LossConfig:
     perceptual_weight: float = _f(0.0, "weight of the perceptual term inside the data term", lo=0.0)
     perceptual_checkpoint: str = _f("", "feature network for the perceptual term; empty = the "
                                     "frozen teacher's early layers")
+    alpha_grid: list[float] = _f([0.0, 0.25, 0.5, 0.75, 1.0], "enhancement: alphas of the "
+                                 "model-based students in one run; must contain 0 (the no-KD "
+                                 "student)", factory=True)
     ds_weights: list[float] = _f([], "deep-supervision weights, highest resolution first; "
                                  "empty = nnU-Net's 1/2^i, lowest 0, normalised", factory=True)
 
@@ -182,6 +185,9 @@ class TrainConfig:
 
     epochs: int = _f(150, "training epochs", lo=1)
     max_steps: int = _f(0, "stop after this many optimiser steps (0 = run all epochs)", lo=0)
+    teacher_epochs_factor: int = _f(1, "a teacher trained by a recipe runs this many times "
+                                    "epochs (and max_steps): a teacher should be trained further "
+                                    "than its students", lo=1)
     batch_size: int = _f(4, "global batch size (micro batch x ranks x accumulation)", lo=1)
     grad_accum: int = _f(1, "gradient accumulation steps", lo=1)
     grad_clip: float = _f(0.0, "gradient norm clip (0 = off)", lo=0.0)
@@ -343,6 +349,9 @@ def _check_cross(cfg: Config, source: str) -> None:
     if cfg.mask.kind == "file" and not cfg.mask.path:
         raise ConfigError(f"{source}: mask.path: expected a .npy file when mask.kind is 'file', "
                           f"found ''")
+    if any(not 0.0 <= a <= 1.0 for a in cfg.loss.alpha_grid):
+        raise ConfigError(f"{source}: loss.alpha_grid: expected values in [0, 1], "
+                          f"found {cfg.loss.alpha_grid!r}")
     if any(w < 0 for w in cfg.loss.ds_weights):
         raise ConfigError(f"{source}: loss.ds_weights: expected non-negative weights, "
                           f"found {cfg.loss.ds_weights!r}")

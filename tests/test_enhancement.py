@@ -17,7 +17,7 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kdhpc import distill
-from kdhpc.config import ConfigError, load_config
+from kdhpc.config import Config, ConfigError, load_config
 from kdhpc.losses import PerceptualLoss, enhancement_loss
 from kdhpc.models import build_model
 from kdhpc.recipes import enhancement as E
@@ -214,7 +214,7 @@ def test_recipe_configs_name_existing_networks(name):
 # ---------------------------------------------------------------------------------------------
 # the whole recipe
 
-STAGES = ["data", "teacher", "teacher_cache", *[E.alpha_name(a) for a in E.ALPHA_GRID],
+STAGES = ["data", "teacher", "teacher_cache", *[E.alpha_name(a) for a in Config().loss.alpha_grid],
           "expert_denoise", "expert_superres", "expert_cache", "multitask_nokd", "multitask_kd",
           "evaluate", "timing", "report"]
 
@@ -261,7 +261,7 @@ def test_report_numbers_equal_recomputation_from_saved_predictions(tiny_run):
     recon = np.concatenate([h5py.File(p, "r")["reconstruction_esc"][:] for p in test_files])
     assert np.allclose(target, recon[index], atol=1e-5 * recon.max())
     # SNR per (slice, ROI): mean over the tissue ROI / sample std over the background ROI.
-    names = E.model_names(E.ALPHA_GRID)
+    names = E.model_names(Config().loss.alpha_grid)
     for model, pred in preds.items():
         for j, i in enumerate(index):
             row = next(r for r in rows if r["model"] == model and r["task"] == "denoise"

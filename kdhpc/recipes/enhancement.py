@@ -15,8 +15,8 @@ Stages (each resumable, :class:`kdhpc.distill.Stages`)::
          -> report
 
 Model-based KD: one SwinIR teacher trained on ``degrade.task`` (denoise in the paper) for
-:data:`TEACHER_EPOCHS_FACTOR` times the students' epochs, and one cache of its outputs on every
-training view, shared by EDSR students at each alpha of :data:`ALPHA_GRID`; alpha 0 is the no-KD
+``train.teacher_epochs_factor`` times the students' epochs, and one cache of its outputs on every
+training view, shared by EDSR students at each alpha of ``loss.alpha_grid``; alpha 0 is the no-KD
 student (trained on the input/reference pairs only); all students start from the same initial
 weights. Task-based KD: an EDSR denoising (DNE) expert and an EDSR super-resolution (SRE) expert
 (``model.experts`` may name trained ones, DNE first; the expert of ``degrade.task`` is the no-KD
@@ -63,9 +63,7 @@ intercept per ROI unit; the paper's random-effects model) is added when statsmod
 Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES` test inputs,
 ``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
 
-Config fields this recipe would like (derived meanwhile): ``loss.alpha_grid`` (list of float,
-:data:`ALPHA_GRID`), ``model.multitask_student`` (str, :func:`multitask_arch`),
-``train.teacher_epochs`` (int, :data:`TEACHER_EPOCHS_FACTOR`).
+The multi-task student is derived from ``model.student`` (:func:`multitask_arch`).
 """
 
 from __future__ import annotations
@@ -96,9 +94,6 @@ TASKS = ("denoise", "superres")
 """Task ids of the multi-task EDSR (its ``task_names``) and order of ``model.experts``."""
 TASK_LABELS = {"denoise": "DNE", "superres": "SRE"}
 
-ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-"""KD weights of the model-based students (the paper's 0:0.25:1); alpha 0 is the no-KD model."""
-
 ROI_LABEL_KEY = "tissue"
 ROI_NAMES = {2: "GM", 3: "WM", 9: "object"}
 """SNR ROIs: grey and white matter from a tissue map; ``object`` for automatic ROIs."""
@@ -111,11 +106,6 @@ AUTO_OBJECT_FRACTION = 0.1
 PERCEPTUAL_DEPTH = 1
 """Early layers of the perceptual feature network: the input conv plus this many Swin layers
 (SwinIR) or residual blocks (EDSR)."""
-
-TEACHER_EPOCHS_FACTOR = 4
-"""The SwinIR teacher trains for this many times ``train.epochs`` (and ``train.max_steps`` when
-set): a teacher is trained to a better point than the students it teaches, and a transformer
-learns more slowly per step than an EDSR (wanted: a ``train.teacher_epochs`` field)."""
 
 TIMING_SLICES = 1
 """Test slices timed in each repeat (sec/slice = their total / their number)."""
@@ -155,8 +145,8 @@ def multitask_arch(student: str) -> str:
 
 
 def alpha_grid(cfg: Config) -> tuple[float, ...]:
-    """The alphas of the model-based students (:data:`ALPHA_GRID`; wanted: ``loss.alpha_grid``)."""
-    grid = tuple(getattr(cfg.loss, "alpha_grid", ALPHA_GRID) or ALPHA_GRID)
+    """The alphas of the model-based students (``loss.alpha_grid``)."""
+    grid = tuple(cfg.loss.alpha_grid)
     if 0.0 not in grid:
         raise ConfigError(f"loss.alpha_grid: expected a grid containing 0 (the no-KD student), "
                           f"found {list(grid)}")
@@ -557,9 +547,11 @@ class Recipe:
             return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
                     "trained": False, "perceptual": False}
         perceptual = perceptual_network(cfg, None)
+        # The SwinIR teacher trains train.teacher_epochs_factor times longer (the enhancement
+        # configs set 4): a transformer learns more slowly per step than an EDSR.
+        factor = cfg.train.teacher_epochs_factor
         longer = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, epochs=cfg.train.epochs * TEACHER_EPOCHS_FACTOR,
-            max_steps=cfg.train.max_steps * TEACHER_EPOCHS_FACTOR))
+            cfg.train, epochs=cfg.train.epochs * factor, max_steps=cfg.train.max_steps * factor))
         result = self.train_network(stage_dir, cfg.model.teacher, self.views("train", self.task),
                                     self.views("val", self.task), make_loss(cfg, 0.0, perceptual),
                                     cfg=longer)
@@ -874,7 +866,6 @@ def _run_stages(cfg: Config, stages) -> dict:
                           "perceptual_checkpoint")}
 
     teacher_res = stages.run("teacher", {**train_deps, "loss": loss_deps,
-                                         "epochs_factor": TEACHER_EPOCHS_FACTOR,
                                          "arch": cfg.model.teacher,
                                          "checkpoint": cfg.model.teacher_checkpoint},
                              recipe.teacher_stage)
