@@ -18,8 +18,8 @@ import scipy.stats
 from kdhpc.config import ConfigError, digest, to_dict, write_atomic
 from kdhpc.distill import Stages
 from kdhpc.sweep import (TRIAL_RECORD, SlurmOptions, SweepError, TrialStages, aggregate,
-                         parse_grid, plan_sweep, read_sweep_file, recipe_hooks, safe_name,
-                         stage_key, trial_names)
+                         parse_grid, plan_sweep, read_sweep_file, recipe_hooks,
+                         resolve_executor, safe_name, stage_key, trial_names)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "enh_tiny.yaml"  # any committed recipe config: only loaded here
@@ -176,6 +176,19 @@ def test_sweep_files_resolve_their_config_and_grid_and_refuse_unknown_keys(tmp_p
     sweep.write_text(f"config: {TINY}\ngrid: {{loss.alpha: [0]}}\nslurm: {{nodes: two}}\n")
     with pytest.raises(SweepError, match="--nodes: expected an integer, found 'two'"):
         SlurmOptions(**read_sweep_file(sweep)["slurm"]).check()
+
+
+def test_auto_executor_is_slurm_exactly_when_sbatch_is_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))          # a laptop: no sbatch
+    assert resolve_executor("auto") == "local" and resolve_executor("local") == "local"
+    with pytest.raises(SweepError, match="sbatch is not on PATH"):
+        resolve_executor("slurm")
+    sbatch = tmp_path / "sbatch"                        # a login node: sbatch is there
+    sbatch.write_text("#!/bin/sh\nexit 1\n")
+    sbatch.chmod(0o755)
+    assert resolve_executor("auto") == "slurm"
+    with pytest.raises(SweepError, match="expected one of auto, slurm, local"):
+        resolve_executor("kubernetes")
 
 
 def test_dry_run_prints_the_plan_and_sbatch_scripts_and_submits_nothing(tmp_path):
