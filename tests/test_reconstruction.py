@@ -110,6 +110,8 @@ def test_report_table_gap_and_paired_test(tiny):
     assert (run_dir / "panel.png").stat().st_size > 10_000
     assert [r["threads"] for r in metrics["latency"]][0] == 1
     assert all(r["Teacher ms/slice"] > 0 and r["Student ms/slice"] > 0 for r in metrics["latency"])
+    one_thread = metrics["latency"][0]
+    assert one_thread["Teacher CPU ms/slice"] > one_thread["Student CPU ms/slice"] > 0
 
 
 def test_cached_teacher_targets_equal_the_teacher_on_the_same_views(tiny):
