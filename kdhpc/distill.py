@@ -81,6 +81,7 @@ class Stages:
             return None  # an unreadable record is a stage that must run again
 
     def run(self, name: str, depends: dict[str, Any], fn: Callable[[Path], dict]) -> dict:
+        self._honour_preemption(f"before {name}")
         stage_dir = self.run_dir / name
         key = digest({"stage": name, "depends": depends})
         done = self.record(name)
@@ -108,7 +109,17 @@ class Stages:
         _barrier()
         self.ran.append(name)
         self.log(f"stage {name}: done in {seconds:.1f} s")
+        self._honour_preemption(f"after {name}")
         return result
+
+    @staticmethod
+    def _honour_preemption(where: str) -> None:
+        """A SIGTERM/SIGUSR1 that arrived outside a training loop (or at its last step) stops the
+        run here, on every rank at once; the finished stages are already recorded."""
+        from kdhpc.train import Preempted, agree_any, preemption_requested
+
+        if agree_any(preemption_requested()):
+            raise Preempted(None, None, stage=where)
 
 
 def recipe_module(cfg: Config):
@@ -128,8 +139,9 @@ def teacher_cache_parts(cfg: Config):
 
 def run(cfg: Config) -> dict:
     """Run ``cfg``'s recipe in ``cfg.run_dir`` and return its summary."""
-    from kdhpc.train import init_distributed
+    from kdhpc.train import init_distributed, install_preemption_handlers
 
+    install_preemption_handlers()
     init_distributed()
     if _rank() == 0:
         save_config(cfg, cfg.run_dir)

@@ -126,14 +126,56 @@ _ORDER_STREAM, _VIEW_STREAM, _RANK_STREAM, _LOADER_STREAM = 0, 1, 2, 3
 class Preempted(SystemExit):
     """Raised on every rank after a SIGTERM/SIGUSR1 checkpoint; exits with :data:`EXIT_REQUEUE`."""
 
-    def __init__(self, step: int, checkpoint: Path):
+    def __init__(self, step: int | None, checkpoint: Path | None, stage: str | None = None):
         super().__init__(EXIT_REQUEUE)
         self.step = step
         self.checkpoint = checkpoint
+        self.stage = stage
 
     def __str__(self) -> str:
+        if self.stage is not None:
+            return (f"preempted at a stage boundary ({self.stage}); finished stages are "
+                    f"recorded; exit code {EXIT_REQUEUE} asks for a requeue")
         return (f"preempted: checkpointed step {self.step} to {self.checkpoint}; exit code "
                 f"{EXIT_REQUEUE} asks for a requeue")
+
+
+_preempt_requested = False
+
+
+def _on_preempt_signal(signum, frame) -> None:
+    global _preempt_requested
+    _preempt_requested = True
+    log.warning("received %s; checkpointing at the next step or stage boundary",
+                signal.Signals(signum).name)
+
+
+def install_preemption_handlers() -> None:
+    """Make SIGTERM / SIGUSR1 set a process-wide flag instead of killing the process.
+
+    Installed once for the whole run (training, evaluation, cache fills and reports alike), so
+    a signal that arrives between two training loops is not lost: the engine honours it at its
+    next step, :class:`kdhpc.distill.Stages` at the next stage boundary.
+    """
+    if threading_is_main():
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, _on_preempt_signal)
+
+
+def preemption_requested() -> bool:
+    """Whether this process received SIGTERM / SIGUSR1 (see :func:`agree_any`)."""
+    return _preempt_requested
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (one all-reduce; no-op alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 class TrainingDiverged(RuntimeError):
@@ -825,7 +867,6 @@ class _Trainer:
         self.history: list[dict] = []
         self.last_saved = -1
         self.resumed_from: int | None = None
-        self.stop_requested = False
         self.log = RunLog(run_dir, self.rank0)
         self.progress = self.rank0 and (cfg.train.progress if progress is None else progress)
 
@@ -946,7 +987,7 @@ class _Trainer:
             names = _check_terms(terms, "loss_fn")
             values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).cpu()
             finite = torch.isfinite(values)
-            bad, stop = self._agree(not bool(finite.all()), self.stop_requested)
+            bad, stop = self._agree(not bool(finite.all()), preemption_requested())
             if bad:
                 self._bad_step(sorted(n for n, ok in zip(names, finite.tolist()) if not ok), batch)
                 continue
@@ -1075,25 +1116,16 @@ class _Trainer:
 
     # -- main loop ---------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
-        log.warning("rank %d: received %s; checkpointing at the next step boundary",
-                    self.rank, signal.Signals(signum).name)
-
     def run(self) -> TrainResult:
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir)
         seed_everything(self.cfg.train.seed, _RANK_STREAM, self.rank)
         self.resume()
-        previous = {}
-        if threading_is_main():
-            previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
+        install_preemption_handlers()
         try:
             self._loop()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.log.close()
         return self._result()
 

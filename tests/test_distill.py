@@ -55,3 +55,33 @@ def test_changed_stage_starts_from_an_empty_folder_but_unfinished_one_resumes(tm
     assert "checkpoint" in seen[-1]
     stages.run("s", {"a": 2}, fn)                         # new inputs: old checkpoint removed
     assert "checkpoint" not in seen[-1]
+
+
+def test_signal_between_stages_stops_at_the_next_boundary_after_recording(tmp_path):
+    import os
+    import signal
+
+    import pytest
+
+    from kdhpc import train
+
+    previous = {sig: signal.getsignal(sig) for sig in train.PREEMPT_SIGNALS}
+    train.install_preemption_handlers()
+    try:
+        stages = Stages(tmp_path, log=lambda msg: None)
+
+        def finish_then_signal(stage_dir):
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives after the stage's last training step
+            return {"ok": 1}
+
+        with pytest.raises(train.Preempted) as stop:
+            stages.run("a", {}, finish_then_signal)
+        assert stop.value.code == train.EXIT_REQUEUE and "after a" in str(stop.value)
+        assert stages.record("a")["result"]["ok"] == 1       # the finished stage is kept
+        with pytest.raises(train.Preempted):
+            stages.run("b", {}, lambda d: {})                # still set: nothing new starts
+        assert stages.record("b") is None
+    finally:
+        train._preempt_requested = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
