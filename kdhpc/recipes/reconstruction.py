@@ -81,7 +81,6 @@ longer than the students within a CPU budget).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -97,6 +96,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from kdhpc.config import Config, ConfigError, digest, write_atomic
+from kdhpc.data.default import dataset_root, sha256_file
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.kdmri import KDMRISliceDataset
 from kdhpc.data.views import SliceViews, describe_views
@@ -116,7 +116,6 @@ METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "H
 METRIC_FORMATS = {"psnr": ".2f", "ssim": ".4f", "nmse": ".4f", "hfen": ".4f"}
 RESIDUAL_GAIN = 5.0  # residual panels |pred - target| x5, as in KD-MRI's figure
 CACHE_STAGE = "teacher_cache"  # its folder is the default teacher.cache_dir (run_dir/teacher_cache)
-MODEL_STAGES = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
 # Train-config fields that cannot change a stage's result (logging, checkpoint bookkeeping).
 NON_SEMANTIC_TRAIN = ("log_every", "keep_last", "threads", "checkpoint_every", "max_bad_steps")
 
@@ -143,6 +142,11 @@ def check_config(cfg: Config) -> None:
     if cfg.data.patch_size:
         raise ConfigError(f"data.patch_size: expected 0 (whole slices: a DC step needs the "
                           f"whole k-space; use data.crop), found {cfg.data.patch_size}")
+    taps = {name: feature_layers(build_network(cfg, name))
+            for name in (cfg.model.teacher, cfg.model.student)}
+    if not all(taps.values()) or len(set(map(len, taps.values()))) != 1:
+        raise ConfigError(f"model: expected a teacher and a student with the same number of "
+                          f"feature taps (attention-transfer pairs), found {taps}")
 
 
 def split_folder(cfg: Config, root: Path, split: str) -> Path:
@@ -156,12 +160,6 @@ def split_folder(cfg: Config, root: Path, split: str) -> Path:
             return root / name
     raise ConfigError(f"data.root: expected one of the folders {', '.join(names)} under {root} "
                       f"for split {split!r}, found none")
-
-
-def dataset_root(cfg: Config) -> Path:
-    from kdhpc.data import default
-
-    return default.dataset_root(cfg)
 
 
 def slice_dataset(cfg: Config, split: str):
@@ -297,14 +295,6 @@ def train_depends(cfg: Config) -> dict:
     for name in NON_SEMANTIC_TRAIN:
         train.pop(name)
     return {**_sub(cfg, "optim", "schedule"), "train": train}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Module:
@@ -555,7 +545,7 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
 
 def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
     """Row 1: input, target, teacher, student, KD; row 2: their residuals x5 (target: blank)."""
-    order = ["input", "target", *MODEL_STAGES]
+    order = ["input", "target", *ROWS[1:]]
     titles = ["ZF input" if name == "input" else name for name in order]
     target = images["target"]
     residuals = [np.abs(images[name] - target) * RESIDUAL_GAIN if name != "target"
@@ -612,7 +602,7 @@ def _run(cfg: Config, stages) -> dict:
     checkpoint = cfg.model.teacher_checkpoint
     teacher_res = stages.run("teacher", {
         "data": data, "arch": cfg.model.teacher, "checkpoint": checkpoint,
-        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
+        "checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else "",
         **({} if checkpoint else train_deps)}, teacher_stage)
 
     def weights_path(result: dict) -> Path:
