@@ -116,10 +116,10 @@ class Stages:
     def _honour_preemption(where: str) -> None:
         """A SIGTERM/SIGUSR1 that arrived outside a training loop (or at its last step) stops the
         run here, on every rank at once; the finished stages are already recorded."""
-        from kdhpc.train import Preempted, agree_any, preemption_requested
+        from kdhpc.train import agree_any, preempt, preemption_requested
 
         if agree_any(preemption_requested()):
-            raise Preempted(None, None, stage=where)
+            raise preempt(None, None, stage=where)
 
 
 def recipe_module(cfg: Config):

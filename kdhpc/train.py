@@ -167,6 +167,14 @@ def preemption_requested() -> bool:
     return _preempt_requested
 
 
+def preempt(step: int | None, checkpoint: Path | None, stage: str | None = None) -> Preempted:
+    """The :class:`Preempted` to raise for the pending request, which it consumes (a library
+    caller that catches it can train again in the same process)."""
+    global _preempt_requested
+    _preempt_requested = False
+    return Preempted(step, checkpoint, stage)
+
+
 def agree_any(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any rank (one all-reduce; no-op alone)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -1166,7 +1174,7 @@ class _Trainer:
                     path = self.save_checkpoint()
                     interval_start = time.perf_counter()
                     if stop and not last:
-                        raise Preempted(self.step, path)
+                        raise preempt(self.step, path)
                 if self.step == kill_step and kill_rank in ("", str(self.rank)):
                     os.kill(os.getpid(), signal.SIGTERM)
         finally:
