@@ -23,6 +23,7 @@ all ranks run every stage (training stages are distributed by the engine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -120,6 +121,14 @@ class Stages:
 
         if agree_any(preemption_requested()):
             raise preempt(None, None, stage=where)
+
+
+def teacher_training_config(cfg: Config) -> Config:
+    """``cfg`` for a recipe's teacher stage: ``train.teacher_epochs_factor`` times the epochs
+    (and ``max_steps``), because a teacher should be trained further than its students."""
+    factor = cfg.train.teacher_epochs_factor
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, epochs=cfg.train.epochs * factor, max_steps=cfg.train.max_steps * factor))
 
 
 def recipe_module(cfg: Config):

@@ -83,6 +83,7 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
+from kdhpc.distill import teacher_training_config
 from kdhpc.data.views import center_crop
 from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
 from kdhpc.data.masks import seed_from
@@ -547,11 +548,9 @@ class Recipe:
             return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
                     "trained": False, "perceptual": False}
         perceptual = perceptual_network(cfg, None)
-        # The SwinIR teacher trains train.teacher_epochs_factor times longer (the enhancement
-        # configs set 4): a transformer learns more slowly per step than an EDSR.
-        factor = cfg.train.teacher_epochs_factor
-        longer = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, epochs=cfg.train.epochs * factor, max_steps=cfg.train.max_steps * factor))
+        # The enhancement configs set train.teacher_epochs_factor to 4: a transformer learns
+        # more slowly per step than an EDSR.
+        longer = teacher_training_config(cfg)
         result = self.train_network(stage_dir, cfg.model.teacher, self.views("train", self.task),
                                     self.views("val", self.task), make_loss(cfg, 0.0, perceptual),
                                     cfg=longer)

@@ -97,6 +97,7 @@ from torch.utils.data import default_collate
 
 from kdhpc.config import Config, ConfigError, digest, write_atomic
 from kdhpc.data.default import dataset_root, sha256_file
+from kdhpc.distill import teacher_training_config
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.kdmri import KDMRISliceDataset
 from kdhpc.data.views import SliceViews, describe_views
@@ -570,10 +571,11 @@ def run(cfg: Config, stages) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: Config, stages) -> dict:
+def _train_chain(cfg: Config, stages, with_kd: bool = True) -> dict:
+    """Stages data -> teacher -> teacher_cache -> student -> student_at (-> student_kd): all a
+    sweep shares when ``with_kd`` is False, the full training chain otherwise."""
     check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    rank, _ = _rank_world()
     train_deps = train_depends(cfg)
 
     def data_stage(stage_dir: Path) -> dict:
@@ -597,13 +599,16 @@ def _run(cfg: Config, stages) -> dict:
             return {"arch": cfg.model.teacher, "weights": str(Path(
                 cfg.model.teacher_checkpoint).resolve()), "sha256": teacher_fingerprint(model),
                 "params": count_parameters(model), "steps": 0, "loaded": True}
-        return train_stage(cfg, stage_dir, cfg.model.teacher, l1_loss_fn, train_set, val_set)
+        return train_stage(teacher_training_config(cfg), stage_dir, cfg.model.teacher,
+                           l1_loss_fn, train_set, val_set)
 
     checkpoint = cfg.model.teacher_checkpoint
     teacher_res = stages.run("teacher", {
         "data": data, "arch": cfg.model.teacher, "checkpoint": checkpoint,
         "checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else "",
-        **({} if checkpoint else train_deps)}, teacher_stage)
+        **({} if checkpoint else {**train_deps,
+                                  "epochs_factor": cfg.train.teacher_epochs_factor})},
+        teacher_stage)
 
     def weights_path(result: dict) -> Path:
         path = Path(result["weights"])
@@ -641,15 +646,37 @@ def _run(cfg: Config, stages) -> dict:
         **student_deps, **teacher_deps, "at_mode": cfg.loss.at_mode}, lambda d: train_stage(
         cfg, d, cfg.model.student, make_at_loss(cfg), train_set, None,
         teacher_factory=make_teacher_source))
-    kd_res = stages.run("student_kd", {
+    chain = {"data": data, "teacher": teacher_res, "student": student_res, "student_at": at_res,
+             "weights_path": weights_path}
+    if not with_kd:
+        return chain
+    chain["student_kd"] = stages.run("student_kd", {
         **student_deps, **teacher_deps, "init": at_res, "alpha": cfg.loss.alpha},
         lambda d: train_stage(cfg, d, cfg.model.student, make_kd_loss(cfg), train_set, val_set,
                               teacher_factory=make_teacher_source, init=at_res["weights"]))
-    trained = {"Teacher": teacher_res, "Student": student_res, "KD-Student": kd_res}
+    return chain
+
+
+def _trained(chain: dict) -> dict[str, dict]:
+    return {"Teacher": chain["teacher"], "Student": chain["student"],
+            "KD-Student": chain["student_kd"]}
+
+
+def _networks(cfg: Config, chain: dict) -> dict[str, nn.Module]:
+    return {row: load_network(cfg, res["arch"], chain["weights_path"](res))
+            for row, res in _trained(chain).items()}
+
+
+def _run(cfg: Config, stages) -> dict:
+    chain = _train_chain(cfg, stages)
+    run_dir = Path(cfg.run_dir)
+    rank, _ = _rank_world()
+    data, trained = chain["data"], _trained(chain)
+    teacher_res, student_res = chain["teacher"], chain["student"]
+    at_res, kd_res = chain["student_at"], chain["student_kd"]
 
     def networks() -> dict[str, nn.Module]:
-        return {row: load_network(cfg, res["arch"], weights_path(res))
-                for row, res in trained.items()}
+        return _networks(cfg, chain)
 
     def evaluate_stage(stage_dir: Path) -> dict:
         test = view_dataset(cfg, cfg.data.test_split)
@@ -683,3 +710,29 @@ def _run(cfg: Config, stages) -> dict:
     if rank == 0:
         print(f"\n{report['text']}\n\nreport: {run_dir / 'report.md'}", flush=True)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps (kdhpc.sweep)
+
+def sweep_shared(cfg: Config, stages) -> dict:
+    """The stages every trial of an alpha sweep shares: data, teacher, cache, student, AT."""
+    _train_chain(cfg, stages, with_kd=False)
+    return {}
+
+
+def sweep_trial(cfg: Config, stages) -> dict:
+    """One alpha: the shared stages (handed over by the sweep), the KD stage, and a per-volume
+    evaluation on the validation split (sweeps never look at the test split)."""
+    chain = _train_chain(cfg, stages)
+    val_set = view_dataset(cfg, cfg.data.val_split)
+    evaluation = stages.run(
+        "evaluate_val", {"data": chain["data"], "models": _trained(chain),
+                         "batch": cfg.eval.batch_size},
+        lambda d: {"per_volume": evaluate_models(cfg, val_set, _networks(cfg, chain))})
+    per_volume = evaluation["per_volume"]
+    volumes = sorted(per_volume["KD-Student"])
+    rows = {"student": "KD-Student", "teacher": "Teacher", "no_kd": "Student"}
+    return {"volumes": volumes, "metrics": list(TABLE_METRICS),
+            "per_volume": {key: {m: [per_volume[row][v][m] for v in volumes]
+                                 for m in TABLE_METRICS} for key, row in rows.items()}}
