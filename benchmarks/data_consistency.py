@@ -121,10 +121,12 @@ def timed(fn, x, grad, device, backward: bool):
     return step
 
 
-def run(device: torch.device, rounds: int) -> list[dict]:
+def run(device: torch.device, rounds: int, only: list[str]) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, shape, is_complex, centered, acc in CASES:
+        if only and not any(o in name for o in only):
+            continue
         dtype = torch.complex64 if is_complex else torch.float32
         x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
         k0 = torch.randn(shape, generator=gen, dtype=torch.complex64).to(device)
@@ -143,11 +145,11 @@ def run(device: torch.device, rounds: int) -> list[dict]:
             names = [n for n in fns if not (backward and n == "fft2_ifft2")]
             steps = {n: timed(fns[n], x, grad, device, backward) for n in names}
             per_round = {n: [] for n in names}
-            big = device.type == "cpu" and x.numel() > 1 << 24
-            for _ in range(rounds):
+            big = device.type == "cpu" and x.numel() > 1 << 24   # seconds per call on a laptop
+            for _ in range(min(rounds, 2) if big else rounds):
                 for n in names:
                     per_round[n].append(time_ms(steps[n], device, warmup=1 if big else 2,
-                                                repeats=3 if big else 10))
+                                                repeats=2 if big else 10))
             ms = {n: statistics.median(v) for n, v in per_round.items()}
             best = {n: min(v) for n, v in per_round.items()}
             for n in names:
@@ -159,6 +161,8 @@ def run(device: torch.device, rounds: int) -> list[dict]:
                     "best_x_vs_composite": best["composite"] / best[n],
                     "best_x_vs_plain_reduced": best["plain_reduced"] / best[n],
                 })
+            print_table(rows[-len(names):])
+            sys.stdout.flush()
     return rows
 
 
@@ -196,6 +200,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--case", action="append", default=[],
+                        help="run only cases whose name contains this (repeatable)")
     args = parser.parse_args()
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all"):
@@ -205,9 +211,10 @@ def main() -> None:
             print("no CUDA device: GPU rows skipped")
     for device in devices:
         load_before = os.getloadavg()[0]
-        rows = run(device, args.rounds)
+        rows = run(device, args.rounds, args.case)
         load = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
         notes = goal_notes(rows, device, copy_gbps(device), load)
+        print()
         print_table(rows)
         print("\n".join(notes))
         if not args.no_write:

@@ -44,10 +44,13 @@ struct DcGeometry {
   KDHPC_HOST_DEVICE bool half_on_h() const { return hermitian && !transform_w; }
 };
 
-// Raw mask index of unshifted frequency k on an axis of length n (mask extent mask_n).
+// Raw mask index of unshifted frequency k (0 <= k < n) on an axis of length n (mask extent
+// mask_n): ifftshift's index map, written without a division (it runs once per bin on the GPU).
 KDHPC_HOST_DEVICE int64_t mask_axis_index(int64_t k, int64_t n, int64_t mask_n, bool centered) {
   if (mask_n == 1) return 0;
-  return centered ? (k + n / 2) % n : k;
+  if (!centered) return k;
+  const int64_t shifted = k + n / 2;
+  return shifted >= n ? shifted - n : shifted;
 }
 
 // The mask as the spectrum sees it: M(kh, kw) in unshifted layout, or its Hermitian
