@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-import torch.nn.functional as F
 
 from kdhpc.config import load_config
 from kdhpc.losses import deep_supervision_weights, segmentation_kd_loss
@@ -125,8 +124,8 @@ def test_quarter_turn_warp_equals_the_dihedral_view_and_gamma_formula():
     x, y = seg.make_view(image, label, seg.ViewParams(5, 0, 0, 0, 1500))
     flipped = np.rot90(np.flip(image, -1), 1)
     lo, hi = flipped.min(), flipped.max()
-    np.testing.assert_allclose(x.numpy(), zscore(lo + (hi - lo) * ((flipped - lo) / (hi - lo)) ** 1.5),
-                               atol=1e-4)
+    gamma = lo + (hi - lo) * ((flipped - lo) / (hi - lo)) ** 1.5
+    np.testing.assert_allclose(x.numpy(), zscore(gamma), atol=1e-4)
     assert np.array_equal(y.numpy(), np.rot90(np.flip(label, -1), 1))
 
     x, y = seg.make_view(image, label, seg.ViewParams(0, 17_000, -4, 5, 800))

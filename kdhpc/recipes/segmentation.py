@@ -14,7 +14,8 @@ Stages (each resumable, :class:`kdhpc.distill.Stages`)::
          -> export -> report
 
 - ``teacher``: ``model.teacher`` (``unet_teacher``: 2-D nnU-Net-style U-Net, 4 deep-supervision
-  heads) trained on Dice + CE with deep supervision, or ``model.teacher_checkpoint`` loaded.
+  heads) trained on Dice + CE with deep supervision for ``train.teacher_epochs_factor`` times the
+  students' epochs, or ``model.teacher_checkpoint`` loaded.
 - ``teacher_cache``: the frozen teacher's logits at every deep-supervision level for every view
   of every training slice (``teacher.mode: precompute``, :func:`kdhpc.teacher.fill_cache`,
   stored in ``teacher.cache_dtype``), so T can be swept later without refilling; skipped for
@@ -107,7 +108,7 @@ from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
 from kdhpc.data.acdc import ACDCSliceDataset, LABELS
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.distill import _barrier, _rank
+from kdhpc.distill import _barrier, _rank, teacher_training_config
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import build_model, count_parameters, segment as full_resolution_logits
@@ -448,12 +449,13 @@ class Recipe:
                             self.patch if train and not whole else 0, augment=train)
 
     def train_network(self, stage_dir: Path, arch: str, weight: float, teacher=None,
-                      whole: bool = False) -> dict:
+                      whole: bool = False, cfg: Config | None = None) -> dict:
         from kdhpc.train import seed_everything, train
 
-        seed_everything(self.cfg.train.seed)  # the no-KD and KD students start from one init
+        cfg = cfg or self.cfg
+        seed_everything(cfg.train.seed)  # the no-KD and KD students start from one init
         model = build_model(arch)
-        result = train(selection_config(self.cfg), model, make_loss(self.cfg, weight),
+        result = train(selection_config(cfg), model, make_loss(cfg, weight),
                        self.views("train", whole), val_set=self.views("val"), teacher=teacher,
                        eval_fn=slice_counts, volume_metrics=volume_dice, run_dir=stage_dir)
         return {"arch": arch, "weights": str(result.best_weights), "trained": True,
@@ -467,7 +469,8 @@ class Recipe:
             load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
             return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
                     "trained": False}
-        return self.train_network(stage_dir, cfg.model.teacher, 0.0, whole=True)
+        return self.train_network(stage_dir, cfg.model.teacher, 0.0, whole=True,
+                                  cfg=teacher_training_config(cfg))
 
     def cache_stage(self, teacher: nn.Module, cache_dir: Path, data_config: dict) -> dict:
         from kdhpc.teacher import fill_cache, teacher_fingerprint
@@ -481,8 +484,9 @@ class Recipe:
         owned = not self.cfg.teacher.cache_dir
         fill_cache(cache_dir, teacher, extract_logits, views, data_config=data_config,
                    dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
-                   batch_size=self.cfg.eval.batch_size, bf16=self.cfg.teacher.stream_bf16,
-                   force=owned)
+                   batch_size=self.cfg.teacher.fill_batch_size or self.cfg.eval.batch_size,
+                   bf16=self.cfg.teacher.stream_bf16, force=owned,
+                   commit_seconds=self.cfg.teacher.commit_seconds)
         size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5"))
         return _from_rank0(lambda: {
             "mode": "precompute", "cache_dir": str(cache_dir), "teacher_sha256": sha,
@@ -564,48 +568,57 @@ def per_model(rows: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
 # ---------------------------------------------------------------------------------------------
 # speed and export
 
-def images_per_second(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) -> dict:
-    """Median wall-clock images/s of ``model(x)`` (batch 1) with ``threads`` intra-op threads,
-    and for one thread also the rate from the calling thread's CPU time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    model.eval()
-    walls, cpus = [], []
-    try:
-        with torch.inference_mode():
-            for _ in range(max(1, min(3, repeats // 2))):  # warm-up
-                model(x)
-            for _ in range(repeats):
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                wall, cpu = time.perf_counter(), time.thread_time()
-                model(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                walls.append(time.perf_counter() - wall)
-                cpus.append(time.thread_time() - cpu)
-    finally:
-        torch.set_num_threads(previous)
-    row = {"ms": 1e3 * float(np.median(walls)), "images_per_s": 1.0 / float(np.median(walls))}
-    if threads == 1 and not x.is_cuda:
-        row["cpu_images_per_s"] = 1.0 / max(float(np.median(cpus)), 1e-9)
-    return row
+def _timed_call(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(wall seconds, calling thread's CPU seconds) of one ``model(x)``."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    model(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict]:
-    """images/s of each network at batch 1: one CPU thread, all CPU threads, the GPU if any."""
+    """images/s of each network at batch 1: one CPU thread, all CPU threads, the GPU if any.
+
+    Per setting, after warm-up, the networks take turns (one call each per round, ``repeats``
+    rounds) so that all see the same background load; images/s = 1 / median seconds per call.
+    One-thread rows add ``cpu_images_per_s`` from the calling thread's CPU time (torch then
+    computes on that thread), which time spent waiting for a core on a shared machine does not
+    inflate.
+    """
     settings = [("cpu", 1), ("cpu", os.cpu_count() or 1)]
     if torch.cuda.is_available():
-        settings.append(("cuda", 0))
+        settings.append(("cuda", 1))
+    previous = torch.get_num_threads()
     rows = []
-    for device, threads in settings:
-        for name, net in nets.items():
-            net = net.to(device)
-            row = images_per_second(net, x.to(device), max(threads, 1), repeats)
-            rows.append({"model": name, "device": device,
-                         "threads": threads if device == "cpu" else "-",
-                         "params": count_parameters(net), **row})
-            net.to("cpu")
+    try:
+        for device, threads in settings:
+            torch.set_num_threads(threads)
+            placed = {name: net.to(device).eval() for name, net in nets.items()}
+            xd = x.to(device)
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in nets}
+            with torch.inference_mode():
+                for _ in range(max(1, min(3, repeats // 2))):  # warm-up
+                    for net in placed.values():
+                        net(xd)
+                for _ in range(repeats):
+                    for name, net in placed.items():
+                        times[name].append(_timed_call(net, xd))
+            for name, net in placed.items():
+                wall = float(np.median([t[0] for t in times[name]]))
+                row = {"model": name, "device": device,
+                       "threads": threads if device == "cpu" else "-",
+                       "params": count_parameters(net), "ms": 1e3 * wall,
+                       "images_per_s": 1.0 / wall}
+                if device == "cpu" and threads == 1:
+                    cpu = float(np.median([t[1] for t in times[name]]))
+                    row["cpu_images_per_s"] = 1.0 / max(cpu, 1e-9)
+                rows.append(row)
+                net.to("cpu")
+    finally:
+        torch.set_num_threads(previous)
     return rows
 
 
@@ -717,10 +730,13 @@ def run(cfg: Config, stages) -> dict:
     data = stages.run("data", _sub(cfg, "data", "default_data"), data_stage)
     recipe = Recipe(cfg, Path(data["root"]))
     loss_deps = {"ds_weights": cfg.loss.ds_weights}
-    train_deps = {**_sub(cfg, "degrade", "optim", "schedule", "train"), "data": data,
-                  "loss": loss_deps}
+    train_deps = {**_sub(cfg, "degrade", "optim", "schedule"), "data": data, "loss": loss_deps}
+    train = dataclasses.asdict(cfg.train)
+    train.pop("progress")  # display only
+    student_train = {k: v for k, v in train.items() if k != "teacher_epochs_factor"}
 
-    teacher_res = stages.run("teacher", {**train_deps, "arch": cfg.model.teacher,
+    teacher_res = stages.run("teacher", {**train_deps, "train": train,
+                                         "arch": cfg.model.teacher,
                                          "checkpoint": cfg.model.teacher_checkpoint},
                              recipe.teacher_stage)
     teacher = load_network(teacher_res["arch"], teacher_res["weights"])
@@ -731,7 +747,7 @@ def run(cfg: Config, stages) -> dict:
                                              **_sub(cfg, "teacher")},
                            lambda d: recipe.cache_stage(teacher, cache_dir, data_config))
 
-    student_deps = {**train_deps, "arch": cfg.model.student}
+    student_deps = {**train_deps, "train": student_train, "arch": cfg.model.student}
     nokd = stages.run("student_nokd", student_deps,
                       lambda d: recipe.train_network(d, cfg.model.student, 0.0))
     kd_loss = {**loss_deps, "alpha": cfg.loss.alpha, "temperature": cfg.loss.temperature,
@@ -861,6 +877,9 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
                   "mean diff": f"{t['mean_difference']:+.4f}", "t": f"{t['statistic']:.3g}",
                   "p": f"{t['p_value']:.3g}", "n": t["n"]} for name, t in tests.items()]
     kd_vs_nokd = tests["student_kd vs student_nokd: dice_mean"]
+    kd_means, nokd_means = values["student_kd"]["dice_mean"], values["student_nokd"]["dice_mean"]
+    wilcoxon = (paired_test(kd_means, nokd_means, method="wilcoxon")
+                if np.any(np.subtract(kd_means, nokd_means) != 0) else None)
     gap = means[reference] - means["student_kd"]
     goals = {"kd_ge_nokd": means["student_kd"] >= means["student_nokd"],
              "gap_to_teacher": gap, "gap_le_goal": gap <= GAP_GOAL}
@@ -873,7 +892,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
                             "images/s": f"{row['images_per_s']:.1f}",
                             "images/s (CPU time)": (f"{row['cpu_images_per_s']:.1f}"
                                                     if "cpu_images_per_s" in row else "-")})
-    one_thread = {r["model"]: r for r in speed["rows"] if r["device"] == "cpu" and r["threads"] == 1}
+    one_thread = {r["model"]: r for r in speed["rows"]
+                  if r["device"] == "cpu" and r["threads"] == 1}
     speedup = one_thread["student"]["images_per_s"] / one_thread["teacher"]["images_per_s"]
 
     # panel: middle slice of the first test volume
@@ -882,8 +902,7 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
     index, position = panel_slice(views, volumes[0])
     item = views.get_view(index, 0)
     image = item["image"][0].numpy()
-    panel_models = [m for m in ("teacher_tta" if "teacher_tta" in values else "teacher",
-                                "student_nokd", "student_kd")]
+    panel_models = [reference, "student_nokd", "student_kd"]
     overlays = [None, item["label"].numpy()] + [predictions[f"{m}/{volumes[0]}"][position]
                                                 for m in panel_models]
     titles = ["image", "ground truth"] + [MODEL_LABELS[m] for m in panel_models]
@@ -892,15 +911,17 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
 
     seconds = stage_seconds(run_dir)
     teacher_res, kd_res = results["teacher"], results["student_kd"]
+    teacher_origin = (f"trained here, {teacher_res['steps']} steps" if teacher_res["trained"]
+                      else f"loaded from {teacher_res['weights']}")
     setup = "\n".join([
         f"- data: {cfg.data.dataset} at {results['data']['root']}; "
         f"train {results['data']['train_volumes']} volumes / {results['data']['train_slices']} "
         f"slices, val {results['data']['val_volumes']} / {results['data']['val_slices']}, test "
         f"{results['data']['test_volumes']} / {results['data']['test_slices']} (ED + ES frames; "
         f"one volume = one patient frame); slices {recipe.size} x {recipe.size}, student "
-        f"training patches {recipe.patch or recipe.size} (teacher: whole slices), {cfg.degrade.views_per_sample} views per slice",
-        f"- teacher: {teacher_res['arch']} "
-        f"({'trained here, ' + str(teacher_res['steps']) + ' steps' if teacher_res['trained'] else 'loaded from ' + teacher_res['weights']}); "
+        f"training patches {recipe.patch or recipe.size} (teacher: whole slices), "
+        f"{cfg.degrade.views_per_sample} views per slice",
+        f"- teacher: {teacher_res['arch']} ({teacher_origin}); "
         f"students: {kd_res['arch']}, {kd_res['steps']} steps each, same initial weights",
         f"- loss: W = loss.alpha = {cfg.loss.alpha}, T = {cfg.loss.temperature}, T^2 scaling "
         f"{cfg.loss.kl_t2_scaling}, deep-supervision weights "
@@ -914,7 +935,9 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
     findings = "\n".join([
         f"- KD student mean Dice {means['student_kd']:.4f} vs no-KD {means['student_nokd']:.4f} "
         f"(KD - no-KD {kd_vs_nokd['mean_difference']:+.4f}, paired t-test p = "
-        f"{kd_vs_nokd['p_value']:.3g}, n = {kd_vs_nokd['n']} volumes): goal KD >= no-KD "
+        f"{kd_vs_nokd['p_value']:.3g}, Wilcoxon signed-rank p = "
+        f"{wilcoxon['p_value'] if wilcoxon else float('nan'):.3g}, n = {kd_vs_nokd['n']} "
+        f"volumes): goal KD >= no-KD "
         f"{'met' if goals['kd_ge_nokd'] else 'NOT met'}.",
         f"- {MODEL_LABELS[reference]} mean Dice {means[reference]:.4f}; gap to the KD student "
         f"{gap:+.4f}: goal <= {GAP_GOAL} {'met' if goals['gap_le_goal'] else 'NOT met'}.",
@@ -948,7 +971,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
         ("Wall time", f"This invocation: {elapsed:.1f} s.\n\n" + table(timing)),
     ]
     metrics = {"dice": {m: {k: summarize(values[m][k]) for k in DICE_KEYS} for m in values},
-               "per_volume": rows, "paired_tests": tests, "goals": goals, "speed": speed["rows"],
+               "per_volume": rows, "paired_tests": tests, "wilcoxon_kd_vs_nokd": wilcoxon,
+               "goals": goals, "speed": speed["rows"],
                "speedup_one_thread": speedup, "export": exported, "stage_seconds": seconds,
                "invocation_seconds": elapsed}
     path = write_report(run_dir, "Cardiac segmentation: nnU-Net-style teacher -> MobileNetV2 "
