@@ -166,6 +166,25 @@ void check_apply_operands(const at::Tensor& x, const at::Tensor& q, const at::Te
   (void)mask;
 }
 
+at::ScalarType output_type(const at::Tensor& x, bool hermitian) {
+  const auto real_type = real_type_of(x);
+  return hermitian ? real_type : c10::toComplexType(real_type);
+}
+
+DcGeometry check_backward_operands(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& q, const at::Tensor& mask,
+                                   const at::Tensor& lam, bool centered, bool hermitian,
+                                   const char* op) {
+  const DcGeometry g = make_geometry(x, mask, centered, hermitian, op);
+  check_apply_operands(x, q, mask, lam, g, op);
+  const auto out_type = output_type(x, hermitian);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == out_type &&
+                  grad.device() == x.device(),
+              op, ": grad: expected ", out_type, " of shape ", x.sizes(), " on ", x.device(),
+              ", found ", grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
+  return g;
+}
+
 at::Tensor forward_transform(const at::Tensor& image, const DcGeometry& g, bool orthonormal) {
   const auto dims = transform_dims(g);
   const char* norm = orthonormal ? "ortho" : "backward";  // "backward": no forward scaling
@@ -398,8 +417,7 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   check_apply_operands(x, q, mask, lam, g, op);
   const at::Tensor xc = x.contiguous(), qc = q.contiguous(), mc = mask.contiguous();
   const auto real_type = real_type_of(x);
-  at::Tensor out = at::empty(
-      x.sizes(), x.options().dtype(hermitian ? real_type : c10::toComplexType(real_type)));
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(output_type(x, hermitian)));
   const Tiling t = cpu_tiling(g, qc.element_size());
   const at::Tensor x_units = xc.view({t.units, t.unit_h, g.width});
   const int64_t unit_reals = t.unit_h * g.width * (hermitian ? 1 : 2);
@@ -421,14 +439,10 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& q, const at::Tensor& mask,
     const at::Tensor& lam, bool centered, bool hermitian, std::array<bool, 3> needs) {
-  const char* op = "kdhpc::data_consistency_apply_backward";
-  const DcGeometry g = make_geometry(x, mask, centered, hermitian, op);
-  check_apply_operands(x, q, mask, lam, g, op);
+  const DcGeometry g = check_backward_operands(grad, x, q, mask, lam, centered, hermitian,
+                                               "kdhpc::data_consistency_apply_backward");
   const auto real_type = real_type_of(x);
-  const auto out_type = hermitian ? real_type : c10::toComplexType(real_type);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == out_type, op,
-              ": grad: expected ", out_type, " of shape ", x.sizes(), ", found ",
-              grad.scalar_type(), " of shape ", grad.sizes());
+  const auto out_type = output_type(x, hermitian);
   const bool need_x = needs[0], need_q = needs[1], need_lam = needs[2];
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), qc = q.contiguous(),
                    mc = mask.contiguous();

@@ -21,6 +21,16 @@ DcGeometry make_geometry(const at::Tensor& x, const at::Tensor& mask, bool cente
 void check_apply_operands(const at::Tensor& x, const at::Tensor& q, const at::Tensor& mask,
                           const at::Tensor& lam, const DcGeometry& g, const char* op);
 
+// Checks the backward op's operands (those of the forward, and grad shaped and typed like the
+// forward's output); returns their geometry.
+DcGeometry check_backward_operands(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& q, const at::Tensor& mask,
+                                   const at::Tensor& lam, bool centered, bool hermitian,
+                                   const char* op);
+
+// The forward's output dtype: x's real dtype when hermitian, else its complex one.
+at::ScalarType output_type(const at::Tensor& x, bool hermitian);
+
 // Transform T of images [r, h, W] along the axes g transforms (rfft along the half axis when
 // g.hermitian), and its inverse back to [r, h, W]: orthonormal, or with no scaling at all
 // (orthonormal = false; the caller scales by g.inv_n). For the row-wise W-only case r, h may be

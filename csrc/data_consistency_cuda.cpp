@@ -65,14 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& q, const at::Tensor& mask,
     const at::Tensor& lam, bool centered, bool hermitian, std::array<bool, 3> needs) {
   const char* op = "kdhpc::data_consistency_apply_backward";
-  const DcGeometry g = make_geometry(x, mask, centered, hermitian, op);
-  check_apply_operands(x, q, mask, lam, g, op);
+  const DcGeometry g = check_backward_operands(grad, x, q, mask, lam, centered, hermitian, op);
   const auto real_type = c10::toRealValueType(x.scalar_type());
-  const auto out_type = hermitian ? real_type : c10::toComplexType(real_type);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == out_type &&
-                  grad.device() == x.device(),
-              op, ": grad: expected ", out_type, " of shape ", x.sizes(), " on ", x.device(),
-              ", found ", grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
   const bool need_x = needs[0], need_q = needs[1], need_lam = needs[2];
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
