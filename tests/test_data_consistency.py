@@ -10,6 +10,7 @@ import importlib
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +226,8 @@ def test_k0_term_cache_sees_in_place_edits():
 @requires_ext
 def test_lam_gradient_independent_of_thread_count():
     gen = torch.Generator().manual_seed(9)
-    x, k0 = make_inputs((3, 1, 40, 64), False, torch.float32, gen)
-    mask = make_mask("cols", 40, 64, gen).float()
+    x, k0 = make_inputs((4, 1, 128, 256), False, torch.float32, gen)   # big enough for helpers
+    mask = make_mask("cols", 128, 256, gen).float()
     grads = []
     threads = torch.get_num_threads()
     try:
@@ -238,6 +239,24 @@ def test_lam_gradient_independent_of_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(grads[0], grads[1])
+
+
+@requires_ext
+def test_concurrent_calls_from_python_threads():
+    # The CPU op hands blocks to ATen's pool threads (for spectra of 2^16 bins and more); calls
+    # from several threads must not mix.
+    gen = torch.Generator().manual_seed(12)
+    cases = []
+    for _ in range(4):
+        x, k0 = make_inputs((2, 1, 256, 256), False, torch.float32, gen)
+        cases.append((x, k0, make_mask("cols", 256, 256, gen).float()))
+    expected = [numpy_dc(x, k0, m, 0.8, True, "real") for x, k0, m in cases]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outs = list(pool.map(lambda c: [data_consistency(*c, 0.8, True, impl="fast")
+                                        for _ in range(5)], cases))
+    for runs, ref in zip(outs, expected):
+        for out in runs:
+            assert_close_np(out, ref, 2e-5)
 
 
 def test_bad_input_errors():
