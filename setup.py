@@ -6,7 +6,9 @@ and build without pip's isolated build environment (which would fetch a second t
     pip install torch==2.13.0 ninja pybind11 setuptools wheel
     pip install --no-build-isolation -e ".[test]"
 
-There is deliberately no pyproject.toml build-system table listing torch for the same reason.
+pyproject.toml names only setuptools and wheel as build requirements (never torch, for the same
+reason); without it, pip's legacy `setup.py develop` path would rebuild in an isolated
+environment without torch and silently skip the extension.
 """
 
 import os

@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from kdhpc.train import Preempted
+    from kdhpc.train import Preempted, ignore_preemption_signals
 
     try:
         run(cfg)
     except Preempted as stop:  # checkpointed on SIGTERM/SIGUSR1: let SLURM requeue us
         return int(stop.code)
+    finally:
+        ignore_preemption_signals()
     return 0
 
 

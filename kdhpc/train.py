@@ -162,6 +162,15 @@ def install_preemption_handlers() -> None:
             signal.signal(sig, _on_preempt_signal)
 
 
+def ignore_preemption_signals() -> None:
+    """For a process that only exits from here on: ignore SIGTERM / SIGUSR1. Python resets its
+    own handlers to the default action (terminate) during interpreter shutdown, so a late SLURM
+    warning would otherwise turn a clean exit (0, or 75 after a checkpoint) into a signal death."""
+    if threading_is_main():
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def preemption_requested() -> bool:
     """Whether this process received SIGTERM / SIGUSR1 (see :func:`agree_any`)."""
     return _preempt_requested

@@ -228,8 +228,9 @@ def _all_reduce_worker(rank, world_size, init_file, volumes, owners, queue):
 def test_accumulator_all_reduce_over_two_gloo_ranks(rng):
     volumes = make_volumes(rng, count=3)
     owners = {"vol0": 0, "vol1": 1, "vol2": 1}
-    # fork: the children inherit the imported modules (spawn would re-import torch and this file)
-    context = mp.get_context("fork")
+    # spawn, not fork: earlier tests in the same pytest process leave threads (OpenMP, gloo,
+    # torch.compile workers) whose locks a forked child can inherit held, and then hangs.
+    context = mp.get_context("spawn")
     queue = context.Queue()
     with tempfile.TemporaryDirectory() as folder:
         init_file = os.path.join(folder, "rendezvous")
