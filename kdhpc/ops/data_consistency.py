@@ -313,7 +313,7 @@ _K0_TERM_CACHE: OrderedDict = OrderedDict()
 _K0_TERM_CACHE_SIZE = 4
 
 
-def _k0_term(k0_user, mask_user, k0, mask, centered: bool, hermitian: bool) -> torch.Tensor:
+def _k0_term(k0_user, mask_user, mask, centered: bool, hermitian: bool) -> torch.Tensor:
     """The k0 term, reused across calls while the caller's k0 and mask tensors are unchanged.
 
     DC-CNN passes the same k0 and mask to every cascade, so the term (one 2-D inverse FFT and
@@ -322,6 +322,7 @@ def _k0_term(k0_user, mask_user, k0, mask, centered: bool, hermitian: bool) -> t
     """
     cacheable = not (k0_user.requires_grad or torch.compiler.is_compiling()
                      or k0_user.is_inference() or mask_user.is_inference())
+    k0 = k0_user.reshape(-1, *k0_user.shape[-2:])                       # [N, H, W]
     if not cacheable:
         return torch.ops.kdhpc.data_consistency_k0_term(k0, mask, centered, hermitian)
     key = (id(k0_user), id(mask_user), centered, hermitian, tuple(k0.shape), tuple(mask.shape))
@@ -343,13 +344,13 @@ def _k0_term(k0_user, mask_user, k0, mask, centered: bool, hermitian: bool) -> t
 def _data_consistency_fast(x, k0, mask_user, mask, lam, centered, output):
     H, W = x.shape[-2:]
     lead = x.shape[:-2]
-    x3, k03 = x.reshape(-1, H, W), k0.reshape(-1, H, W)          # [N, H, W]
+    x3 = x.reshape(-1, H, W)                                       # [N, H, W]
     if all(d == 1 for d in mask.shape[:-2]):
         mask3 = mask.reshape(1, *mask.shape[-2:])                  # [1, Hm, Wm]
     else:
         mask3 = mask.expand(*lead, *mask.shape[-2:]).reshape(-1, *mask.shape[-2:])  # [N, Hm, Wm]
     hermitian = not x.is_complex() and output == "real"
-    q = _k0_term(k0, mask_user, k03, mask3, centered, hermitian)  # [N, spec_h, spec_w]
+    q = _k0_term(k0, mask_user, mask3, centered, hermitian)        # [N, spec_h, spec_w]
     out = torch.ops.kdhpc.data_consistency_apply(x3, q, mask3, lam, centered, hermitian)
     out = out.reshape(x.shape)
     if hermitian or output == "complex":
