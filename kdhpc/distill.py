@@ -49,13 +49,38 @@ STAGE_RECORD = "stage.json"
 STAGE_INPUTS = ".inputs"
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+def world_size() -> int:
+    """The number of ranks (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
         dist.barrier()
+
+
+def from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its (picklable) result on every rank: stage results must agree."""
+    result = fn() if rank() == 0 else None
+    if world_size() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def gather(rows: list) -> list:
+    """Every rank's ``rows`` concatenated in rank order."""
+    if world_size() == 1:
+        return rows
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
 
 
 class Stages:
@@ -67,7 +92,7 @@ class Stages:
 
     def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] | None = None):
         self.run_dir = Path(run_dir)
-        self.log = log or (lambda msg: print(msg, flush=True) if _rank() == 0 else None)
+        self.log = log or (lambda msg: print(msg, flush=True) if rank() == 0 else None)
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
@@ -91,23 +116,23 @@ class Stages:
             self.log(f"stage {name}: up to date, skipped")
             return done["result"]
         inputs = stage_dir / STAGE_INPUTS
-        if _rank() == 0:
+        if rank() == 0:
             if stage_dir.exists() and (not inputs.is_file() or inputs.read_text() != key):
                 # Inputs changed since this folder was started: its checkpoints are not ours.
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(inputs, key)
-        _barrier()
+        barrier()
         self.log(f"stage {name}: running")
         start = time.perf_counter()
         result = dict(fn(stage_dir))
         result["digest"] = key
         seconds = time.perf_counter() - start
-        if _rank() == 0:
+        if rank() == 0:
             write_atomic(stage_dir / STAGE_RECORD,
                          json.dumps({"digest": key, "seconds": seconds, "result": result},
                                     indent=1, default=str))
-        _barrier()
+        barrier()
         self.ran.append(name)
         self.log(f"stage {name}: done in {seconds:.1f} s")
         self._honour_preemption(f"after {name}")
@@ -152,9 +177,9 @@ def run(cfg: Config) -> dict:
 
     install_preemption_handlers()
     init_distributed()
-    if _rank() == 0:
+    if rank() == 0:
         save_config(cfg, cfg.run_dir)
-    _barrier()
+    barrier()
     return recipe_module(cfg).run(cfg, Stages(cfg.run_dir))
 
 

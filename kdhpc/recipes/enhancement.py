@@ -83,7 +83,8 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
-from kdhpc.distill import teacher_training_config
+from kdhpc.distill import (barrier, from_rank0, gather, rank, teacher_training_config,
+                           world_size)
 from kdhpc.data.views import center_crop
 from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
 from kdhpc.data.masks import seed_from
@@ -468,36 +469,8 @@ def make_loss(cfg: Config, alpha: float, perceptual: PerceptualLoss | None) -> C
 # ---------------------------------------------------------------------------------------------
 # distributed helpers
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if _world() > 1:
-        dist.barrier()
-
-
-def _from_rank0(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0, its (picklable) result on every rank: stage results must agree."""
-    result = fn() if _rank() == 0 else None
-    if _world() > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def _gather(rows: list) -> list:
-    """Every rank's ``rows`` concatenated (rank order)."""
-    if _world() == 1:
-        return rows
-    parts: list = [None] * _world()
-    dist.all_gather_object(parts, rows)
-    return [row for part in parts for row in part]
+# one copy, in the recipe framework
+_rank, _world, _barrier, _from_rank0, _gather = rank, world_size, barrier, from_rank0, gather
 
 
 # ---------------------------------------------------------------------------------------------

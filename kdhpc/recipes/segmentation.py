@@ -108,7 +108,8 @@ from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
 from kdhpc.data.acdc import ACDCSliceDataset, LABELS
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.distill import _barrier, _rank, teacher_training_config
+from kdhpc.distill import (barrier, from_rank0, gather, rank, teacher_training_config,
+                           world_size)
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import build_model, count_parameters, segment as full_resolution_logits
@@ -400,27 +401,8 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch
 # ---------------------------------------------------------------------------------------------
 # distributed helpers
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _from_rank0(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0, its result on every rank (stage results must agree across ranks)."""
-    result = fn() if _rank() == 0 else None
-    if _world() > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def _gather(rows: list) -> list:
-    """Every rank's ``rows``, concatenated in rank order."""
-    if _world() == 1:
-        return rows
-    parts: list = [None] * _world()
-    dist.all_gather_object(parts, rows)
-    return [row for part in parts for row in part]
+# one copy, in the recipe framework
+_rank, _world, _barrier, _from_rank0, _gather = rank, world_size, barrier, from_rank0, gather
 
 
 # ---------------------------------------------------------------------------------------------
