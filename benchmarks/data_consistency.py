@@ -23,7 +23,8 @@ machine shared with other jobs the median mostly measures the contention (OpenMP
 descheduled threads) and the minimum is the closer estimate of the uncontended time, so the
 goals are judged on ``ms_min`` and the load average is printed with the results.
 ``--threads 1`` times single-threaded, which contention disturbs least. Results append to
-benchmarks/results/data_consistency.csv and rewrite data_consistency_<device>.md.
+benchmarks/results/data_consistency.csv and rewrite data_consistency_<device>.md (with
+``--threads N``: data_consistency_Nthread.csv and data_consistency_Nthread_<device>.md).
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def goal_notes(rows: list[dict], device: torch.device, copy: float, load: str) -
     """One line per op row: the speed-ups (median / fastest call) against the goals."""
     notes = [f"device-to-device copy: {copy:.1f} GB/s; threads: {torch.get_num_threads()}; "
              f"load average before / after: {load}"]
+    if device.type == "cpu" and not torch.cuda.is_available():
+        notes.append("GPU rows and goals: not measured, no CUDA device on this machine")
     for r in rows:
         if r["impl"] != "op":
             continue
@@ -232,7 +235,8 @@ def main() -> None:
         print_table(rows)
         print("\n".join(notes))
         if not args.no_write:
-            print("wrote", write_results("data_consistency", rows, device, notes))
+            topic = "data_consistency" + (f"_{args.threads}thread" if args.threads else "")
+            print("wrote", write_results(topic, rows, device, notes))
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_k0_term_cache_sees_in_place_edits():
 @requires_ext
 def test_lam_gradient_independent_of_thread_count():
     gen = torch.Generator().manual_seed(9)
-    x, k0 = make_inputs((4, 1, 128, 256), False, torch.float32, gen)   # big enough for helpers
+    x, k0 = make_inputs((4, 1, 128, 256), False, torch.float32, gen)   # > 2^16 bins: threaded
     mask = make_mask("cols", 128, 256, gen).float()
     grads = []
     threads = torch.get_num_threads()
@@ -243,8 +243,8 @@ def test_lam_gradient_independent_of_thread_count():
 
 @requires_ext
 def test_concurrent_calls_from_python_threads():
-    # The CPU op hands blocks to ATen's pool threads (for spectra of 2^16 bins and more); calls
-    # from several threads must not mix.
+    # Calls from several threads at once (each threading its FFTs and passes) must not mix; the
+    # size is above the 2^16-bin threshold under which the op keeps MKL on the calling thread.
     gen = torch.Generator().manual_seed(12)
     cases = []
     for _ in range(4):
