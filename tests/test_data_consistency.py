@@ -242,6 +242,34 @@ def test_lam_gradient_independent_of_thread_count():
 
 
 @requires_ext
+@pytest.mark.parametrize("shape,kind,complex_x,output", [
+    ((64, 1, 256, 256), "cols", False, "real"),      # 17 MB of half spectrum: row blocks
+    ((2, 10, 320, 368), "rows", True, "complex"),    # 19 MB of spectrum: one image per block
+])
+def test_large_batches_in_cache_sized_blocks(shape, kind, complex_x, output):
+    # Spectra above 16 MiB are cut into blocks shared by pool threads; compare with the reference.
+    gen = torch.Generator().manual_seed(13)
+    x, k0 = make_inputs(shape, complex_x, torch.float32, gen)
+    mask = make_mask(kind, *shape[-2:], gen).float()
+    results = []
+    for impl in ("reference", "fast"):
+        xs = x.clone().requires_grad_()
+        lam = torch.tensor(0.7, requires_grad=True)
+        out = data_consistency(xs, k0, mask, lam, True, output, impl=impl)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(14),
+                             dtype=out.dtype)
+        (out * weight).real.sum().backward()
+        results.append((out.detach(), xs.grad, lam.grad))
+    for name, ref, fast in zip(("out", "x", "lam"), *results):
+        assert (fast - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), name
+    # The blocks' copy out of the FFT buffers turns -0.0 into +0.0 as well.
+    zeros = data_consistency(-torch.zeros_like(x), torch.zeros_like(k0), torch.zeros_like(mask),
+                             0.7, True, output, impl="fast")
+    parts = torch.view_as_real(zeros) if zeros.is_complex() else zeros
+    assert (parts == 0).all() and not torch.signbit(parts).any()
+
+
+@requires_ext
 def test_concurrent_calls_from_python_threads():
     # Calls from several threads at once (each threading its FFTs and passes) must not mix; the
     # size is above the 2^16-bin threshold under which the op keeps MKL on the calling thread.
