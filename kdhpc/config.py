@@ -36,9 +36,16 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, hi_open: bool = False, factory: bool = False):
-    """A documented field with an optional numeric range [lo, hi] (open ends where flagged)."""
-    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+       lo_open: bool = False, hi_open: bool = False, factory: bool = False,
+       result: bool = True):
+    """A documented field with an optional numeric range [lo, hi] (open ends where flagged).
+
+    ``result=False`` marks a field that cannot change what a stage computes (logging, progress,
+    checkpoint bookkeeping, where a cache lives): stage digests leave it out
+    (:func:`result_values`), so changing it reruns nothing.
+    """
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "result": result}
     if factory:
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,7 +71,7 @@ class DataConfig:
     slice_fraction: float = _f(1.0, "fraction of central slices of each volume to use",
                                lo=0.0, hi=1.0, lo_open=True)
     max_volumes: int = _f(0, "cap on volumes per split (0 = all); for quick runs", lo=0)
-    num_workers: int = _f(0, "DataLoader workers per rank", lo=0)
+    num_workers: int = _f(0, "DataLoader workers per rank", lo=0, result=False)
 
 
 @dataclass
@@ -196,15 +203,17 @@ class TrainConfig:
     deepspeed_config: str = _f("", "DeepSpeed JSON to start from; empty = configs/deepspeed/"
                                "zero<stage>_<precision>.json")
     eval_every: int = _f(0, "evaluate every N optimiser steps (0 = at each epoch end)", lo=0)
-    checkpoint_every: int = _f(0, "checkpoint every N steps (0 = at each epoch end)", lo=0)
-    keep_last: int = _f(2, "checkpoints kept besides the best", lo=1)
+    checkpoint_every: int = _f(0, "checkpoint every N steps (0 = at each epoch end)", lo=0,
+                               result=False)
+    keep_last: int = _f(2, "checkpoints kept besides the best", lo=1, result=False)
     best_metric: str = _f("val_loss", "metric that selects the best checkpoint")
     best_mode: Literal["min", "max"] = _f("min", "whether lower or higher best_metric is better")
-    max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0)
-    log_every: int = _f(10, "log every N steps", lo=1)
-    progress: bool = _f(True, "show a progress bar on rank 0")
+    max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0,
+                            result=False)
+    log_every: int = _f(10, "log every N steps", lo=1, result=False)
+    progress: bool = _f(True, "show a progress bar on rank 0", result=False)
     seed: int = _f(42, "run seed; ranks and workers derive theirs from it")
-    threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0)
+    threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0, result=False)
 
 
 @dataclass
@@ -214,14 +223,16 @@ class TeacherConfig:
     mode: Literal["precompute", "stream"] = _f(
         "precompute", "precompute: an HDF5 cache filled once; stream: the frozen teacher runs on "
         "each batch's exact views")
-    cache_dir: str = _f("", "teacher cache folder; empty = <run_dir>/teacher_cache")
+    cache_dir: str = _f("", "teacher cache folder; empty = <run_dir>/teacher_cache", result=False)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = _f(
         "float16", "stored dtype of cached teacher outputs")
-    compression: Literal["none", "gzip", "lzf"] = _f("none", "HDF5 compression of the cache")
+    compression: Literal["none", "gzip", "lzf"] = _f("none", "HDF5 compression of the cache",
+                                                     result=False)
     stream_bf16: bool = _f(False, "run a streamed teacher under bf16 autocast")
-    fill_batch_size: int = _f(0, "batch size when filling the cache (0 = eval.batch_size)", lo=0)
+    fill_batch_size: int = _f(0, "batch size when filling the cache (0 = eval.batch_size)", lo=0,
+                              result=False)
     commit_seconds: float = _f(1.0, "cache fill: flush written rows at least this often, bounding "
-                               "the work a killed fill loses", lo=0.0, lo_open=True)
+                               "the work a killed fill loses", lo=0.0, lo_open=True, result=False)
 
 
 @dataclass
@@ -387,15 +398,7 @@ def load_config(path: str | os.PathLike | None = None,
     """Defaults, then the YAML file at ``path`` (if any), then dotted ``overrides``."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from None
-        _apply(cfg, data, source)
+        source = _apply_file(cfg, Path(path), ())
         _check_cross(cfg, source)
     for text in overrides:
         key, value = parse_override(text)
@@ -403,6 +406,42 @@ def load_config(path: str | os.PathLike | None = None,
     if overrides:
         _check_cross(cfg, "command line")
     return cfg
+
+
+BASE_KEY = "base"
+
+
+def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> str:
+    """Apply the YAML file ``path`` to ``cfg``; a top-level ``base: OTHER.yaml`` (relative to the
+    file's folder) is applied first, so a config can say only how it differs from another."""
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    if path.resolve() in chain:
+        raise ConfigError(f"{source}: {BASE_KEY}: expected a chain of configs without a loop, "
+                          f"found {' -> '.join(map(str, chain))} -> {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if isinstance(data, dict) and BASE_KEY in data:
+        data = dict(data)
+        base = data.pop(BASE_KEY)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{source}: {BASE_KEY}: expected the path of another config, "
+                              f"found {base!r}")
+        _apply_file(cfg, path.parent / base, (*chain, path.resolve()))
+    _apply(cfg, data, source)
+    return source
+
+
+def result_values(node: Any) -> Any:
+    """A config subtree as plain data without the fields marked ``result=False``: what a stage
+    digest covers (changing a dropped field reruns nothing)."""
+    if not dataclasses.is_dataclass(node):
+        return node
+    return {f.name: result_values(getattr(node, f.name)) for f in dataclasses.fields(node)
+            if f.metadata.get("result", True)}
 
 
 def to_dict(cfg: Any) -> dict:

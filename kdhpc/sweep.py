@@ -18,28 +18,23 @@ use the recipe's headline metric (the first of its ``metrics``).
 
 Stages
 ------
-A. *shared*: one job runs the recipe's ``sweep_shared(cfg, stages)``: the stages every trial
-   shares (data, the teacher(s) trained or loaded, one teacher cache), in ``<sweep>/shared``.
+A. *shared*: one job runs the recipe's stages that no swept key reaches
+   (:func:`kdhpc.recipe.shared_stages`: typically data, the teacher trained or loaded, the
+   teacher cache and the no-KD student), in ``<sweep>/shared``.
 B. *trials*: one job array (``slurm_array_parallelism`` caps how many run at once), submitted
-   when A has succeeded; each element runs the recipe's ``sweep_trial(cfg, stages)`` for one grid
-   point in ``<sweep>/trials/<name>``. The trial calls the same shared stages as A; the sweep's
-   :class:`TrialStages` hands it A's finished results (never runs or deletes them) and refuses,
-   naming the stage, when the trial's inputs to a shared stage differ from A's, which means a
-   swept key reaches the teacher or its cache. ``teacher.cache_dir`` (unless set) points every
-   job at ``<sweep>/shared/teacher_cache``.
+   when A has succeeded; each element runs the recipe's sweep stages (:func:`kdhpc.recipe.execute`
+   with purpose ``sweep``: the validation split, never the test split) for one grid point in
+   ``<sweep>/trials/<name>``. The sweep's :class:`TrialStages` hands a trial A's finished results
+   (never runs or deletes them) and refuses, naming the stage, when the trial's inputs to a
+   shared stage differ from A's. ``teacher.cache_dir`` (unless set) points every job at
+   ``<sweep>/shared/teacher_cache``.
 C. *aggregate*: ``sweep.csv``, ``sweep.md`` (mean +- std over volumes per trial and a paired
    t-test of each trial against the alpha = 0 trial, or the recipe's no-KD model) and
    ``sweep.png`` (the headline metric against alpha, one line per temperature, the teacher as
    a dashed reference line), in the sweep directory.
 
-The recipe hook (a recipe module without it is refused with this description):
-
-- ``sweep_shared(cfg, stages) -> dict``: run the stages that do not depend on ``loss.alpha`` /
-  ``loss.temperature``; every stage it runs is shared with the trials.
-- ``sweep_trial(cfg, stages) -> dict``: the shared stages (same calls), then one student trained
-  with ``cfg.loss`` and evaluated on the validation split; returns ``{"volumes": [ids],
-  "metrics": [names, headline first], "per_volume": {"student": {metric: [one value per
-  volume]}, "teacher": {...}, optionally "no_kd": {...}}}``.
+Every recipe is sweepable: its declaration (:class:`kdhpc.recipe.Recipe`) says which config
+keys each stage reads, and ``trial_result`` gives the per-volume validation metrics.
 
 Names, reruns, preemption
 -------------------------
@@ -82,7 +77,7 @@ import yaml
 
 from kdhpc.config import (Config, ConfigError, digest, from_dict, load_config, parse_override,
                           to_dict, write_atomic)
-from kdhpc.distill import Stages
+from kdhpc.recipe import Stages, execute, recipe_of, shared_stages, stages_for
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DIR, TRIALS_DIR, LOGS_DIR = "shared", "trials", "logs"
@@ -313,29 +308,17 @@ def read_sweep_file(path: str | os.PathLike) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # the recipe hook and the stages a trial shares
 
-HOOK_HELP = (
-    "a sweep needs two functions in the recipe module: sweep_shared(cfg, stages) -> dict, which "
-    "runs the stages every trial shares (data, teacher, teacher cache; none may depend on "
-    "loss.alpha or loss.temperature), and sweep_trial(cfg, stages) -> dict, which calls the "
-    "same shared stages, trains one student with cfg.loss and returns {'volumes': [...], "
-    "'metrics': [headline, ...], 'per_volume': {'student': {metric: [...]}, 'teacher': {...}}} "
-    "on the validation split (see kdhpc/sweep.py)")
-
-
-def recipe_hooks(cfg: Config) -> tuple[Callable, Callable]:
-    """``(sweep_shared, sweep_trial)`` of ``cfg.recipe``'s module, or a SweepError saying what
-    is missing."""
-    from kdhpc.distill import recipe_module
-
+def check_recipe(cfg: Config) -> None:
+    """Refuse a config whose recipe does not exist or cannot run, before anything is submitted."""
     try:
-        module = recipe_module(cfg)
-    except ModuleNotFoundError as err:
-        raise SweepError(f"recipe {cfg.recipe!r}: module {err.name} does not exist yet") from None
-    missing = [n for n in ("sweep_shared", "sweep_trial") if not callable(getattr(module, n, None))]
-    if missing:
-        raise SweepError(f"recipe {cfg.recipe!r} ({module.__name__}) has no "
-                         f"{' and no '.join(missing)}: {HOOK_HELP}")
-    return module.sweep_shared, module.sweep_trial
+        recipe_of(cfg).check(cfg)
+    except ConfigError as err:
+        raise SweepError(f"recipe {cfg.recipe!r}: {err}") from None
+
+
+def shared_stage_names(cfg: Config, swept_keys: Sequence[str]) -> list[str]:
+    """The stages of ``cfg``'s recipe that a sweep over ``swept_keys`` runs once (stage A)."""
+    return shared_stages(stages_for(recipe_of(cfg), cfg, "sweep"), swept_keys)
 
 
 def stage_key(name: str, depends: dict) -> str:
@@ -435,7 +418,7 @@ def _forward_preemption_signal() -> None:
     signal.signal(warning, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
-def _run_hook(cfg: Config, hook: Callable, stages: Stages) -> dict:
+def _start(cfg: Config) -> None:
     from kdhpc.config import save_config
     from kdhpc.train import init_distributed
 
@@ -443,7 +426,6 @@ def _run_hook(cfg: Config, hook: Callable, stages: Stages) -> dict:
     if _rank() == 0:
         save_config(cfg, cfg.run_dir)
     _barrier()
-    return hook(cfg, stages)
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -463,6 +445,8 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg_dict: dict, name: str = SHARED_DIR, point: dict | None = None,
                  shared: Sequence[str] = ()) -> dict:
+        """``shared``: for stage A, the names of the stages to run; for a trial, the names
+        stage A ran (the trial links them)."""
         from kdhpc.train import Preempted
 
         _export_local_ranks()
@@ -470,7 +454,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         cfg = from_dict(cfg_dict, f"sweep job {name}")
         try:
             if self.kind == "shared":
-                return self._shared(cfg)
+                return self._shared(cfg, shared)
             return self._trial(cfg, name, point or {}, shared)
         except Preempted:
             if submitit.JobEnvironment().cluster == "slurm":
@@ -482,13 +466,13 @@ class SweepJob(submitit.helpers.Checkpointable):
                              f"sweep again to resume it") from None
 
     @staticmethod
-    def _shared(cfg: Config) -> dict:
-        sweep_shared, _ = recipe_hooks(cfg)
+    def _shared(cfg: Config, names: Sequence[str]) -> dict:
         stages = Stages(cfg.run_dir)
         start = time.perf_counter()
-        result = _run_hook(cfg, sweep_shared, stages)
+        _start(cfg)
+        execute(cfg, stages, "sweep", only=names)
         record = {"config_digest": digest(to_dict(cfg)), "stages": stages.ran + stages.skipped,
-                  "result": result, "seconds": time.perf_counter() - start}
+                  "seconds": time.perf_counter() - start}
         if _rank() == 0:
             write_atomic(Path(cfg.run_dir) / SHARED_RECORD,
                          json.dumps(record, indent=1, default=str))
@@ -497,12 +481,12 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _trial(cfg: Config, name: str, point: dict, shared: Sequence[str]) -> dict:
-        _, sweep_trial = recipe_hooks(cfg)
         shared_dir = Path(cfg.run_dir).parent.parent / SHARED_DIR
         stages = TrialStages(cfg.run_dir, shared_dir, shared)
         start = time.perf_counter()
-        result = _run_hook(cfg, sweep_trial, stages)
-        check_trial_result(result, f"recipe {cfg.recipe!r} sweep_trial")
+        _start(cfg)
+        result = recipe_of(cfg).trial_result(execute(cfg, stages, "sweep"))
+        check_trial_result(result, f"recipe {cfg.recipe!r} trial_result")
         record = {"name": name, "point": point, "config_digest": digest(to_dict(cfg)),
                   "result": result, "seconds": time.perf_counter() - start}
         if _rank() == 0:
@@ -518,7 +502,9 @@ def check_trial_result(result: Any, source: str) -> None:
         raise SweepError(f"{source}: expected a dict, found {type(result).__name__}")
     for key in ("volumes", "metrics", "per_volume"):
         if key not in result:
-            raise SweepError(f"{source}: missing {key!r}; {HOOK_HELP}")
+            raise SweepError(f"{source}: missing {key!r}; a trial result is {{'volumes': [...], "
+                             f"'metrics': [headline, ...], 'per_volume': {{'student': {{metric: "
+                             f"[one value per volume]}}, 'teacher': ..., 'no_kd': ...}}}}")
     volumes, metrics, per_volume = result["volumes"], result["metrics"], result["per_volume"]
     if not metrics or not isinstance(metrics, list):
         raise SweepError(f"{source}: 'metrics': expected a non-empty list of names, found "
@@ -714,7 +700,7 @@ def run_sweep(plan: SweepPlan, executor_kind: str, options: SlurmOptions, *,
               say: Callable[[str], None] = print) -> dict:
     """Stages A, B and C (module docstring); returns the aggregate summary."""
     kind = resolve_executor(executor_kind)
-    recipe_hooks(plan.shared_cfg)
+    check_recipe(plan.shared_cfg)
     options.check()
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.sweep_dir / PLAN_FILE, json.dumps(plan.describe(), indent=1))
@@ -726,7 +712,9 @@ def run_sweep(plan: SweepPlan, executor_kind: str, options: SlurmOptions, *,
     if shared is None:
         say(f"stage A: shared stages of recipe {plan.shared_cfg.recipe!r} ({kind})")
         executor = make_executor(kind, logs / SHARED_DIR, options, job_name(plan, SHARED_DIR))
-        job = executor.submit(SweepJob("shared"), to_dict(plan.shared_cfg))
+        names = shared_stage_names(plan.shared_cfg, [k for k, _ in plan.grid])
+        job = executor.submit(SweepJob("shared"), to_dict(plan.shared_cfg), SHARED_DIR, None,
+                              names)
         say(f"stage A: job {job.job_id}")
         failed = _wait([job], say)
         if failed:
@@ -978,14 +966,14 @@ def print_dry_run(plan: SweepPlan, executor_kind: str, options: SlurmOptions) ->
     """The plan, the stage records already present and the sbatch scripts; submits nothing."""
     kind = resolve_executor(executor_kind)
     try:
-        recipe_hooks(plan.shared_cfg)
-        hook_note = "present"
+        check_recipe(plan.shared_cfg)
+        shared = ", ".join(shared_stage_names(plan.shared_cfg, [k for k, _ in plan.grid]))
     except SweepError as err:
-        hook_note = f"MISSING: {err}"
+        shared = f"NOT RUNNABLE: {err}"
     print(f"sweep directory: {plan.sweep_dir}")
-    print(f"recipe: {plan.shared_cfg.recipe} (sweep hook {hook_note})")
+    print(f"recipe: {plan.shared_cfg.recipe} (shared stages: {shared})")
     print(f"executor: {kind} (requested {executor_kind})")
-    print(f"stage A: shared stages in {plan.shared_dir}"
+    print(f"stage A: the shared stages in {plan.shared_dir}"
           f"{' (done, skipped)' if shared_done(plan) else ''}")
     print(f"stage B: {len(plan.trials)} trials, at most {options.array_parallelism} at once:")
     for trial in plan.trials:

@@ -3,7 +3,7 @@ from an empty folder."""
 
 import json
 
-from kdhpc.distill import STAGE_RECORD, Stages
+from kdhpc.recipe import STAGE_RECORD, Stages
 
 
 def test_stages_skip_rerun_and_propagate(tmp_path):

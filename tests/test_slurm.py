@@ -246,10 +246,10 @@ SWEEP_FILE = REPO / "configs" / "sweeps" / "recon_tiny_2x2.yaml"
 
 def _sweep_hook_problem() -> str | None:
     from kdhpc.config import load_config
-    from kdhpc.sweep import SweepError, recipe_hooks
+    from kdhpc.sweep import SweepError, check_recipe
 
     try:
-        recipe_hooks(load_config(TINY))
+        check_recipe(load_config(TINY))
     except SweepError as err:
         return str(err)
     return None

@@ -16,9 +16,9 @@ import pytest
 import scipy.stats
 
 from kdhpc.config import ConfigError, digest, to_dict, write_atomic
-from kdhpc.distill import Stages
+from kdhpc.recipe import Stages
 from kdhpc.sweep import (TRIAL_RECORD, SlurmOptions, SweepError, TrialStages, aggregate,
-                         parse_grid, plan_sweep, read_sweep_file, recipe_hooks,
+                         parse_grid, plan_sweep, read_sweep_file, check_recipe,
                          resolve_executor, safe_name, stage_key, trial_names)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,11 +93,11 @@ def test_plan_checks_every_grid_value_like_an_override(tmp_path):
         plan_sweep(str(TINY), [], ["loss.alpha=0"], tmp_path / "a%jb")
 
 
-def test_a_recipe_without_the_sweep_hook_is_refused_with_the_hook_described(tmp_path):
+def test_a_config_that_names_no_runnable_recipe_is_refused_naming_the_recipes(tmp_path):
     plan = plan_sweep(str(TINY), ["recipe=data"], ["loss.alpha=0"], tmp_path)
-    with pytest.raises(SweepError, match=r"has no sweep_shared and no sweep_trial: .*"
-                                         r"sweep_trial\(cfg, stages\)"):
-        recipe_hooks(plan.shared_cfg)
+    with pytest.raises(SweepError, match=r"recipe 'data': recipe: expected one of "
+                                         r"reconstruction, superres, enhancement, segmentation"):
+        check_recipe(plan.shared_cfg)
 
 
 def test_stage_key_is_the_digest_stages_records(tmp_path):

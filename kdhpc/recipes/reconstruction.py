@@ -84,20 +84,17 @@ import dataclasses
 import json
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
 from kdhpc.config import Config, ConfigError, digest, write_atomic
-from kdhpc.data.default import dataset_root, sha256_file
-from kdhpc.distill import teacher_training_config
+from kdhpc.data.default import dataset_root
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.kdmri import KDMRISliceDataset
 from kdhpc.data.views import SliceViews, describe_views
@@ -106,9 +103,13 @@ from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
 from kdhpc.ops import attention_map
-from kdhpc.report import latency_ms, save_panel, table, write_report
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, latency_rows, teacher_stage,
+                          teacher_training_config)
+from kdhpc.report import save_panel, table, write_report
+from kdhpc.runtime import rank, world_size
 from kdhpc.teacher import (cache_config, default_cache_dir, fill_cache, teacher_fingerprint,
                            teacher_source)
+from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
 
 ROWS = ("ZF", "Teacher", "Student", "KD-Student")
@@ -117,8 +118,6 @@ METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "H
 METRIC_FORMATS = {"psnr": ".2f", "ssim": ".4f", "nmse": ".4f", "hfen": ".4f"}
 RESIDUAL_GAIN = 5.0  # residual panels |pred - target| x5, as in KD-MRI's figure
 CACHE_STAGE = "teacher_cache"  # its folder is the default teacher.cache_dir (run_dir/teacher_cache)
-# Train-config fields that cannot change a stage's result (logging, checkpoint bookkeeping).
-NON_SEMANTIC_TRAIN = ("log_every", "keep_last", "threads", "checkpoint_every", "max_bad_steps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,25 +278,6 @@ def zero_filled(batch: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # stage helpers
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sub(cfg: Config, *names: str) -> dict:
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
-
-
-def train_depends(cfg: Config) -> dict:
-    """What every training stage reads: data, optimiser, schedule and the result-changing train
-    fields."""
-    train = dataclasses.asdict(cfg.train)
-    for name in NON_SEMANTIC_TRAIN:
-        train.pop(name)
-    return {**_sub(cfg, "optim", "schedule"), "train": train}
-
-
 def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Module:
     """``arch`` with the weights file ``weights`` (a state dict, ``weights_only`` load)."""
     model = build_network(cfg, arch)
@@ -313,10 +293,7 @@ def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Modul
 def teacher_weights(cfg: Config) -> Path:
     """The teacher's weights: ``model.teacher_checkpoint``, else the teacher stage's best."""
     if cfg.model.teacher_checkpoint:
-        path = Path(cfg.model.teacher_checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"model.teacher_checkpoint: file {path} not found")
-        return path
+        return resolve_teacher_checkpoint(cfg)[0]
     path = Path(cfg.run_dir) / "teacher" / "best_model.pt"
     if not path.is_file():
         raise ConfigError(f"{path}: no trained teacher yet; run python -m kdhpc.distill CONFIG "
@@ -358,14 +335,13 @@ def evaluate_models(cfg: Config, views: SliceViews, models: dict[str, nn.Module]
                     ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-volume metrics ``{row: {volume name: {metric: value}}}`` of ZF and ``models`` on
     ``views`` (view 0), each volume on one rank, all-reduced (every rank gets them all)."""
-    rank, world = _rank_world()
     names = [Path(name).name for name, _ in views.slices.volumes]
     accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
     volumes = volume_ids(views)
     for model in models.values():
         model.eval()
     with torch.inference_mode():
-        for indices, real in eval_batches(volumes, rank, world, cfg.eval.batch_size):
+        for indices, real in eval_batches(volumes, rank(), world_size(), cfg.eval.batch_size):
             if not real:  # padding batches only matter for collective forwards (ZeRO-3)
                 continue
             batch = default_collate([views.get_view(i, 0) for i in indices])
@@ -395,49 +371,6 @@ def panel_index(views: SliceViews) -> int:
     """The central indexed slice of the first test volume."""
     first = views.slices.volume_indices(views.volume_of(0))
     return first[len(first) // 2]
-
-
-def thread_cpu_ms(model: nn.Module, args: Sequence[torch.Tensor], repeats: int) -> float:
-    """Median CPU milliseconds of ``model(*args)`` in the calling thread, with one intra-op
-    thread (the call runs in that thread): unlike wall time, other jobs' load on a shared
-    machine does not inflate it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            model.eval()(*args)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.thread_time()
-                model(*args)
-                times.append(time.thread_time() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return 1e3 * float(np.median(times))
-
-
-def latency_rows(cfg: Config, models: dict[str, nn.Module], batch: dict) -> list[dict]:
-    """Milliseconds per slice (batch of 1, median of ``eval.latency_repeats`` after warm-up) on
-    the CPU at 1 thread and at all threads, and on the GPU when present; the 1-thread row also
-    gives the thread's CPU milliseconds (:func:`thread_cpu_ms`), robust to a shared machine."""
-    settings = [("cpu", 1), ("cpu", len(os.sched_getaffinity(0)))]
-    if torch.cuda.is_available():
-        settings.append(("cuda", torch.get_num_threads()))
-    rows = []
-    for device, threads in settings:
-        row = {"device": device, "threads": threads if device == "cpu" else "-"}
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        args = [inputs["input"]] + ([inputs["kspace"], inputs["mask"]] if "mask" in inputs else [])
-        for name, model in models.items():
-            model = model.to(device)
-            row[f"{name} ms/slice"] = latency_ms(model, args, threads, cfg.eval.latency_repeats)
-            if device == "cpu" and threads == 1:
-                row[f"{name} CPU ms/slice"] = thread_cpu_ms(model, args, cfg.eval.latency_repeats)
-            model.to("cpu")
-        names = list(models)
-        row["speed-up"] = row[f"{names[0]} ms/slice"] / row[f"{names[1]} ms/slice"]
-        rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,9 +460,11 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
         ("Distillation gain", gap_text + "\n\n" + protocol + "\n\n" + table(test_rows)),
         ("Parameters", table(param_rows) + f"\n\nThe student has {100 * reduction:.1f}% fewer "
                        f"parameters."),
-        ("Latency per slice", latency_md + "\nWall-clock medians (batch of one slice) depend on "
-                              "the machine's load; the CPU ms columns are the calling thread's "
-                              "CPU time at one thread, which other jobs do not inflate."),
+        ("Latency per slice", latency_md + "\nBatch of one slice; teacher and student called in "
+                              "turn, round by round, minimum and median per call; the speed-up "
+                              "is from the minima, and a row whose speed-up disagrees with the "
+                              "1-thread row by more than 2x is marked unreliable (a loaded "
+                              "machine)."),
         ("Qualitative", f"![panel]({panel.name})\n\nInput, target, teacher, student and KD "
                         f"student; second row: residuals |prediction - target| x"
                         f"{RESIDUAL_GAIN:g}."),
@@ -559,180 +494,145 @@ def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# the recipe
+# the recipe as data
 
-def run(cfg: Config, stages) -> dict:
-    """The stage chain (module docstring); returns the report's key numbers. The engine applies
-    ``train.threads``; the caller's torch thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    try:
-        return _run(cfg, stages)
-    finally:
-        torch.set_num_threads(threads)
+def _views(run: Run, split: str) -> SliceViews:
+    return run.memo(("views", split), lambda: view_dataset(run.cfg, getattr(
+        run.cfg.data, f"{split}_split")))
 
 
-def _train_chain(cfg: Config, stages, with_kd: bool = True) -> dict:
-    """Stages data -> teacher -> teacher_cache -> student -> student_at (-> student_kd): all a
-    sweep shares when ``with_kd`` is False, the full training chain otherwise."""
-    check_config(cfg)
-    run_dir = Path(cfg.run_dir)
-    train_deps = train_depends(cfg)
-
-    def data_stage(stage_dir: Path) -> dict:
-        root = dataset_root(cfg)
-        identity = root.name if not cfg.data.root else str(root.resolve())
-        return {"dataset": identity,
-                **{split: describe_views(view_dataset(cfg, name)) for split, name in
-                   (("train", cfg.data.train_split), ("val", cfg.data.val_split),
-                    ("test", cfg.data.test_split))}}
-
-    data_deps = {"recipe": cfg.recipe, **_sub(cfg, "mask", "degrade", "default_data"),
-                 "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
-                          if k != "num_workers"}}
-    data = stages.run("data", data_deps, data_stage)
-    train_set = view_dataset(cfg, cfg.data.train_split)
-    val_set = view_dataset(cfg, cfg.data.val_split)
-
-    def teacher_stage(stage_dir: Path) -> dict:
-        if cfg.model.teacher_checkpoint:
-            model = load_network(cfg, cfg.model.teacher, cfg.model.teacher_checkpoint)
-            return {"arch": cfg.model.teacher, "weights": str(Path(
-                cfg.model.teacher_checkpoint).resolve()), "sha256": teacher_fingerprint(model),
-                "params": count_parameters(model), "steps": 0, "loaded": True}
-        return train_stage(teacher_training_config(cfg), stage_dir, cfg.model.teacher,
-                           l1_loss_fn, train_set, val_set)
-
-    checkpoint = cfg.model.teacher_checkpoint
-    teacher_res = stages.run("teacher", {
-        "data": data, "arch": cfg.model.teacher, "checkpoint": checkpoint,
-        "checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else "",
-        **({} if checkpoint else {**train_deps,
-                                  "epochs_factor": cfg.train.teacher_epochs_factor})},
-        teacher_stage)
-
-    def weights_path(result: dict) -> Path:
-        path = Path(result["weights"])
-        return path if path.is_absolute() else run_dir / path
-
-    def frozen_teacher() -> nn.Module:
-        return load_network(cfg, cfg.model.teacher, weights_path(teacher_res))
-
-    extract = make_extract(cfg.loss.at_p)
-    # Targets depend on the teacher, p and how they are made (stream bf16, cached dtype).
-    teacher_deps = {"teacher": teacher_res, "at_p": cfg.loss.at_p,
-                    "targets": {k: v for k, v in dataclasses.asdict(cfg.teacher).items()
-                                if k not in ("cache_dir", "compression")}}
-    if cfg.teacher.mode == "precompute":
-        def cache_stage(stage_dir: Path) -> dict:
-            # The stage reruns only when its inputs changed, so an existing cache is stale.
-            path = fill_cache(default_cache_dir(cfg), frozen_teacher(), extract, train_set,
-                              data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
-                              compression=cfg.teacher.compression,
-                              batch_size=cfg.eval.batch_size, bf16=cfg.teacher.stream_bf16,
-                              force=True)
-            return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
-
-        cache_res = stages.run(CACHE_STAGE, {**teacher_deps, "data": data,
-                                             "compression": cfg.teacher.compression}, cache_stage)
-        teacher_deps["cache"] = cache_res
-
-    def make_teacher_source():
-        return teacher_source(cfg, frozen_teacher(), extract)
-
-    student_deps = {"data": data, "arch": cfg.model.student, **train_deps}
-    student_res = stages.run("student", student_deps, lambda d: train_stage(
-        cfg, d, cfg.model.student, l1_loss_fn, train_set, val_set))
-    at_res = stages.run("student_at", {
-        **student_deps, **teacher_deps, "at_mode": cfg.loss.at_mode}, lambda d: train_stage(
-        cfg, d, cfg.model.student, make_at_loss(cfg), train_set, None,
-        teacher_factory=make_teacher_source))
-    chain = {"data": data, "teacher": teacher_res, "student": student_res, "student_at": at_res,
-             "weights_path": weights_path}
-    if not with_kd:
-        return chain
-    chain["student_kd"] = stages.run("student_kd", {
-        **student_deps, **teacher_deps, "init": at_res, "alpha": cfg.loss.alpha},
-        lambda d: train_stage(cfg, d, cfg.model.student, make_kd_loss(cfg), train_set, val_set,
-                              teacher_factory=make_teacher_source, init=at_res["weights"]))
-    return chain
+def _data(run: Run, stage_dir: Path) -> dict:
+    cfg = run.cfg
+    root = dataset_root(cfg)
+    identity = root.name if not cfg.data.root else str(root.resolve())
+    return {"dataset": identity,
+            **{split: describe_views(_views(run, split)) for split in ("train", "val", "test")}}
 
 
-def _trained(chain: dict) -> dict[str, dict]:
-    return {"Teacher": chain["teacher"], "Student": chain["student"],
-            "KD-Student": chain["student_kd"]}
+def _frozen_teacher(run: Run) -> nn.Module:
+    result = run.results["teacher"]
+    return load_network(run.cfg, result["arch"], run.path(result["weights"]))
 
 
-def _networks(cfg: Config, chain: dict) -> dict[str, nn.Module]:
-    return {row: load_network(cfg, res["arch"], chain["weights_path"](res))
-            for row, res in _trained(chain).items()}
+def _train_teacher(run: Run, stage_dir: Path) -> dict:
+    return train_stage(teacher_training_config(run.cfg), stage_dir, run.cfg.model.teacher,
+                       l1_loss_fn, _views(run, "train"), _views(run, "val"))
 
 
-def _run(cfg: Config, stages) -> dict:
-    chain = _train_chain(cfg, stages)
-    run_dir = Path(cfg.run_dir)
-    rank, _ = _rank_world()
-    data, trained = chain["data"], _trained(chain)
-    teacher_res, student_res = chain["teacher"], chain["student"]
-    at_res, kd_res = chain["student_at"], chain["student_kd"]
+def _load_teacher(run: Run, stage_dir: Path) -> dict:
+    cfg = run.cfg
+    path, sha256 = resolve_teacher_checkpoint(cfg)
+    model = load_network(cfg, cfg.model.teacher, path)
+    return {"arch": cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
+            "sha256": teacher_fingerprint(model), "params": count_parameters(model),
+            "steps": 0, "loaded": True}
 
-    def networks() -> dict[str, nn.Module]:
-        return _networks(cfg, chain)
 
-    def evaluate_stage(stage_dir: Path) -> dict:
-        test = view_dataset(cfg, cfg.data.test_split)
-        per_volume = evaluate_models(cfg, test, networks())
-        if rank == 0:
+def _fill_cache(run: Run, stage_dir: Path) -> dict:
+    cfg = run.cfg
+    train_set = _views(run, "train")
+    # The stage folder is the default cache: a rerun with new inputs starts from an empty
+    # folder. A teacher.cache_dir elsewhere is reused when it matches and refused otherwise,
+    # never deleted (it may be another run's).
+    path = fill_cache(default_cache_dir(cfg), _frozen_teacher(run), make_extract(cfg.loss.at_p),
+                      train_set, data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
+                      compression=cfg.teacher.compression,
+                      batch_size=cfg.teacher.fill_batch_size or cfg.eval.batch_size,
+                      bf16=cfg.teacher.stream_bf16)
+    return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+
+
+def _student_stage(loss: Callable[[Config], Callable], with_teacher: bool, validate: bool,
+                   init: str | None = None) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        cfg = run.cfg
+        factory = ((lambda: teacher_source(cfg, _frozen_teacher(run), make_extract(cfg.loss.at_p)))
+                   if with_teacher else None)
+        return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg), _views(run, "train"),
+                           _views(run, "val") if validate else None, teacher_factory=factory,
+                           init=run.results[init]["weights"] if init else None)
+    return run_stage
+
+
+TRAINED = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
+
+
+def _networks(run: Run) -> dict[str, nn.Module]:
+    return {row: load_network(run.cfg, run.results[stage]["arch"],
+                              run.path(run.results[stage]["weights"]))
+            for row, stage in TRAINED.items()}
+
+
+def _evaluate(split: str) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        per_volume = evaluate_models(run.cfg, _views(run, split), _networks(run))
+        if rank() == 0:
             write_atomic(stage_dir / "per_volume.json", json.dumps(per_volume, indent=1))
         return {"per_volume": per_volume}
-
-    evaluation = stages.run("evaluate", {"data": data, "models": trained,
-                                         "batch": cfg.eval.batch_size}, evaluate_stage)
-
-    def report_stage(stage_dir: Path) -> dict:
-        if rank != 0:
-            return {}
-        test = view_dataset(cfg, cfg.data.test_split)
-        nets = networks()
-        index = panel_index(test)
-        panel = save_recon_panel(panel_images(test, nets, index), run_dir / "panel.png")
-        one = default_collate([test.get_view(index, 0)])
-        latency = latency_rows(cfg, {"Teacher": nets["Teacher"], "Student": nets["Student"]},
-                               one)
-        params = {row: count_parameters(net) for row, net in nets.items()}
-        steps = {"teacher": teacher_res["steps"], "student": student_res["steps"],
-                 "student_at": at_res["steps"], "student_kd": kd_res["steps"]}
-        return write_recon_report(cfg, run_dir, evaluation["per_volume"], latency, params,
-                                  steps, panel)
-
-    # Rank 0 writes the report; other ranks return an empty result (or rank 0's record).
-    report = stages.run("report", {"evaluation": evaluation, "eval": _sub(cfg, "eval"),
-                                   "loss": _sub(cfg, "loss")}, report_stage)
-    if rank == 0:
-        print(f"\n{report['text']}\n\nreport: {run_dir / 'report.md'}", flush=True)
-    return report
+    return run_stage
 
 
-# ---------------------------------------------------------------------------------------------
-# sweeps (kdhpc.sweep)
+def _report(run: Run, stage_dir: Path) -> dict:
+    if rank() != 0:
+        return {}
+    cfg = run.cfg
+    test = _views(run, "test")
+    nets = _networks(run)
+    index = panel_index(test)
+    panel = save_recon_panel(panel_images(test, nets, index), run.run_dir / "panel.png")
+    one = default_collate([test.get_view(index, 0)])
+    args = [one["input"]] + ([one["kspace"], one["mask"]] if "mask" in one else [])
+    timed = {"Teacher": nets["Teacher"].eval(), "Student": nets["Student"].eval()}
+    latency = latency_rows({name: (lambda m=m: m(*[a.to(next(m.parameters()).device)
+                                                   for a in args])) for name, m in timed.items()},
+                           cfg.eval.latency_repeats,
+                           to_device=lambda device: [m.to(device) for m in timed.values()])
+    params = {row: count_parameters(net) for row, net in nets.items()}
+    steps = {name: run.results[name]["steps"]
+             for name in ("teacher", "student", "student_at", "student_kd")}
+    return write_recon_report(cfg, run.run_dir, run.results["evaluate"]["per_volume"], latency,
+                              params, steps, panel)
 
-def sweep_shared(cfg: Config, stages) -> dict:
-    """The stages every trial of an alpha sweep shares: data, teacher, cache, student, AT."""
-    _train_chain(cfg, stages, with_kd=False)
-    return {}
+
+def stages(cfg: Config) -> list[Stage]:
+    cache = ("teacher_cache",) if cfg.teacher.mode == "precompute" else ()
+    student_keys = ("model.student", *TRAIN_KEYS)
+    kd_keys = (*student_keys, "loss.at_p", "teacher")
+    trained = ("data", *TRAINED.values())
+    return [
+        Stage("data", _data, keys=("recipe", "data", "mask", "degrade", "default_data")),
+        teacher_stage(_train_teacher, ("model.teacher",), cfg, _load_teacher),
+        *([Stage("teacher_cache", _fill_cache, keys=("loss.at_p", "teacher"),
+                 consumes=("data", "teacher"))] if cache else []),
+        Stage("student", _student_stage(lambda c: l1_loss_fn, False, True), keys=student_keys,
+              consumes=("data",)),
+        Stage("student_at", _student_stage(make_at_loss, True, False),
+              keys=(*kd_keys, "loss.at_mode"), consumes=("data", "teacher", *cache)),
+        Stage("student_kd", _student_stage(make_kd_loss, True, True, init="student_at"),
+              keys=(*kd_keys, "loss.alpha"), consumes=("data", "teacher", *cache, "student_at")),
+        Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
+              use="test"),
+        Stage("report", _report, keys=("eval", "loss"),
+              consumes=("evaluate", "teacher", "student", "student_at", "student_kd"),
+              use="test"),
+        Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
+              use="validation"),
+    ]
 
 
-def sweep_trial(cfg: Config, stages) -> dict:
-    """One alpha: the shared stages (handed over by the sweep), the KD stage, and a per-volume
-    evaluation on the validation split (sweeps never look at the test split)."""
-    chain = _train_chain(cfg, stages)
-    val_set = view_dataset(cfg, cfg.data.val_split)
-    evaluation = stages.run(
-        "evaluate_val", {"data": chain["data"], "models": _trained(chain),
-                         "batch": cfg.eval.batch_size},
-        lambda d: {"per_volume": evaluate_models(cfg, val_set, _networks(cfg, chain))})
-    per_volume = evaluation["per_volume"]
+def summary(run: Run) -> str:
+    return f"{run.results['report']['text']}\n\nreport: {run.run_dir / 'report.md'}"
+
+
+def trial_result(run: Run) -> dict:
+    """A sweep trial: per-volume validation metrics of the KD student, teacher and student."""
+    per_volume = run.results["evaluate_val"]["per_volume"]
     volumes = sorted(per_volume["KD-Student"])
     rows = {"student": "KD-Student", "teacher": "Teacher", "no_kd": "Student"}
     return {"volumes": volumes, "metrics": list(TABLE_METRICS),
             "per_volume": {key: {m: [per_volume[row][v][m] for v in volumes]
                                  for m in TABLE_METRICS} for key, row in rows.items()}}
+
+
+RECIPE = Recipe("reconstruction", stages, check_config, summary, trial_result,
+                teacher_cache_parts)
