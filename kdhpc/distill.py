@@ -24,8 +24,6 @@ from kdhpc.runtime import barrier, rank
 def run(cfg: Config, stages: Stages | None = None) -> dict:
     """Run ``cfg``'s recipe in ``cfg.run_dir`` (through ``stages`` when given, e.g. a quiet
     one); return the stage results, the printed summary under ``"summary"``."""
-    import torch
-
     from kdhpc.train import init_distributed, install_preemption_handlers
 
     recipe = recipe_of(cfg)
@@ -35,11 +33,7 @@ def run(cfg: Config, stages: Stages | None = None) -> dict:
     if rank() == 0:
         save_config(cfg, cfg.run_dir)
     barrier()
-    threads = torch.get_num_threads()  # the engine applies train.threads; restore the caller's
-    try:
-        done = execute(cfg, stages or Stages(cfg.run_dir))
-    finally:
-        torch.set_num_threads(threads)
+    done = execute(cfg, stages or Stages(cfg.run_dir))
     text = recipe.summary(done) if rank() == 0 else ""
     if text:
         print(f"\n{text}", flush=True)

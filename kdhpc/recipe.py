@@ -164,14 +164,24 @@ def stages_for(recipe: Recipe, cfg: Config, purpose: str) -> list[Stage]:
 def execute(cfg: Config, stages: "Stages", purpose: str = "distill",
             only: Sequence[str] | None = None) -> Run:
     """Run ``cfg``'s recipe stages for ``purpose`` (all of them, or ``only`` these)."""
+    import torch
+
     recipe = recipe_of(cfg)
     run = Run(cfg, stages)
-    for stage in stages_for(recipe, cfg, purpose):
-        if only is not None and stage.name not in only:
-            continue
-        run.results[stage.name] = stages.run(
-            stage.name, stage_depends(stage, cfg, run.results),
-            lambda stage_dir, stage=stage: stage.run(run, stage_dir))
+    # train.threads holds for every stage, not only while training (on a shared CPU, OpenMP
+    # threads beyond the free cores slow small ops down many-fold); restored afterwards.
+    previous = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        for stage in stages_for(recipe, cfg, purpose):
+            if only is not None and stage.name not in only:
+                continue
+            run.results[stage.name] = stages.run(
+                stage.name, stage_depends(stage, cfg, run.results),
+                lambda stage_dir, stage=stage: stage.run(run, stage_dir))
+    finally:
+        torch.set_num_threads(previous)
     return run
 
 

@@ -17,6 +17,7 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kdhpc import distill
+from kdhpc.recipe import Stages
 from kdhpc.config import Config, ConfigError, load_config
 from kdhpc.losses import PerceptualLoss, enhancement_loss
 from kdhpc.models import build_model
@@ -45,7 +46,7 @@ def tiny_run(tmp_path_factory, data_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDHPC_DATA", str(data_dir))
         cfg = load_config(TINY, [f"run_dir={run_dir}"])
-        summary = distill.run(cfg)
+        summary = distill.run(cfg)["report"]
         root = Path(json.loads((run_dir / "data" / "stage.json").read_text())["result"]["root"])
     return cfg, run_dir, summary, root
 
@@ -57,7 +58,7 @@ def test_patch_is_cut_from_the_degraded_whole_slice(tiny_cfg):
     from kdhpc.data.default import dataset_root
 
     cfg = tiny_cfg()
-    recipe = E.Recipe(cfg, dataset_root(cfg))
+    recipe = E.EnhancementData(cfg, dataset_root(cfg))
     for task in E.TASKS:
         patches = E.EnhancementViews(recipe.slices("train"), cfg, task, patch_size=16)
         whole = E.EnhancementViews(recipe.slices("train"), cfg, task, patch_size=0)
@@ -78,7 +79,7 @@ def test_multitask_views_concatenate_tasks_and_keep_their_keys(tiny_cfg):
     from kdhpc.data.default import dataset_root
 
     cfg = tiny_cfg()
-    recipe = E.Recipe(cfg, dataset_root(cfg))
+    recipe = E.EnhancementData(cfg, dataset_root(cfg))
     parts = [recipe.views("train", t) for t in E.TASKS]
     mixed = E.MultiTaskViews(parts)
     assert len(mixed) == sum(len(p) for p in parts)
@@ -190,11 +191,11 @@ def test_bad_config_is_refused_with_the_key(tiny_cfg):
     with pytest.raises(ConfigError, match="data.patch_size"):
         from kdhpc.data.default import dataset_root
         cfg = tiny_cfg("data.patch_size=64")
-        E.Recipe(cfg, dataset_root(cfg)).views("train", "denoise").get_view(0, 0)
+        E.EnhancementData(cfg, dataset_root(cfg)).views("train", "denoise").get_view(0, 0)
     with pytest.raises(ConfigError, match="model.experts"):
         from kdhpc.data.default import dataset_root
         cfg = tiny_cfg("model.experts=[a.pt]")
-        E.Recipe(cfg, dataset_root(cfg)).expert_stage(Path("."), "denoise", None)
+        E.EnhancementData(cfg, dataset_root(cfg)).expert_stage(Path("."), "denoise", None)
 
 
 @pytest.mark.parametrize("name", ["enh_tiny", "enh_default", "enh_published",
@@ -316,8 +317,8 @@ def test_superres_inputs_equal_an_independent_phase_encode_truncation(tiny_run):
 def test_rerun_skips_every_stage(tiny_run, monkeypatch, data_dir):
     cfg, run_dir, summary, _ = tiny_run
     monkeypatch.setenv("KDHPC_DATA", str(data_dir))
-    stages = distill.Stages(run_dir, log=lambda msg: None)
-    again = E.run(cfg, stages)
+    stages = Stages(run_dir, log=lambda msg: None)
+    again = distill.run(cfg, stages)["report"]
     assert stages.ran == [] and stages.skipped == STAGES
     assert again["speed_ratio"] == summary["speed_ratio"]
 

@@ -238,7 +238,7 @@ def test_tiny_run_cache_holds_the_teacher_logits_of_each_view(tiny_run):
     from kdhpc.teacher import CachedTeacher, cache_config
 
     run_dir, cfg = tiny_run
-    recipe = seg.Recipe(cfg, dataset_root(cfg))
+    recipe = seg.CardiacData(cfg, dataset_root(cfg))
     views = recipe.views("train")
     teacher = seg.load_network(cfg.model.teacher, run_dir / "teacher" / "best_model.pt")
     cache = CachedTeacher(run_dir / "teacher_cache", data_config=cache_config(cfg))
@@ -283,12 +283,13 @@ def test_tiny_run_export_matches_the_eager_student(tiny_run):
 
 
 def test_tiny_rerun_skips_every_stage(tiny_run, monkeypatch):
-    from kdhpc.distill import Stages
+    from kdhpc import distill
+    from kdhpc.recipe import Stages
 
     run_dir, cfg = tiny_run
     monkeypatch.setenv("KDHPC_DATA", str(run_dir.parent / "data"))
     stages = Stages(run_dir, log=lambda msg: None)
-    summary = seg.run(cfg, stages)
+    summary = distill.run(cfg, stages)["report"]
     assert stages.ran == [] and "report" in stages.skipped and len(stages.skipped) == 9
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert summary["mean_dice"]["student_kd"] == pytest.approx(

@@ -73,18 +73,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from scipy import ndimage
 from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
-from kdhpc.distill import (barrier, from_rank0, gather, rank, teacher_training_config,
-                           world_size)
+from kdhpc.recipe import TRAIN_KEYS, Recipe, Run, Stage, teacher_stage, teacher_training_config
+from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
+from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.data.views import center_crop
 from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
 from kdhpc.data.masks import seed_from
@@ -467,17 +467,10 @@ def make_loss(cfg: Config, alpha: float, perceptual: PerceptualLoss | None) -> C
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-# one copy, in the recipe framework
-_rank, _world, _barrier, _from_rank0, _gather = rank, world_size, barrier, from_rank0, gather
-
-
-# ---------------------------------------------------------------------------------------------
 # stages
 
-class Recipe:
-    """The run's data and stage functions (one instance per ``run``)."""
+class EnhancementData:
+    """The run's datasets and the bodies of its training and cache stages."""
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root = cfg, root
@@ -491,8 +484,10 @@ class Recipe:
             self._slices[split] = slice_dataset(self.cfg, self.root, name)
         return self._slices[split]
 
-    def views(self, split: str, task: str) -> EnhancementViews:
-        patch = self.cfg.data.patch_size if split in ("train", "val") else 0
+    def views(self, split: str, task: str, whole: bool = False) -> EnhancementViews:
+        """Views of ``split`` for ``task``: training and validation patches unless ``whole``
+        (the test split and sweep evaluations use whole slices)."""
+        patch = self.cfg.data.patch_size if split in ("train", "val") and not whole else 0
         return EnhancementViews(self.slices(split), self.cfg, task, patch)
 
     def mixed(self, split: str) -> MultiTaskViews:
@@ -514,19 +509,15 @@ class Recipe:
                 "best_value": result.best_value, "best_step": result.best_step,
                 "resumed_from": result.resumed_from}
 
-    def teacher_stage(self, stage_dir: Path) -> dict:
+    def train_teacher(self, stage_dir: Path) -> dict:
+        """The SwinIR teacher on ``degrade.task``, without the perceptual term unless
+        ``loss.perceptual_checkpoint`` gives its feature network (it cannot judge itself
+        before it is trained)."""
         cfg = self.cfg
-        if cfg.model.teacher_checkpoint:
-            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
-            return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
-                    "trained": False, "perceptual": False}
         perceptual = perceptual_network(cfg, None)
-        # The enhancement configs set train.teacher_epochs_factor to 4: a transformer learns
-        # more slowly per step than an EDSR.
-        longer = teacher_training_config(cfg)
         result = self.train_network(stage_dir, cfg.model.teacher, self.views("train", self.task),
                                     self.views("val", self.task), make_loss(cfg, 0.0, perceptual),
-                                    cfg=longer)
+                                    cfg=teacher_training_config(cfg))
         return {**result, "perceptual": perceptual is not None}
 
     def teacher_source(self, teacher: nn.Module, cache_dir: Path, data_config: dict):
@@ -545,8 +536,8 @@ class Recipe:
         start = time.perf_counter()
         fill_cache(cache_dir, teacher, extract_output, dataset, data_config=data_config,
                    dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
-                   batch_size=self.cfg.eval.batch_size, bf16=self.cfg.teacher.stream_bf16,
-                   force=True)
+                   batch_size=self.cfg.teacher.fill_batch_size or self.cfg.eval.batch_size,
+                   bf16=self.cfg.teacher.stream_bf16)
         return {"mode": "precompute", "cache_dir": str(cache_dir),
                 "teacher_sha256": teacher_fingerprint(teacher),
                 "records": len(dataset) * dataset.num_views,
@@ -576,9 +567,10 @@ def teacher_cache_parts(cfg: Config):
     this recipe trained in ``<run_dir>/teacher``."""
     from kdhpc.data.default import dataset_root
 
-    recipe = Recipe(cfg, dataset_root(cfg))
-    weights = cfg.model.teacher_checkpoint
-    if not weights:
+    recipe = EnhancementData(cfg, dataset_root(cfg))
+    if cfg.model.teacher_checkpoint:
+        weights = str(resolve_teacher_checkpoint(cfg)[0])
+    else:
         record = Path(cfg.run_dir) / "teacher" / "stage.json"
         if not record.is_file():
             raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
@@ -625,7 +617,7 @@ def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None]
     from kdhpc.train import rank_volume_indices, volume_ids
 
     volumes = volume_ids(views)
-    mine = rank_volume_indices(volumes, _rank(), _world())
+    mine = rank_volume_indices(volumes, rank(), world_size())
     by_volume: dict[int, list[int]] = {}
     for i in mine:
         by_volume.setdefault(volumes[i], []).append(i)
@@ -792,167 +784,237 @@ def paired_timing(big: nn.Module, small: nn.Module, inputs: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# the recipe as data
 
-def run(cfg: Config, stages) -> dict:
-    """All stages of the recipe (module docstring); returns the report's summary.
-
-    ``train.threads`` (when set) holds for every stage, not only while training: data views,
-    caches, evaluation and timing too (on a shared CPU, OpenMP threads beyond the free cores
-    slow small ops down many-fold); the previous thread count is restored afterwards.
-    """
-    previous = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _run_stages(cfg, stages)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _run_stages(cfg: Config, stages) -> dict:
+def _data(run: Run, stage_dir: Path) -> dict:
     from kdhpc.data.default import dataset_root
+
+    if rank() == 0:
+        dataset_root(run.cfg)  # generates the default set once; other ranks wait and reuse it
+    barrier()
+    root = dataset_root(run.cfg)
+    recipe = EnhancementData(run.cfg, root)
+    return {"root": str(root), **{f"{s}_slices": len(recipe.slices(s))
+                                  for s in ("train", "val", "test")}}
+
+
+def _recipe(run: Run) -> "EnhancementData":
+    return run.memo("recipe", lambda: EnhancementData(run.cfg, Path(run.results["data"]["root"])))
+
+
+def _network(run: Run, stage: str) -> nn.Module:
+    result = run.results[stage]
+    return run.memo(("net", stage), lambda: load_network(result["arch"], result["weights"]))
+
+
+def _perceptual(run: Run) -> PerceptualLoss | None:
+    return run.memo("perceptual", lambda: perceptual_network(run.cfg, _network(run, "teacher")))
+
+
+def _load_teacher(run: Run, stage_dir: Path) -> dict:
+    path, sha256 = resolve_teacher_checkpoint(run.cfg)
+    load_network(run.cfg.model.teacher, path)  # checked here
+    return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
+            "trained": False, "perceptual": False}
+
+
+def _fill_cache(run: Run, stage_dir: Path) -> dict:
     from kdhpc.teacher import cache_config, default_cache_dir
 
-    task = model_task(cfg)
-    grid = alpha_grid(cfg)
-    mt_arch = multitask_arch(cfg.model.student)
-    run_dir = Path(cfg.run_dir)
+    recipe = _recipe(run)
+    return recipe.fill(default_cache_dir(run.cfg), _network(run, "teacher"),
+                       recipe.views("train", recipe.task), cache_config(run.cfg))
 
-    def data_stage(stage_dir: Path) -> dict:
-        if _rank() == 0:
-            dataset_root(cfg)  # generates the default set once; other ranks wait and reuse it
-        _barrier()
-        root = dataset_root(cfg)
-        recipe = Recipe(cfg, root)
-        return {"root": str(root), **{f"{s}_slices": len(recipe.slices(s))
-                                      for s in ("train", "val", "test")}}
 
-    data = stages.run("data", {**_sub(cfg, "data", "default_data")}, data_stage)
-    recipe = Recipe(cfg, Path(data["root"]))
-    # mask.seed is the base of every view's seeds (noise, patch position).
-    train_deps = {**_sub(cfg, "degrade", "optim", "schedule", "train"), "data": data,
-                  "view_seed": cfg.mask.seed}
-    loss_deps = {k: v for k, v in dataclasses.asdict(cfg.loss).items()
-                 if k in ("l1_weight", "ssim_weight", "perceptual_weight",
-                          "perceptual_checkpoint")}
+def _model_student(alpha: Callable[[Config], float]) -> Callable[[Run, Path], dict]:
+    """A model-based EDSR student at ``alpha(cfg)`` (0: no KD) on ``degrade.task``."""
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        from kdhpc.teacher import cache_config, default_cache_dir
 
-    teacher_res = stages.run("teacher", {**train_deps, "loss": loss_deps,
-                                         "arch": cfg.model.teacher,
-                                         "checkpoint": cfg.model.teacher_checkpoint},
-                             recipe.teacher_stage)
-    teacher = load_network(teacher_res["arch"], teacher_res["weights"])
-    perceptual = perceptual_network(cfg, teacher)
+        recipe, a = _recipe(run), alpha(run.cfg)
+        source = None if a == 0 else recipe.teacher_source(
+            _network(run, "teacher"), default_cache_dir(run.cfg), cache_config(run.cfg))
+        return recipe.train_network(stage_dir, run.cfg.model.student,
+                                    recipe.views("train", recipe.task),
+                                    recipe.views("val", recipe.task),
+                                    make_loss(run.cfg, a, _perceptual(run)), teacher=source)
+    return run_stage
 
-    teacher_cfg = cache_config(cfg)
-    cache_dir = default_cache_dir(cfg)
-    cache_deps = {"teacher": teacher_res, "data_config": teacher_cfg,
-                  **_sub(cfg, "teacher"), "batch": cfg.eval.batch_size}
-    cache_res = stages.run("teacher_cache", cache_deps, lambda d: recipe.fill(
-        cache_dir, teacher, recipe.views("train", task), teacher_cfg))
 
-    students = {}
-    for alpha in grid:
-        def student_stage(stage_dir: Path, alpha=alpha) -> dict:
-            source = None if alpha == 0 else recipe.teacher_source(teacher, cache_dir,
-                                                                    teacher_cfg)
-            return recipe.train_network(stage_dir, cfg.model.student, recipe.views("train", task),
-                                        recipe.views("val", task),
-                                        make_loss(cfg, alpha, perceptual), teacher=source)
-
-        deps = {**train_deps, "loss": loss_deps, "alpha": alpha, "arch": cfg.model.student,
-                "perceptual_from": teacher_res}
-        if alpha:
-            deps["cache"] = cache_res
-        students[alpha] = stages.run(alpha_name(alpha), deps, student_stage)
-
-    experts = {}
-    for t in TASKS:
-        deps = {**train_deps, "loss": loss_deps, "arch": cfg.model.student,
-                "checkpoints": cfg.model.experts, "perceptual_from": teacher_res}
-        if t == task and not cfg.model.experts:
+def _expert(task: str) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        if task == model_task(run.cfg) and not run.cfg.model.experts:
             # The expert of the model-based task is trained exactly like the no-KD student
             # (same arch, data, loss, seed): reuse it rather than train it twice.
-            deps["same_as"] = students[0.0]
-            experts[t] = stages.run(f"expert_{t}", deps, lambda d: {
-                **{k: v for k, v in students[0.0].items() if k != "digest"},
-                "same_as": alpha_name(0.0)})
-        else:
-            experts[t] = stages.run(f"expert_{t}", deps,
-                                    lambda d, t=t: recipe.expert_stage(d, t, perceptual))
-    routed = TaskExperts([load_network(experts[t]["arch"], experts[t]["weights"])
-                          for t in TASKS])
-    expert_cfg = recipe.expert_data_config()
-    expert_cache_dir = run_dir / "expert_cache"  # the stage folder holds the cache
-    expert_cache = stages.run("expert_cache", {"experts": experts, "data_config": expert_cfg,
-                                               **_sub(cfg, "teacher"),
-                                               "batch": cfg.eval.batch_size},
-                              lambda d: recipe.fill(expert_cache_dir, routed,
-                                                    recipe.mixed("train"), expert_cfg))
+            same = run.results[alpha_name(0.0)]
+            return {**{k: v for k, v in same.items() if k != "digest"},
+                    "same_as": alpha_name(0.0)}
+        return _recipe(run).expert_stage(stage_dir, task, _perceptual(run))
+    return run_stage
 
-    multitask = {}
-    for kind, alpha in (("nokd", 0.0), ("kd", cfg.loss.alpha)):
-        def multitask_stage(stage_dir: Path, alpha=alpha, kind=kind) -> dict:
-            source = None if kind == "nokd" else recipe.teacher_source(
-                routed, expert_cache_dir, expert_cfg)
-            return recipe.train_network(stage_dir, mt_arch, recipe.mixed("train"),
-                                        recipe.mixed("val"), make_loss(cfg, alpha, perceptual),
-                                        teacher=source)
 
-        deps = {**train_deps, "loss": loss_deps, "alpha": alpha, "arch": mt_arch,
-                "perceptual_from": teacher_res}
-        if kind == "kd":
-            deps["cache"] = expert_cache
-        multitask[kind] = stages.run(f"multitask_{kind}", deps, multitask_stage)
+def _experts(run: Run) -> TaskExperts:
+    return run.memo("experts", lambda: TaskExperts([_network(run, f"expert_{t}") for t in TASKS]))
 
-    names = model_names(grid)
 
-    def evaluate_stage(stage_dir: Path) -> dict:
-        nets = {"input": None, names["teacher"]: teacher,
-                **{names[a]: load_network(r["arch"], r["weights"]) for a, r in students.items()}}
-        rows = evaluate_models(recipe.views("test", task), nets, cfg.eval.batch_size,
-                               stage_dir / f"model_based-rank{_rank():05d}.h5")
-        for t in TASKS:
-            nets = {"input": None, f"EDSR {TASK_LABELS[t]} expert": routed.experts[TASKS.index(t)],
-                    "multi-task EDSR no KD": load_network(mt_arch, multitask["nokd"]["weights"]),
-                    "multi-task EDSR KD": load_network(mt_arch, multitask["kd"]["weights"])}
-            rows += evaluate_models(recipe.views("test", t), nets, cfg.eval.batch_size,
-                                    stage_dir / f"task_based_{t}-rank{_rank():05d}.h5")
-        rows = _gather(rows)
-        if _rank() == 0:
-            write_atomic(stage_dir / "slices.json", json.dumps(rows, indent=0))
-        _barrier()
-        return {"slices": str(stage_dir / "slices.json"), "rows": len(rows),
-                "world_size": _world()}
+def _expert_cache_dir(run: Run) -> Path:
+    return run.run_dir / "expert_cache"  # the stage folder holds the cache
 
-    evaluation = stages.run("evaluate", {"teacher": teacher_res, "students": students,
-                                         "experts": experts, "multitask": multitask,
-                                         "data": data, "view_seed": cfg.mask.seed,
-                                         **_sub(cfg, "degrade", "eval")},
-                            evaluate_stage)
 
-    def timing_stage(stage_dir: Path) -> dict:
-        def measure() -> dict:
-            views = recipe.views("test", task)
-            count = min(TIMING_SLICES, len(views))
-            inputs = torch.stack([views.get_view(i, 0)["input"] for i in range(count)])
-            edsr = load_network(students[0.0]["arch"], students[0.0]["weights"])
-            return paired_timing(teacher, edsr, inputs, cfg.eval.latency_repeats)
+def _fill_expert_cache(run: Run, stage_dir: Path) -> dict:
+    recipe = _recipe(run)
+    return recipe.fill(_expert_cache_dir(run), _experts(run), recipe.mixed("train"),
+                       recipe.expert_data_config())
 
-        return _from_rank0(measure)
 
-    timing = stages.run("timing", {"teacher": teacher_res, "student": students[0.0],
-                                   "data": data, **_sub(cfg, "eval")}, timing_stage)
+def _multitask(kd: bool) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        recipe = _recipe(run)
+        source = recipe.teacher_source(_experts(run), _expert_cache_dir(run),
+                                       recipe.expert_data_config()) if kd else None
+        return recipe.train_network(stage_dir, multitask_arch(run.cfg.model.student),
+                                    recipe.mixed("train"), recipe.mixed("val"),
+                                    make_loss(run.cfg, run.cfg.loss.alpha if kd else 0.0,
+                                              _perceptual(run)), teacher=source)
+    return run_stage
 
-    def report_stage(stage_dir: Path) -> dict:
-        return _from_rank0(lambda: write_enhancement_report(
-            cfg, stage_dir, json.loads(Path(evaluation["slices"]).read_text()), timing, grid,
-            {"teacher": teacher_res, "students": students, "experts": experts,
-             "multitask": multitask, "cache": cache_res, "data": data},
-            [stage_dir.parent / "evaluate"]))
 
-    return stages.run("report", {"evaluation": evaluation, "timing": timing,
-                                 "alpha": cfg.loss.alpha}, report_stage)
+def _evaluate(run: Run, stage_dir: Path) -> dict:
+    recipe = _recipe(run)
+    names = model_names(alpha_grid(run.cfg))
+    nets = {"input": None, names["teacher"]: _network(run, "teacher"),
+            **{names[a]: _network(run, alpha_name(a)) for a in alpha_grid(run.cfg)}}
+    rows = evaluate_models(recipe.views("test", recipe.task), nets, run.cfg.eval.batch_size,
+                           stage_dir / f"model_based-rank{rank():05d}.h5")
+    for t in TASKS:
+        nets = {"input": None, f"EDSR {TASK_LABELS[t]} expert": _experts(run).experts[
+            TASKS.index(t)], "multi-task EDSR no KD": _network(run, "multitask_nokd"),
+                "multi-task EDSR KD": _network(run, "multitask_kd")}
+        rows += evaluate_models(recipe.views("test", t), nets, run.cfg.eval.batch_size,
+                                stage_dir / f"task_based_{t}-rank{rank():05d}.h5")
+    return _save_rows(rows, stage_dir)
+
+
+def _save_rows(rows: list[dict], stage_dir: Path) -> dict:
+    rows = gather(rows)
+    if rank() == 0:
+        write_atomic(stage_dir / "slices.json", json.dumps(rows, indent=0))
+    barrier()
+    return {"slices": str(stage_dir / "slices.json"), "rows": len(rows),
+            "world_size": world_size()}
+
+
+SWEEP_MODELS = {"teacher": "teacher", "no_kd": alpha_name(0.0), "student": "student_kd"}
+
+
+def _evaluate_val(run: Run, stage_dir: Path) -> dict:
+    recipe = _recipe(run)
+    nets = {key: _network(run, stage) for key, stage in SWEEP_MODELS.items()}
+    rows = evaluate_models(recipe.views("val", recipe.task, whole=True), nets,
+                           run.cfg.eval.batch_size, stage_dir / f"val-rank{rank():05d}.h5")
+    return _save_rows(rows, stage_dir)
+
+
+def _timing(run: Run, stage_dir: Path) -> dict:
+    def measure() -> dict:
+        recipe = _recipe(run)
+        views = recipe.views("test", recipe.task)
+        count = min(TIMING_SLICES, len(views))
+        inputs = torch.stack([views.get_view(i, 0)["input"] for i in range(count)])
+        return paired_timing(_network(run, "teacher"), _network(run, alpha_name(0.0)), inputs,
+                             run.cfg.eval.latency_repeats)
+    return from_rank0(measure)
+
+
+def _report(run: Run, stage_dir: Path) -> dict:
+    grid = alpha_grid(run.cfg)
+    results = {"teacher": run.results["teacher"],
+               "students": {a: run.results[alpha_name(a)] for a in grid},
+               "experts": {t: run.results[f"expert_{t}"] for t in TASKS},
+               "multitask": {k: run.results[f"multitask_{k}"] for k in ("nokd", "kd")},
+               "cache": run.results["teacher_cache"], "data": run.results["data"]}
+    return from_rank0(lambda: write_enhancement_report(
+        run.cfg, stage_dir, json.loads(Path(run.results["evaluate"]["slices"]).read_text()),
+        run.results["timing"], grid, results, [stage_dir.parent / "evaluate"]))
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse what this recipe cannot run, before anything is written."""
+    if cfg.data.dataset not in ("default_brain", "fastmri"):
+        raise ConfigError(f"data.dataset: expected default_brain or fastmri for recipe "
+                          f"'enhancement', found {cfg.data.dataset!r}")
+    model_task(cfg)
+    alpha_grid(cfg)
+    multitask_arch(cfg.model.student)
+    for key in ("teacher", "student"):
+        if getattr(cfg.model, key) not in MODEL_NAMES:
+            raise ConfigError(f"model.{key}: expected one of {', '.join(MODEL_NAMES)}, found "
+                              f"{getattr(cfg.model, key)!r}")
+
+
+def stages(cfg: Config) -> list[Stage]:
+    # mask.seed is the base of every view's seeds (noise, patch position).
+    views = ("degrade", "mask.seed")
+    data_loss = ("loss.l1_weight", "loss.ssim_weight", "loss.perceptual_weight",
+                 "loss.perceptual_checkpoint")
+    student = ("model.student", *TRAIN_KEYS, *views, *data_loss)
+    # Every EDSR's perceptual term reads the teacher's early layers: they consume the teacher.
+    kd_inputs = ("data", "teacher", "teacher_cache")
+    grid = [Stage(alpha_name(a), _model_student(lambda c, a=a: a), keys=student,
+                  consumes=kd_inputs if a else ("data", "teacher"),
+                  extra=lambda c, a=a: {"alpha": a}, use="all" if a == 0 else "test")
+            for a in alpha_grid(cfg)]
+    experts = [Stage(f"expert_{t}", _expert(t), keys=(*student, "model.experts"),
+                     consumes=("data", "teacher", alpha_name(0.0)), use="test") for t in TASKS]
+    multitask = ("data", "teacher", *(f"expert_{t}" for t in TASKS))
+    tested = ("data", "teacher", *(s.name for s in grid), *(s.name for s in experts),
+              "multitask_nokd", "multitask_kd")
+    return [
+        Stage("data", _data, keys=("recipe", "data", "default_data")),
+        teacher_stage(lambda run, d: _recipe(run).train_teacher(d),
+                      ("model.teacher", *views, *data_loss), cfg, _load_teacher),
+        Stage("teacher_cache", _fill_cache, keys=("teacher", *views),
+              consumes=("data", "teacher")),
+        *grid,
+        Stage("student_kd", _model_student(lambda c: c.loss.alpha), keys=(*student, "loss.alpha"),
+              consumes=kd_inputs, use="validation"),
+        Stage("evaluate_val", _evaluate_val, keys=("eval.batch_size", *views),
+              consumes=("data", "teacher", alpha_name(0.0), "student_kd"), use="validation"),
+        *experts,
+        Stage("expert_cache", _fill_expert_cache, keys=("teacher", *views), consumes=multitask,
+              use="test"),
+        Stage("multitask_nokd", _multitask(False), keys=student, consumes=multitask, use="test"),
+        Stage("multitask_kd", _multitask(True), keys=(*student, "loss.alpha"),
+              consumes=(*multitask, "expert_cache"), use="test"),
+        Stage("evaluate", _evaluate, keys=("eval.batch_size", *views), consumes=tested,
+              use="test"),
+        Stage("timing", _timing, keys=("eval.latency_repeats",),
+              consumes=("data", "teacher", alpha_name(0.0)), use="test"),
+        Stage("report", _report, keys=("loss.alpha",), consumes=(*tested, "evaluate", "timing"),
+              use="test"),
+    ]
+
+
+def summary(run: Run) -> str:
+    return run.results["report"]["text"]
+
+
+def trial_result(run: Run) -> dict:
+    """A sweep trial: per-volume validation PSNR (whole-volume MSE), SSIM and SNR (mean over
+    the volume's slice-ROI units) of the KD student, the teacher and the no-KD student."""
+    rows = json.loads(Path(run.results["evaluate_val"]["slices"]).read_text())
+    volumes = sorted({r["volume"] for r in rows})
+    by_volume = {(r["model"], r["volume"]): r for r in volume_table(rows)}
+    snr: dict[tuple, list[float]] = {}
+    for row in rows:
+        snr.setdefault((row["model"], row["volume"]), []).extend(
+            v for k, v in row.items() if k.startswith("snr_"))
+    per_volume = {key: {"psnr": [by_volume[(key, v)]["psnr"] for v in volumes],
+                        "ssim": [by_volume[(key, v)]["ssim"] for v in volumes],
+                        "snr": [float(np.mean(snr[(key, v)])) if snr.get((key, v)) else math.nan
+                                for v in volumes]}
+                  for key in SWEEP_MODELS}
+    return {"volumes": volumes, "metrics": ["psnr", "ssim", "snr"], "per_volume": per_volume}
 
 
 def model_names(grid: Sequence[float]) -> dict:
@@ -1125,8 +1187,7 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
         tmp = run_dir / f".{name}.tmp"
         tmp.write_bytes(data)
         tmp.replace(run_dir / name)
-    print((stage_dir / "report.md").read_text(), flush=True)
-    return {"report": str(run_dir / "report.md"),
+    return {"report": str(run_dir / "report.md"), "text": (stage_dir / "report.md").read_text(),
             "alpha_snr": {str(e["alpha"] if e["alpha"] is not None else e["model"]): e["snr"]
                           for e in alpha_summary},
             "speed_ratio": ratio}
@@ -1191,3 +1252,6 @@ def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: st
                               vmax=[top] * len(images))
             paths.append(path)
     return paths
+
+
+RECIPE = Recipe("enhancement", stages, check_config, summary, trial_result, teacher_cache_parts)

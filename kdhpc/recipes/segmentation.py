@@ -100,7 +100,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -108,8 +107,9 @@ from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
 from kdhpc.data.acdc import ACDCSliceDataset, LABELS
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.distill import (barrier, from_rank0, gather, rank, teacher_training_config,
-                           world_size)
+from kdhpc.recipe import TRAIN_KEYS, Recipe, Run, Stage, teacher_stage, teacher_training_config
+from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
+from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import build_model, count_parameters, segment as full_resolution_logits
@@ -399,17 +399,10 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-# one copy, in the recipe framework
-_rank, _world, _barrier, _from_rank0, _gather = rank, world_size, barrier, from_rank0, gather
-
-
-# ---------------------------------------------------------------------------------------------
 # stages
 
-class Recipe:
-    """The run's datasets and stage bodies."""
+class CardiacData:
+    """The run's datasets and the bodies of its training and cache stages."""
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root = cfg, Path(root)
@@ -470,7 +463,7 @@ class Recipe:
                    bf16=self.cfg.teacher.stream_bf16, force=owned,
                    commit_seconds=self.cfg.teacher.commit_seconds)
         size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5"))
-        return _from_rank0(lambda: {
+        return from_rank0(lambda: {
             "mode": "precompute", "cache_dir": str(cache_dir), "teacher_sha256": sha,
             "records": len(views) * views.num_views, "bytes": size,
             "seconds": time.perf_counter() - start})
@@ -479,7 +472,7 @@ class Recipe:
 def teacher_weights(cfg: Config) -> str:
     """``model.teacher_checkpoint``, else the weights of this run's finished teacher stage."""
     if cfg.model.teacher_checkpoint:
-        return cfg.model.teacher_checkpoint
+        return str(resolve_teacher_checkpoint(cfg)[0])
     record = Path(cfg.run_dir) / "teacher" / "stage.json"
     if not record.is_file():
         raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
@@ -493,7 +486,7 @@ def teacher_cache_parts(cfg: Config):
     from kdhpc.data.default import dataset_root
 
     teacher = load_network(cfg.model.teacher, teacher_weights(cfg))
-    return teacher, extract_logits, Recipe(cfg, dataset_root(cfg)).views("train")
+    return teacher, extract_logits, CardiacData(cfg, dataset_root(cfg)).views("train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +500,7 @@ def evaluate_models(views: CardiacViews, models: dict[str, tuple[nn.Module, bool
     "dice_RV", "dice_myo", "dice_LV", "dice_mean"}``. The predicted labels go to
     ``predictions_file`` (npz, ``<model>/<volume>`` -> uint8 [S, H, W], slices in order).
     """
-    indices = views.slices.rank_indices(_rank(), _world())
+    indices = views.slices.rank_indices(rank(), world_size())
     by_volume: dict[str, list[int]] = {}
     for i in indices:
         by_volume.setdefault(views.volume_of(i), []).append(i)
@@ -679,122 +672,173 @@ def export_onnx(wrapper: nn.Module, inputs: torch.Tensor, reference: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# the recipe
+# the recipe as data
 
-def _sub(cfg: Config, *names: str) -> dict:
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
-
-
-def run(cfg: Config, stages) -> dict:
-    """All stages of the recipe (module docstring); returns the report's summary."""
+def _data(run: Run, stage_dir: Path) -> dict:
     from kdhpc.data.default import dataset_root
-    from kdhpc.teacher import cache_config, default_cache_dir, teacher_source
 
+    if rank() == 0:
+        dataset_root(run.cfg)  # generates the default set once; other ranks wait and reuse it
+    barrier()
+    root = dataset_root(run.cfg)
+    recipe = CardiacData(run.cfg, root)
+    counts = {}
+    for split in ("train", "val", "test"):
+        slices = recipe.slices(split)
+        counts[f"{split}_volumes"], counts[f"{split}_slices"] = len(slices.volumes), len(slices)
+    if counts["test_volumes"] < 2:
+        raise ConfigError(f"data.test_split: the paired KD vs no-KD test needs at least 2 "
+                          f"test volumes, found {counts['test_volumes']}")
+    return {"root": str(root), **counts}
+
+
+def _recipe(run: Run) -> CardiacData:
+    return run.memo("recipe", lambda: CardiacData(run.cfg, Path(run.results["data"]["root"])))
+
+
+def _teacher(run: Run) -> nn.Module:
+    result = run.results["teacher"]
+    return run.memo("teacher", lambda: load_network(result["arch"], result["weights"]))
+
+
+def _train_teacher(run: Run, stage_dir: Path) -> dict:
+    return _recipe(run).train_network(stage_dir, run.cfg.model.teacher, 0.0, whole=True,
+                                      cfg=teacher_training_config(run.cfg))
+
+
+def _load_teacher(run: Run, stage_dir: Path) -> dict:
+    path, sha256 = resolve_teacher_checkpoint(run.cfg)
+    load_network(run.cfg.model.teacher, path)  # checked here
+    return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
+            "trained": False}
+
+
+def _fill_cache(run: Run, stage_dir: Path) -> dict:
+    from kdhpc.teacher import cache_config, default_cache_dir
+
+    return _recipe(run).cache_stage(_teacher(run), default_cache_dir(run.cfg),
+                                    cache_config(run.cfg))
+
+
+def _student(weight: Callable[[Config], float], kd: bool) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        from kdhpc.teacher import teacher_source
+
+        teacher = teacher_source(run.cfg, _teacher(run), extract_logits) if kd else None
+        return _recipe(run).train_network(stage_dir, run.cfg.model.student, weight(run.cfg),
+                                          teacher)
+    return run_stage
+
+
+STUDENTS = ("student_nokd", "student_kd")
+
+
+def _evaluate(split: str) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        teacher = _teacher(run)
+        nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
+                **{k: (load_network(run.results[k]["arch"], run.results[k]["weights"]), False)
+                   for k in STUDENTS}}
+        if not run.cfg.eval.tta_flip:
+            del nets["teacher_tta"]
+        rows = evaluate_models(_recipe(run).views(split), nets, run.cfg.eval.batch_size,
+                               stage_dir / f"predictions-rank{rank():05d}.npz")
+        rows = gather(rows)
+        if rank() == 0:
+            write_atomic(stage_dir / "volumes.json", json.dumps(rows, indent=1))
+        barrier()
+        return {"volumes_file": str(stage_dir / "volumes.json"), "rows": len(rows),
+                "world_size": world_size()}
+    return run_stage
+
+
+def _speed(run: Run, stage_dir: Path) -> dict:
+    def measure() -> dict:
+        recipe = _recipe(run)
+        views = recipe.views("test")
+        x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
+        kd = run.results["student_kd"]
+        rows = speed_rows({"teacher": _teacher(run), "student": load_network(kd["arch"],
+                                                                             kd["weights"])},
+                          x, run.cfg.eval.latency_repeats)
+        return {"rows": rows, "size": recipe.size}
+    return from_rank0(measure)
+
+
+def _export(run: Run, stage_dir: Path) -> dict:
+    def export() -> dict:
+        views = _recipe(run).views("test")
+        inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
+        kd = run.results["student_kd"]
+        return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
+                              run.stages.log)
+    return from_rank0(export)
+
+
+def _report(run: Run, stage_dir: Path) -> dict:
+    rows = json.loads(Path(run.results["evaluate"]["volumes_file"]).read_text())
+    results = {name: run.results[name] for name in ("data", "teacher", *STUDENTS)}
+    results["cache"] = run.results["teacher_cache"]
+    return from_rank0(lambda: write_segmentation_report(
+        run.cfg, run.run_dir, _recipe(run), rows, run.results["speed"],
+        run.results[EXPORT_FOLDER], results, sum(stage_seconds(run.run_dir).values())))
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse what this recipe cannot run, before anything is written."""
+    if cfg.data.dataset not in ("default_cardiac", "acdc"):
+        raise ConfigError(f"data.dataset: expected default_cardiac or acdc for recipe "
+                          f"'segmentation', found {cfg.data.dataset!r}")
     image_size(cfg)
     patch_size(cfg)
-    run_start = time.perf_counter()
+    for key in ("teacher", "student"):
+        try:
+            build_model(getattr(cfg.model, key))
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"model.{key}: {err}") from None
 
-    def data_stage(stage_dir: Path) -> dict:
-        if _rank() == 0:
-            dataset_root(cfg)  # generates the default set once; other ranks wait and reuse it
-        _barrier()
-        root = dataset_root(cfg)
-        recipe = Recipe(cfg, root)
-        counts = {}
-        for split in ("train", "val", "test"):
-            slices = recipe.slices(split)
-            counts[f"{split}_volumes"], counts[f"{split}_slices"] = len(slices.volumes), len(slices)
-        if counts["test_volumes"] < 2:
-            raise ConfigError(f"data.test_split: the paired KD vs no-KD test needs at least 2 "
-                              f"test volumes, found {counts['test_volumes']}")
-        return {"root": str(root), **counts}
 
-    data = stages.run("data", _sub(cfg, "data", "default_data"), data_stage)
-    recipe = Recipe(cfg, Path(data["root"]))
-    loss_deps = {"ds_weights": cfg.loss.ds_weights}
-    train_deps = {**_sub(cfg, "degrade", "optim", "schedule"), "data": data, "loss": loss_deps}
-    train = dataclasses.asdict(cfg.train)
-    train.pop("progress")  # display only
-    student_train = {k: v for k, v in train.items() if k != "teacher_epochs_factor"}
+def stages(cfg: Config) -> list[Stage]:
+    views = ("degrade", "loss.ds_weights")
+    student = ("model.student", *TRAIN_KEYS, *views)
+    kd = ("loss.alpha", "loss.temperature", "loss.kl_t2_scaling")
+    trained = ("data", "teacher", *STUDENTS)
+    return [
+        Stage("data", _data, keys=("recipe", "data", "default_data")),
+        teacher_stage(_train_teacher, ("model.teacher", *views), cfg, _load_teacher),
+        Stage("teacher_cache", _fill_cache, keys=("teacher", "degrade"),
+              consumes=("data", "teacher")),
+        Stage("student_nokd", _student(lambda c: 0.0, False), keys=student, consumes=("data",)),
+        Stage("student_kd", _student(lambda c: c.loss.alpha, True), keys=(*student, *kd),
+              consumes=("data", "teacher", "teacher_cache")),
+        Stage("evaluate", _evaluate("test"), keys=("eval.tta_flip", "eval.batch_size"),
+              consumes=trained, use="test"),
+        Stage("speed", _speed, keys=("eval.latency_repeats",),
+              consumes=("data", "teacher", "student_kd"), use="test"),
+        Stage(EXPORT_FOLDER, _export, consumes=("data", "student_kd"), use="test"),
+        Stage("report", _report, keys=("loss",),
+              consumes=("evaluate", "speed", EXPORT_FOLDER, "teacher", "teacher_cache",
+                        *STUDENTS), use="test"),
+        Stage("evaluate_val", _evaluate("val"), keys=("eval.tta_flip", "eval.batch_size"),
+              consumes=trained, use="validation"),
+    ]
 
-    teacher_res = stages.run("teacher", {**train_deps, "train": train,
-                                         "arch": cfg.model.teacher,
-                                         "checkpoint": cfg.model.teacher_checkpoint},
-                             recipe.teacher_stage)
-    teacher = load_network(teacher_res["arch"], teacher_res["weights"])
 
-    data_config = cache_config(cfg)
-    cache_dir = default_cache_dir(cfg)
-    cache_res = stages.run("teacher_cache", {"teacher": teacher_res, "data_config": data_config,
-                                             **_sub(cfg, "teacher")},
-                           lambda d: recipe.cache_stage(teacher, cache_dir, data_config))
+def summary(run: Run) -> str:
+    return run.results["report"]["text"]
 
-    student_deps = {**train_deps, "train": student_train, "arch": cfg.model.student}
-    nokd = stages.run("student_nokd", student_deps,
-                      lambda d: recipe.train_network(d, cfg.model.student, 0.0))
-    kd_loss = {**loss_deps, "alpha": cfg.loss.alpha, "temperature": cfg.loss.temperature,
-               "kl_t2_scaling": cfg.loss.kl_t2_scaling}
-    kd = stages.run("student_kd", {**student_deps, "loss": kd_loss, "cache": cache_res},
-                    lambda d: recipe.train_network(
-                        d, cfg.model.student, cfg.loss.alpha,
-                        teacher_source(cfg, teacher, extract_logits)))
-    students = {"student_nokd": nokd, "student_kd": kd}
 
-    def evaluate_stage(stage_dir: Path) -> dict:
-        nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
-                **{k: (load_network(r["arch"], r["weights"]), False) for k, r in students.items()}}
-        if not cfg.eval.tta_flip:
-            del nets["teacher_tta"]
-        rows = evaluate_models(recipe.views("test"), nets, cfg.eval.batch_size,
-                               stage_dir / f"predictions-rank{_rank():05d}.npz")
-        rows = _gather(rows)
-        if _rank() == 0:
-            write_atomic(stage_dir / "volumes.json", json.dumps(rows, indent=1))
-        _barrier()
-        return {"volumes_file": str(stage_dir / "volumes.json"), "rows": len(rows),
-                "world_size": _world()}
-
-    evaluation = stages.run("evaluate", {"teacher": teacher_res, "students": students,
-                                         "data": data, "tta_flip": cfg.eval.tta_flip,
-                                         "size": recipe.size}, evaluate_stage)
-
-    def speed_stage(stage_dir: Path) -> dict:
-        def measure() -> dict:
-            views = recipe.views("test")
-            x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
-            student = load_network(kd["arch"], kd["weights"])
-            rows = speed_rows({"teacher": teacher, "student": student}, x,
-                              cfg.eval.latency_repeats)
-            return {"rows": rows, "size": recipe.size}
-
-        return _from_rank0(measure)
-
-    speed = stages.run("speed", {"teacher": cfg.model.teacher, "student": cfg.model.student,
-                                 "repeats": cfg.eval.latency_repeats, "size": recipe.size,
-                                 "data": data}, speed_stage)
-
-    def export_stage(stage_dir: Path) -> dict:
-        def export() -> dict:
-            views = recipe.views("test")
-            count = min(4, len(views))
-            inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(count)])
-            return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
-                                  stages.log)
-
-        return _from_rank0(export)
-
-    exported = stages.run(EXPORT_FOLDER, {"student": kd}, export_stage)
-
-    def report_stage(stage_dir: Path) -> dict:
-        return _from_rank0(lambda: write_segmentation_report(
-            cfg, Path(cfg.run_dir), recipe,
-            json.loads(Path(evaluation["volumes_file"]).read_text()), speed, exported,
-            {"data": data, "teacher": teacher_res, "cache": cache_res, **students},
-            time.perf_counter() - run_start))
-
-    return stages.run("report", {"evaluation": evaluation, "speed": speed, "export": exported,
-                                 "teacher": teacher_res, "students": students,
-                                 "cache": cache_res, "loss": kd_loss}, report_stage)
+def trial_result(run: Run) -> dict:
+    """A sweep trial: per-volume validation Dice of the KD student, teacher and no-KD student."""
+    values = per_model(json.loads(Path(run.results["evaluate_val"]["volumes_file"]).read_text()))
+    rows = {"student": "student_kd", "no_kd": "student_nokd",
+            "teacher": "teacher_tta" if "teacher_tta" in values else "teacher"}
+    volumes = sorted({r["volume"] for r in json.loads(Path(
+        run.results["evaluate_val"]["volumes_file"]).read_text())})
+    metrics = ["dice_mean", *DICE_KEYS[:-1]]
+    return {"volumes": volumes, "metrics": metrics,
+            "per_volume": {key: {m: values[model][m] for m in metrics}
+                           for key, model in rows.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,7 +883,7 @@ def _fmt_pm(values: Sequence[float]) -> str:
             else f"{stats['mean']:.4f}")
 
 
-def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: list[dict],
+def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, rows: list[dict],
                               speed: dict, exported: dict, results: dict,
                               elapsed: float) -> dict:
     """``report.md``, ``metrics.json`` and ``panel.png`` in ``run_dir``; returns the summary."""
@@ -959,5 +1003,11 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: Recipe, rows: 
                "invocation_seconds": elapsed}
     path = write_report(run_dir, "Cardiac segmentation: nnU-Net-style teacher -> MobileNetV2 "
                         "U-Net student", sections, metrics)
+    text = (f"{table(dice_rows)}\n\nKD - no-KD mean Dice {kd_vs_nokd['mean_difference']:+.4f} "
+            f"(paired t-test over {kd_vs_nokd['n']} volumes, p = {kd_vs_nokd['p_value']:.3g}); "
+            f"teacher - KD {means[reference] - means['student_kd']:+.4f}\n\nreport: {path}")
     return {"report": str(path), "mean_dice": means, "kd_vs_nokd_p": kd_vs_nokd["p_value"],
-            "goals": goals, "speedup_one_thread": speedup}
+            "goals": goals, "speedup_one_thread": speedup, "text": text}
+
+
+RECIPE = Recipe("segmentation", stages, check_config, summary, trial_result, teacher_cache_parts)
