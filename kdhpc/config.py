@@ -135,7 +135,10 @@ class ModelConfig:
 
     teacher: str = _f("dccnn_teacher", "teacher architecture (registry name)")
     student: str = _f("dccnn_student", "student architecture (registry name)")
-    teacher_checkpoint: str = _f("", "trained teacher weights; empty = the recipe trains one")
+    teacher_checkpoint: str = _f("", "trained teacher weights: a state-dict file, or "
+                                 "pretrained:<name> for a teacher shipped with kdhpc "
+                                 "(python -m kdhpc.teacher.pretrained list); empty = the "
+                                 "recipe trains one")
     experts: list[str] = _f([], "task-based KD: one teacher checkpoint per task (enhancement)",
                             factory=True)
 
@@ -248,8 +251,10 @@ class EvalConfig:
 class Config:
     """A whole run: recipe, data, models, losses, optimisation and outputs."""
 
-    recipe: Literal["reconstruction", "superres", "enhancement", "segmentation", "data"] = _f(
-        "reconstruction", "which recipe python -m kdhpc.distill runs")
+    recipe: str = _f(
+        "reconstruction", "which recipe python -m kdhpc.distill runs: reconstruction, superres, "
+        "enhancement, segmentation, or the dotted path of a module that defines RECIPE (your own "
+        "recipe, kdhpc.recipe.Recipe)")
     run_dir: str = _f("runs/default", "output folder: checkpoints, caches, metrics, report")
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -433,6 +438,22 @@ def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> str:
         _apply_file(cfg, path.parent / base, (*chain, path.resolve()))
     _apply(cfg, data, source)
     return source
+
+
+def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted differences between two nested dicts: ``"degrade.views_per_sample: 8 -> 4"``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}{key}"
+            if key not in old:
+                out.append(f"{name}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} -> (absent)")
+            else:
+                out += describe_changes(old[key], new[key], name + ".")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def result_values(node: Any) -> Any:

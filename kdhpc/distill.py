@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from kdhpc.config import Config, ConfigError, load_config, save_config
-from kdhpc.recipe import Stages, execute, recipe_of
+from kdhpc.recipe import Stages, execute, preflight, recipe_of
 from kdhpc.runtime import barrier, rank
 
 
@@ -26,8 +26,7 @@ def run(cfg: Config, stages: Stages | None = None) -> dict:
     one); return the stage results, the printed summary under ``"summary"``."""
     from kdhpc.train import init_distributed, install_preemption_handlers
 
-    recipe = recipe_of(cfg)
-    recipe.check(cfg)
+    recipe = preflight(cfg)
     install_preemption_handlers()
     init_distributed()
     if rank() == 0:
@@ -56,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.5")
     args = parser.parse_args(argv)
     from kdhpc.data.fastmri import DataFormatError
+    from kdhpc.teacher.cache import CacheError
     from kdhpc.train import Preempted, ignore_preemption_signals
 
     try:
         run(load_config(args.config, args.overrides))
-    except (ConfigError, DataFormatError) as err:
+    except (ConfigError, DataFormatError, CacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as stop:  # checkpointed on SIGTERM/SIGUSR1: let SLURM requeue us

@@ -108,10 +108,37 @@ class Run:
 
 
 def recipe_of(cfg: Config) -> Recipe:
-    """The declaration of ``cfg.recipe``."""
-    if cfg.recipe not in RECIPES:
-        raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, found {cfg.recipe!r}")
-    return importlib.import_module(RECIPES[cfg.recipe]).RECIPE
+    """The declaration of ``cfg.recipe``: a name of :data:`RECIPES`, or the dotted path of any
+    importable module that defines ``RECIPE`` (a recipe of the user's own)."""
+    expected = f"one of {', '.join(RECIPES)}, or a module path defining RECIPE"
+    module_name = RECIPES.get(cfg.recipe, cfg.recipe)
+    if "." not in module_name:
+        raise ConfigError(f"recipe: expected {expected}, found {cfg.recipe!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"recipe: expected {expected}, found {cfg.recipe!r} ({err})") from None
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe: expected {expected}, found module {module_name} without a "
+                          f"kdhpc.recipe.Recipe named RECIPE")
+    return recipe
+
+
+def preflight(cfg: Config) -> Recipe:
+    """Every check that can fail before anything is written: the recipe exists and accepts the
+    config (model names, dataset kind, sizes), ``data.root`` exists, the teacher checkpoint
+    exists and matches. A failed rerun so leaves a finished run directory as it was."""
+    from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
+
+    recipe = recipe_of(cfg)
+    recipe.check(cfg)
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root: expected a dataset folder, found {cfg.data.root!r} "
+                          f"(no such folder)")
+    if cfg.model.teacher_checkpoint:
+        resolve_teacher_checkpoint(cfg)
+    return recipe
 
 
 def key_value(cfg: Config, key: str) -> Any:
@@ -159,6 +186,17 @@ def stages_for(recipe: Recipe, cfg: Config, purpose: str) -> list[Stage]:
         if stage.use in USES[purpose]:
             chosen.append(stage)
     return chosen
+
+
+def planned_digests(cfg: Config, purpose: str = "distill") -> dict[str, str]:
+    """Each stage's digest as the runner would key it, without running anything, taking a
+    consumed stage's record to change exactly when its digest does: what a change of config
+    reruns (``--dry-run`` and tests)."""
+    results: dict[str, dict] = {}
+    for stage in stages_for(recipe_of(cfg), cfg, purpose):
+        results[stage.name] = {"digest": Stages.key(stage.name,
+                                                     stage_depends(stage, cfg, results))}
+    return {name: result["digest"] for name, result in results.items()}
 
 
 def execute(cfg: Config, stages: "Stages", purpose: str = "distill",
@@ -288,8 +326,8 @@ def teacher_checkpoint_extra(cfg: Config) -> dict:
     teacher and everything after it)."""
     from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 
-    path, sha256 = resolve_teacher_checkpoint(cfg)
-    return {"checkpoint": str(path), "sha256": sha256}
+    _, sha256 = resolve_teacher_checkpoint(cfg)
+    return {"checkpoint": cfg.model.teacher_checkpoint, "sha256": sha256}
 
 
 def teacher_stage(train: Callable[[Run, Path], dict], keys: Sequence[str],

@@ -77,7 +77,7 @@ import yaml
 
 from kdhpc.config import (Config, ConfigError, digest, from_dict, load_config, parse_override,
                           to_dict, write_atomic)
-from kdhpc.recipe import Stages, execute, recipe_of, shared_stages, stages_for
+from kdhpc.recipe import Stages, execute, preflight, recipe_of, shared_stages, stages_for
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DIR, TRIALS_DIR, LOGS_DIR = "shared", "trials", "logs"
@@ -311,7 +311,7 @@ def read_sweep_file(path: str | os.PathLike) -> dict | None:
 def check_recipe(cfg: Config) -> None:
     """Refuse a config whose recipe does not exist or cannot run, before anything is submitted."""
     try:
-        recipe_of(cfg).check(cfg)
+        preflight(cfg)
     except ConfigError as err:
         raise SweepError(f"recipe {cfg.recipe!r}: {err}") from None
 

@@ -104,7 +104,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from kdhpc.config import Config, ConfigError, ScheduleConfig, TrainConfig, save_config, to_dict
+from kdhpc.config import (Config, ConfigError, ScheduleConfig, TrainConfig, describe_changes,
+                          save_config, to_dict)
 from kdhpc.config import write_atomic
 
 log = logging.getLogger("kdhpc.train")
@@ -945,8 +946,6 @@ class _Trainer:
             seed_everything(self.cfg.train.seed, _RANK_STREAM, self.rank, self.step)
             log.warning("%s: saved by %d ranks, resuming on %d: RNG states re-seeded, the data "
                         "order is unchanged", self.ckpt_dir / tag, state["world_size"], self.world)
-        from kdhpc.teacher.cache import describe_changes
-
         changes = describe_changes(state["config"], to_dict(self.cfg))
         if changes and self.rank0:
             log.warning("resuming %s with a changed config: %s", self.ckpt_dir / tag,

@@ -60,7 +60,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
-from kdhpc.config import Config, ConfigError, digest, load_config, write_atomic
+from kdhpc.config import (Config, ConfigError, describe_changes, digest, load_config,
+                          write_atomic)
 from kdhpc.teacher.stream import Extract, StreamTeacher
 
 log = logging.getLogger("kdhpc.teacher.cache")
@@ -89,22 +90,6 @@ def teacher_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> 
         h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted differences between two nested dicts: ``"degrade.views_per_sample: 8 -> 4"``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}{key}"
-            if key not in old:
-                out.append(f"{name}: (absent) -> {new[key]!r}")
-            elif key not in new:
-                out.append(f"{name}: {old[key]!r} -> (absent)")
-            else:
-                out += describe_changes(old[key], new[key], name + ".")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def cache_config(cfg: Config) -> dict:

@@ -8,28 +8,20 @@ metrics. A config names one with ``model.teacher_checkpoint: pretrained:<name>``
 the file against its SHA-256 and the run's data config against the teacher's, and says what to
 do when either does not match. A path to the user's own weights file works as before.
 
-Train (and ship) a teacher::
-
-    python -m kdhpc.teacher.pretrained train configs/teachers/recon_default.yaml [key=value ...]
-    python -m kdhpc.teacher.pretrained list
-
-``train`` runs the recipe's data and teacher stages in the config's ``run_dir`` (resumable),
-then copies the best weights into ``kdhpc/teacher/weights/<name>.pt`` (``--name``, default the
-config file's stem) and records them in the manifest.
+Train (and ship) a teacher with ``python -m kdhpc.teacher.ship`` (:mod:`kdhpc.teacher.ship`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from kdhpc.config import Config, ConfigError, digest, load_config, result_values, write_atomic
+from kdhpc.config import (Config, ConfigError, describe_changes, digest, result_values,
+                          write_atomic)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
@@ -69,8 +61,6 @@ def resolve_teacher_checkpoint(cfg: Config) -> tuple[Path, str]:
     ``pretrained:<name>``: the shipped file must match the manifest's SHA-256 and the run's data
     config the one the teacher was trained on; a path: the file must exist.
     """
-    from kdhpc.teacher.cache import describe_changes
-
     spec = cfg.model.teacher_checkpoint
     if not spec.startswith(PREFIX):
         path = Path(spec)
@@ -86,7 +76,7 @@ def resolve_teacher_checkpoint(cfg: Config) -> tuple[Path, str]:
                           f"found {spec!r}")
     entry = manifest[name]
     path = WEIGHTS_DIR / entry["file"]
-    command = f"python -m kdhpc.teacher.pretrained train {entry['config']}"
+    command = f"python -m kdhpc.teacher.ship {entry['config']}"
     if not path.is_file():
         raise ConfigError(f"{path}: the shipped teacher {name!r} is missing; reinstall kdhpc or "
                           f"train it again with `{command}`")
@@ -138,55 +128,3 @@ def ship(cfg: Config, config_path: str, name: str, teacher: dict, validation: di
     manifest[name] = entry
     write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return entry
-
-
-def train_and_ship(config_path: str, overrides: list[str], name: str) -> dict:
-    """Run the recipe's data and teacher stages, then :func:`ship` the teacher."""
-    from kdhpc.config import save_config
-    from kdhpc.recipe import Stages, execute, recipe_of
-    from kdhpc.runtime import rank
-    from kdhpc.train import init_distributed, install_preemption_handlers
-
-    cfg = load_config(config_path, overrides)
-    if cfg.model.teacher_checkpoint:
-        raise ConfigError(f"model.teacher_checkpoint: expected empty when training a teacher, "
-                          f"found {cfg.model.teacher_checkpoint!r}")
-    recipe_of(cfg).check(cfg)
-    install_preemption_handlers()
-    init_distributed()
-    if rank() == 0:
-        save_config(cfg, cfg.run_dir)
-    run = execute(cfg, Stages(cfg.run_dir), only=("data", "teacher"))
-    teacher = run.results["teacher"]
-    validation = {k: teacher.get(k) for k in ("best_metric", "best_value", "best_step")}
-    return ship(cfg, config_path, name, teacher, validation) if rank() == 0 else {}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdhpc.teacher.pretrained",
-                                     description="Train and ship, or list, the default teachers.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a teacher and ship it into the package")
-    train.add_argument("config", help="teacher config, e.g. configs/teachers/recon_default.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=80")
-    train.add_argument("--name", help="shipped name (default: the config file's stem)")
-    sub.add_parser("list", help="print the shipped teachers")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "list":
-            for key, entry in sorted(read_manifest().items()):
-                print(f"{PREFIX}{key}: {entry['arch']} ({entry['recipe']}), {entry['steps']} "
-                      f"steps, {entry['validation']}, sha256 {entry['sha256'][:12]}")
-            return 0
-        entry = train_and_ship(args.config, args.overrides, args.name or Path(args.config).stem)
-        if entry:
-            print(f"shipped {PREFIX}{args.name or Path(args.config).stem}: {entry['file']} "
-                  f"sha256 {entry['sha256']}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
