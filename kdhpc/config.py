@@ -198,6 +198,9 @@ class TrainConfig:
     teacher_epochs_factor: int = _f(1, "a teacher trained by a recipe runs this many times "
                                     "epochs (and max_steps): a teacher should be trained further "
                                     "than its students", lo=1)
+    equal_budget: bool = _f(False, "reconstruction: the no-KD student trains as many steps as "
+                            "the KD student's attention-transfer and imitation stages together "
+                            "(false: train.epochs each, KD-MRI's protocol)")
     batch_size: int = _f(4, "global batch size (micro batch x ranks x accumulation)", lo=1)
     grad_accum: int = _f(1, "gradient accumulation steps", lo=1)
     grad_clip: float = _f(0.0, "gradient norm clip (0 = off)", lo=0.0)

@@ -856,7 +856,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "ttest") -
 
     ``method="ttest"``: ``scipy.stats.ttest_rel`` (two-sided, statistic ``t`` of ``a - b``);
     ``method="wilcoxon"``: ``scipy.stats.wilcoxon`` signed-rank (two-sided). Returns
-    ``{"method", "statistic", "p_value", "mean_difference" (mean of a - b), "n"}``.
+    ``{"method", "statistic", "p_value", "mean_difference" (mean of a - b), "ci95" (the 95%
+    confidence interval of the mean difference from the t distribution, n - 1 degrees of
+    freedom), "n"}``. The p-value is not corrected for multiple comparisons.
     """
     sample_a, sample_b = _as_sample(a, "a"), _as_sample(b, "b")
     if sample_a.shape != sample_b.shape:
@@ -872,6 +874,10 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "ttest") -
         result = scipy.stats.wilcoxon(sample_a, sample_b)
     else:
         raise ValueError(f"method: expected 'ttest' or 'wilcoxon', found {method!r}")
+    diff = sample_a - sample_b
+    half = (float(scipy.stats.t.ppf(0.975, diff.size - 1) * np.std(diff, ddof=1)
+                  / np.sqrt(diff.size)))
     return {"method": method, "statistic": float(result.statistic),
-            "p_value": float(result.pvalue),
-            "mean_difference": float(np.mean(sample_a - sample_b)), "n": int(sample_a.size)}
+            "p_value": float(result.pvalue), "mean_difference": float(np.mean(diff)),
+            "ci95": [float(np.mean(diff)) - half, float(np.mean(diff)) + half],
+            "n": int(sample_a.size)}

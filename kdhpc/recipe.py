@@ -295,21 +295,24 @@ class Stages:
 # ---------------------------------------------------------------------------------------------
 # shared pieces of every recipe's declaration
 
-def teacher_training_config(cfg: Config) -> Config:
-    """``cfg`` for a recipe's teacher stage: ``train.teacher_epochs_factor`` times the epochs
-    (and ``max_steps``), because a teacher should be trained further than its students.
-
-    The schedule is stretched with the run: a step schedule's ``step_size`` (in epochs) and the
-    warm-up (in steps) are multiplied by the same factor, so a 5x teacher run decays at the same
-    fractions of its run as a 1x run (poly and cosine follow the run's length by themselves).
-    Unstretched, a 5x run decayed six times and ended at 1e-6 of its learning rate.
-    """
-    factor = cfg.train.teacher_epochs_factor
+def longer_training_config(cfg: Config, factor: int) -> Config:
+    """``cfg`` trained ``factor`` times longer: epochs and ``max_steps`` multiplied, and the
+    schedule stretched with the run (a step schedule's ``step_size`` in epochs and the warm-up
+    in steps, by the same factor), so a 5x run decays at the same fractions of its run as a 1x
+    run; poly and cosine follow the run's length by themselves. Unstretched, a 5x teacher run
+    decayed six times and ended at 1e-6 of its learning rate."""
     return dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs * factor,
                                        max_steps=cfg.train.max_steps * factor),
         schedule=dataclasses.replace(cfg.schedule, step_size=cfg.schedule.step_size * factor,
                                      warmup_steps=cfg.schedule.warmup_steps * factor))
+
+
+def teacher_training_config(cfg: Config) -> Config:
+    """``cfg`` for a recipe's teacher stage: ``train.teacher_epochs_factor`` times longer
+    (:func:`longer_training_config`), because a teacher should be trained further than its
+    students."""
+    return longer_training_config(cfg, cfg.train.teacher_epochs_factor)
 
 
 # What every training stage reads besides its own keys: the data it trains on is consumed as

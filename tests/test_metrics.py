@@ -376,6 +376,12 @@ def test_paired_tests_against_hand_computation(rng):
     assert close(result["statistic"], t_stat)
     assert close(result["p_value"], 2 * scipy.stats.t.sf(abs(t_stat), n - 1))
     assert close(result["mean_difference"], diff.mean()) and result["n"] == n
+    # the CI excludes 0 exactly when the two-sided p is below 0.05
+    low, high = result["ci95"]
+    assert close(high - diff.mean(), diff.mean() - low)
+    assert close(scipy.stats.t.sf((high - diff.mean()) / (diff.std(ddof=1) / math.sqrt(n)),
+                                  n - 1), 0.025)
+    assert (low > 0 or high < 0) == (result["p_value"] < 0.05)
     ranks = scipy.stats.rankdata(np.abs(diff))
     w_plus, w_minus = ranks[diff > 0].sum(), ranks[diff < 0].sum()
     wilcoxon = metrics.paired_test(a, b, method="wilcoxon")

@@ -186,3 +186,22 @@ def test_no_import_cycle_in_the_package():
         if module not in state:
             visit(module, [module])
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_a_longer_teacher_run_decays_at_the_same_fractions_of_its_run():
+    from kdhpc.recipe import longer_training_config, teacher_training_config
+    from kdhpc.train import lr_factor
+
+    cfg = load_config(REPO / "configs" / "recon_default.yaml")
+    steps_per_epoch = 60
+    one = lr_factor(cfg.schedule, steps_per_epoch, cfg.train.epochs * steps_per_epoch)
+    for factor in (2, 5):
+        longer = teacher_training_config(load_config(REPO / "configs" / "recon_default.yaml",
+                                                     [f"train.teacher_epochs_factor={factor}"]))
+        assert longer.train.epochs == factor * cfg.train.epochs
+        total = longer.train.epochs * steps_per_epoch
+        stretched = lr_factor(longer.schedule, steps_per_epoch, total)
+        for fraction in np.linspace(0, 0.99, 23):
+            assert stretched(int(fraction * total)) == pytest.approx(
+                one(int(fraction * cfg.train.epochs * steps_per_epoch)))
+        assert stretched(total - 1) == pytest.approx(cfg.schedule.gamma)  # one decay, as 1x

@@ -103,8 +103,8 @@ from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
 from kdhpc.ops import attention_map
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, latency_rows, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, latency_rows, longer_training_config,
+                          teacher_stage, teacher_training_config)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import rank, world_size
 from kdhpc.teacher import (cache_config, default_cache_dir, fill_cache, teacher_fingerprint,
@@ -428,15 +428,24 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
     what = "super-resolution (VDSR)" if is_superres(cfg) else (
         f"reconstruction (DC-CNN), {cfg.mask.acceleration:g}x {cfg.mask.kind} mask")
     closed = "n/a (the teacher is not better)" if fraction is None else f"{100 * fraction:.1f}%"
-    gap_text = (f"Teacher - Student PSNR gap {gaps['teacher_student_gap_db']:+.3f} dB; KD gains "
-                f"{gaps['kd_gain_db']:+.3f} dB, closing {closed} of the gap "
-                f"(KD-MRI: 25-66%); paired t-test KD-Student vs Student on per-volume PSNR: "
+    ci = test.get("ci95")
+    gap = gaps["teacher_student_gap_db"]
+    ci_text = "" if ci is None else (
+        f" (95% CI of the paired difference [{ci[0]:+.3f}, {ci[1]:+.3f}] dB"
+        + (f", i.e. {100 * ci[0] / gap:.0f}% to {100 * ci[1] / gap:.0f}% of the gap" if gap > 0
+           else "") + ")")
+    gap_text = (f"Teacher - Student PSNR gap {gap:+.3f} dB; KD gains {gaps['kd_gain_db']:+.3f} dB"
+                f"{ci_text}, closing {closed} of the gap (KD-MRI: 25-66%); paired t-test "
+                f"KD-Student vs Student on per-volume PSNR: "
                 f"p = {'n/a' if p_value is None else f'{p_value:.3g}'} (n = {test['n']} "
                 f"volumes).")
     protocol = (f"Optimiser steps: teacher {steps['teacher']}, student {steps['student']}, KD "
                 f"student {steps['student_at']} (attention transfer) + {steps['student_kd']} "
-                f"(alpha = {cfg.loss.alpha:g} imitation); KD-MRI's protocol gives the KD "
-                f"student both stages, i.e. more steps than the baseline.")
+                f"(alpha = {cfg.loss.alpha:g} imitation); "
+                + ("the no-KD student trained as many steps as the KD student (train.equal_budget)."
+                   if cfg.train.equal_budget else
+                   "KD-MRI's protocol gives the KD student both stages, i.e. more steps than the "
+                   "baseline (train.equal_budget evens them)."))
     test_rows = [{"comparison": k.rsplit(" ", 1)[0], "metric": k.rsplit(" ", 1)[1],
                   "mean diff": ("-" if t.get("mean_difference") is None
                                 else f"{t['mean_difference']:+.4g}"),
@@ -543,9 +552,9 @@ def _fill_cache(run: Run, stage_dir: Path) -> dict:
 
 
 def _student_stage(loss: Callable[[Config], Callable], with_teacher: bool, validate: bool,
-                   init: str | None = None) -> Callable[[Run, Path], dict]:
+                   init: str | None = None, factor: int = 1) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        cfg = run.cfg
+        cfg = longer_training_config(run.cfg, factor)
         factory = ((lambda: teacher_source(cfg, _frozen_teacher(run), make_extract(cfg.loss.at_p)))
                    if with_teacher else None)
         return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg), _views(run, "train"),
@@ -604,8 +613,10 @@ def stages(cfg: Config) -> list[Stage]:
         teacher_stage(_train_teacher, ("model.teacher",), cfg, _load_teacher),
         *([Stage("teacher_cache", _fill_cache, keys=("loss.at_p", "teacher"),
                  consumes=("data", "teacher"))] if cache else []),
-        Stage("student", _student_stage(lambda c: l1_loss_fn, False, True), keys=student_keys,
-              consumes=("data",)),
+        # train.equal_budget: the no-KD student gets the steps of attention transfer + imitation.
+        Stage("student", _student_stage(lambda c: l1_loss_fn, False, True,
+                                        factor=2 if cfg.train.equal_budget else 1),
+              keys=(*student_keys, "train.equal_budget"), consumes=("data",)),
         Stage("student_at", _student_stage(make_at_loss, True, False),
               keys=(*kd_keys, "loss.at_mode"), consumes=("data", "teacher", *cache)),
         Stage("student_kd", _student_stage(make_kd_loss, True, True, init="student_at"),
