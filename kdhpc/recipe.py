@@ -315,6 +315,17 @@ def teacher_training_config(cfg: Config) -> Config:
     return longer_training_config(cfg, cfg.train.teacher_epochs_factor)
 
 
+def data_root(cfg: Config) -> Path:
+    """The dataset folder; the embedded default set is generated once, by rank 0, while the
+    other ranks wait, then every rank reuses it."""
+    from kdhpc.data.default import dataset_root
+
+    if rank() == 0:
+        dataset_root(cfg)
+    barrier()
+    return dataset_root(cfg)
+
+
 # What every training stage reads besides its own keys: the data it trains on is consumed as
 # the data stage's record.
 TRAIN_KEYS = ("optim", "schedule", "train.epochs", "train.max_steps", "train.batch_size",

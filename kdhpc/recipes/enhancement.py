@@ -82,7 +82,8 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
-from kdhpc.recipe import TRAIN_KEYS, Recipe, Run, Stage, teacher_stage, teacher_training_config
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, teacher_stage,
+                          teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.data.views import center_crop
@@ -787,12 +788,7 @@ def paired_timing(big: nn.Module, small: nn.Module, inputs: torch.Tensor,
 # the recipe as data
 
 def _data(run: Run, stage_dir: Path) -> dict:
-    from kdhpc.data.default import dataset_root
-
-    if rank() == 0:
-        dataset_root(run.cfg)  # generates the default set once; other ranks wait and reuse it
-    barrier()
-    root = dataset_root(run.cfg)
+    root = data_root(run.cfg)
     recipe = EnhancementData(run.cfg, root)
     return {"root": str(root), **{f"{s}_slices": len(recipe.slices(s))
                                   for s in ("train", "val", "test")}}

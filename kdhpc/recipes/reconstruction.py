@@ -103,8 +103,8 @@ from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
 from kdhpc.ops import attention_map
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, latency_rows, longer_training_config,
-                          teacher_stage, teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, latency_rows,
+                          longer_training_config, teacher_stage, teacher_training_config)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import rank, world_size
 from kdhpc.teacher import (cache_config, default_cache_dir, fill_cache, teacher_fingerprint,
@@ -512,7 +512,7 @@ def _views(run: Run, split: str) -> SliceViews:
 
 def _data(run: Run, stage_dir: Path) -> dict:
     cfg = run.cfg
-    root = dataset_root(cfg)
+    root = data_root(cfg)
     identity = root.name if not cfg.data.root else str(root.resolve())
     return {"dataset": identity,
             **{split: describe_views(_views(run, split)) for split in ("train", "val", "test")}}

@@ -107,7 +107,8 @@ from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
 from kdhpc.data.acdc import ACDCSliceDataset, LABELS
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.recipe import TRAIN_KEYS, Recipe, Run, Stage, teacher_stage, teacher_training_config
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, teacher_stage,
+                          teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
@@ -675,12 +676,7 @@ def export_onnx(wrapper: nn.Module, inputs: torch.Tensor, reference: torch.Tenso
 # the recipe as data
 
 def _data(run: Run, stage_dir: Path) -> dict:
-    from kdhpc.data.default import dataset_root
-
-    if rank() == 0:
-        dataset_root(run.cfg)  # generates the default set once; other ranks wait and reuse it
-    barrier()
-    root = dataset_root(run.cfg)
+    root = data_root(run.cfg)
     recipe = CardiacData(run.cfg, root)
     counts = {}
     for split in ("train", "val", "test"):
