@@ -10,7 +10,8 @@ Every layer is checked where it enters: an unknown key, a value of the wrong typ
 out of range stops with a :class:`ConfigError` naming the file (or ``command line``), the dotted
 key, what was expected and what was found. Values in YAML and on the command line are parsed as
 YAML scalars (``0.5``, ``true``, ``[1, 2]``), then checked against the field's type; an int is
-accepted where a float is expected, nothing else is coerced.
+accepted where a float is expected, and so is any YAML 1.2 number that PyYAML (a YAML 1.1
+reader) leaves as a string, such as ``1e-4``, ``5E3`` or ``0x10``; nothing else is coerced.
 
 Conventions (DESIGN.md): ``loss.alpha`` is the weight of the distillation term and ``1 - alpha``
 goes to the data term (KD-MRI's paper writes it the other way round; its configs map onto ours).
@@ -22,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +267,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# YAML 1.2 core-schema numbers (https://yaml.org/spec/1.2.2/#1032-tag-resolution). PyYAML
+# follows YAML 1.1, whose floats need a dot and a signed exponent, so it reads ``1e-4`` as a
+# string; float fields accept these spellings.
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_YAML12_INT = re.compile(r"0o([0-7]+)|0x([0-9a-fA-F]+)")
+_YAML12_SPECIAL = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+def yaml12_number(text: str) -> float | None:
+    """The value of a YAML 1.2 number written as ``text`` (``"1e-4"``, ``"0o17"``), else None."""
+    text = text.strip()
+    if _YAML12_FLOAT.fullmatch(text):
+        return float(text)
+    match = _YAML12_INT.fullmatch(text)
+    if match:
+        return float(int(match.group(1), 8) if match.group(1) else int(match.group(2), 16))
+    return _YAML12_SPECIAL.get(text.lower())
+
+
 def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming source and key."""
 
@@ -288,6 +310,8 @@ def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             fail("an integer")
     elif tp is float:
+        if isinstance(value, str) and yaml12_number(value) is not None:
+            value = yaml12_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         value = float(value)
