@@ -205,7 +205,8 @@ class TrainConfig:
     best_mode: Literal["min", "max"] = _f("min", "whether lower or higher best_metric is better")
     max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0)
     log_every: int = _f(10, "log every N steps", lo=1)
-    progress: bool = _f(True, "show a progress bar on rank 0")
+    progress: bool = _f(True, "report progress on rank 0: a bar on a terminal, else a plain "
+                              "line per 10% of a stage or per 30 s")
     seed: int = _f(42, "run seed; ranks and workers derive theirs from it")
     threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0)
 
