@@ -13,8 +13,9 @@ YAML scalars (``0.5``, ``true``, ``[1, 2]``), then checked against the field's t
 accepted where a float is expected, and so is any YAML 1.2 number that PyYAML (a YAML 1.1
 reader) leaves as a string, such as ``1e-4``, ``5E3`` or ``0x10``; nothing else is coerced.
 
-Conventions (DESIGN.md): ``loss.alpha`` is the weight of the distillation term and ``1 - alpha``
-goes to the data term (KD-MRI's paper writes it the other way round; its configs map onto ours).
+Conventions (docs/methods.md): ``loss.alpha`` is the weight of the distillation term and
+``1 - alpha`` goes to the data term (KD-MRI's paper writes it the other way round; its configs
+map onto ours).
 The temperature KL is multiplied by T^2 (Hinton) unless ``loss.kl_t2_scaling`` is false.
 """
 
@@ -72,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    """Undersampling mask (REFERENCE.md s.1 and s.4)."""
+    """Undersampling mask (docs/methods.md: Masks and seeds, FFT centring)."""
 
     kind: Literal["kdmri", "random", "equispaced", "file"] = _f(
         "kdmri", "kdmri: fixed 1-D variable-density lines with a fully sampled centre block; "
@@ -138,7 +139,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Data and distillation terms. alpha weighs the distillation term (DESIGN.md)."""
+    """Data and distillation terms. alpha weighs the distillation term (docs/methods.md)."""
 
     alpha: float = _f(0.5, "weight of the distillation term; 1 - alpha goes to the data term",
                       lo=0.0, hi=1.0)

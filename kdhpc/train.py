@@ -223,7 +223,7 @@ class RankInfo:
     source: str  # "env" (torchrun / deepspeed launcher), "slurm" or "single"
 
     def environ(self) -> dict[str, str]:
-        """The variables DeepSpeed and torch.distributed read (REFERENCE.md s.7)."""
+        """The variables DeepSpeed and torch.distributed read (DeepSpeed ignores SLURM_*)."""
         return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
                 "LOCAL_RANK": str(self.local_rank), "MASTER_ADDR": self.master_addr,
                 "MASTER_PORT": str(self.master_port)}
