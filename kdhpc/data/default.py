@@ -864,7 +864,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = KINDS if options.kind == "all" else (options.kind,)
     for kind in kinds:
         start = time.perf_counter()
-        folder, generated = find_or_generate(cfg.default_data, kind, options.out, options.force)
+        try:
+            folder, generated = find_or_generate(cfg.default_data, kind, options.out,
+                                                 options.force)
+        except (DefaultDataError, PermissionError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         elapsed = time.perf_counter() - start
         lines = describe_set(folder, read_manifest(folder))
         lines.append(f"  {'generated' if generated else 'reused the cached set'}: "
