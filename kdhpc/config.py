@@ -452,6 +452,15 @@ def digest(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (names what a checkpoint or cache held)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary name, so no reader sees half a file."""
     path = Path(path)

@@ -87,7 +87,6 @@ gathered across ranks under ZeRO-3; load with :func:`load_weights`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -111,7 +110,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdhpc.config import Config, ConfigError, ScheduleConfig, TrainConfig, save_config, to_dict
-from kdhpc.config import write_atomic
+from kdhpc.config import sha256_file, write_atomic
 
 log = logging.getLogger("kdhpc.train")
 
@@ -659,22 +658,15 @@ class CheckpointRefused(RuntimeError):
     was unpickled."""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def checkpoint_file_hashes(tag_dir: Path) -> dict[str, str]:
     """SHA-256 of every file under a checkpoint tag folder (but its completion record), keyed
     by the path relative to the folder."""
-    return {p.relative_to(tag_dir).as_posix(): _sha256_file(p)
+    return {p.relative_to(tag_dir).as_posix(): sha256_file(p)
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != _COMPLETE}
 
 
-def verify_checkpoint(tag_dir: Path) -> None:
+def verify_checkpoint(tag_dir: str | os.PathLike) -> None:
     """Raise :class:`CheckpointRefused` unless the files under ``tag_dir`` are exactly those its
     completion record lists, with the same SHA-256.
 
@@ -682,6 +674,7 @@ def verify_checkpoint(tag_dir: Path) -> None:
     every optimiser-state file it finds by name), so a file planted or altered after the save
     could run code on resume; this check runs first and reads no pickle.
     """
+    tag_dir = Path(tag_dir)
     record = tag_dir / _COMPLETE
     try:
         wanted = json.loads(record.read_text())["files"]
@@ -698,11 +691,11 @@ def verify_checkpoint(tag_dir: Path) -> None:
     problems += [f"{name}: missing" for name in wanted if name not in found]
     problems += [f"{name}: SHA-256 differs from the one recorded at save time"
                  for name, path in found.items()
-                 if name in wanted and (path.is_symlink() or _sha256_file(path) != wanted[name])]
+                 if name in wanted and (path.is_symlink() or sha256_file(path) != wanted[name])]
     if problems:
         raise CheckpointRefused(
             f"{tag_dir}: refusing to load this checkpoint (its files would be unpickled, which "
-            f"can run code): " + "; ".join(problems) + "; remove what does not belong there or "
+            f"can run code): {'; '.join(problems)}; remove what does not belong there or "
             f"delete the folder to resume from an earlier checkpoint")
 
 

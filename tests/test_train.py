@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdhpc.config import Config, ConfigError
+from kdhpc.config import Config, ConfigError, sha256_file
 from kdhpc import train as T
 
 REPO = Path(__file__).resolve().parent.parent
@@ -456,7 +456,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_before_it_runs(tmp_path, one_
     T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=run_dir, progress=False)
     tag = run_dir / "checkpoints" / "step00000002"
     record = json.loads((tag / "kdhpc_complete.json").read_text())["files"]
-    assert record == {p.relative_to(tag).as_posix(): T._sha256_file(p)
+    assert record == {p.relative_to(tag).as_posix(): sha256_file(p)
                       for p in tag.rglob("*") if p.is_file() and p.name != "kdhpc_complete.json"}
     assert "mp_rank_00_model_states.pt" in record and "client/rank00000.pt" in record
     cfg.train.max_steps = 3

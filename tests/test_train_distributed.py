@@ -119,6 +119,21 @@ def test_zero3_partitions_the_student_on_each_rank(launches):
     assert summary["teacher_in_engine"] is False
 
 
+def test_zero_to_fp32_converts_the_two_rank_zero3_checkpoint(launches):
+    # DeepSpeed's converter reads a kdhpc checkpoint (the client state and the file-hash
+    # record beside its own files do not disturb it) and gives the gathered final weights.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = launches["root"] / "two" / "z3"
+    ckpt = run / "checkpoints"
+    tag = (ckpt / "latest").read_text()
+    converted = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    final = _weights(run / "final_model.pt")
+    assert converted.keys() == final.keys()
+    for key in final:
+        assert torch.equal(converted[key].float(), final[key]), key
+
+
 def test_sigterm_on_one_rank_checkpoints_all_and_resume_matches(launches):
     root = launches["root"]
     rc, out = launches["killed"]

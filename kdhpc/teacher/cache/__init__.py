@@ -65,7 +65,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
-from kdhpc.config import Config, ConfigError, digest, load_config, write_atomic
+from kdhpc.config import (Config, ConfigError, digest, load_config, sha256_file,
+                          write_atomic)
 from kdhpc.teacher.stream import Extract, StreamTeacher
 
 log = logging.getLogger("kdhpc.teacher.cache")
@@ -168,13 +169,6 @@ def record_crc(index: int, view: int, view_key: np.ndarray | None, rows: list[np
 def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.h5"
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -481,7 +475,7 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
     finally:
         report.close()
     info = {"file": final.name, "records": n, "first_record": lo, "size": partial.stat().st_size,
-            "sha256": _sha256_file(partial), "schema": schema}
+            "sha256": sha256_file(partial), "schema": schema}
     write_atomic(final.with_suffix(".json"), json.dumps(info, indent=1))
     os.replace(partial, final)
 
@@ -558,7 +552,7 @@ def _shard_problems(cache_dir: Path, manifest: dict, rank: int) -> list[CachePro
             listed += [s for s in index["shards"] if s.get("file") == final.name]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             return [CacheProblem(cache_dir / INDEX, f"cannot read: {err}")]
-    size, sha = final.stat().st_size, _sha256_file(final)
+    size, sha = final.stat().st_size, sha256_file(final)
     hash_differs = any(entry.get("size") != size or entry.get("sha256") != sha for entry in listed)
     try:
         with h5py.File(final, "r") as f:
