@@ -60,10 +60,11 @@ after every rank finished does rank 0 mark the tag complete (``kdhpc_complete.js
 the SHA-256 of every file of the tag) and point ``latest`` at it, so a kill during a save falls
 back to the previous checkpoint. DeepSpeed unpickles its own files with ``weights_only=False``;
 resume therefore first checks the tag's files against the recorded hashes and refuses a
-checkpoint holding any file that was added or changed (:func:`verify_checkpoint`). The
-``zero_to_fp32.py`` DeepSpeed writes next to the tags converts any tag to a plain state dict. The last ``train.keep_last`` are
-kept. A run resumes automatically from the newest complete checkpoint and ends with the same
-weights as an uninterrupted run (same seed and world size; bitwise on CPU).
+checkpoint holding any file that was added or changed (:func:`verify_checkpoint`). DeepSpeed's
+``zero_to_fp32`` converts a tag (ZeRO stage 1-3) to a plain state dict. The last
+``train.keep_last`` are kept. A run resumes automatically from the newest complete checkpoint,
+logs "resumed from step N (checkpoint PATH)" and ends with the same weights as an
+uninterrupted run (same seed and world size; bitwise on CPU).
 
 SIGTERM and SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``) set a flag; ranks agree
 on it through an all-reduce at every micro-step, so a signal that reaches ranks at different
@@ -98,6 +99,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -658,7 +660,6 @@ class CheckpointRefused(RuntimeError):
     was unpickled."""
 
 
-
 def checkpoint_file_hashes(tag_dir: Path) -> dict[str, str]:
     """SHA-256 of every file under a checkpoint tag folder (but its completion record), keyed
     by the path relative to the folder."""
@@ -790,8 +791,6 @@ class ProgressReport:
     def __init__(self, desc: str, total: int, *, initial: int = 0, unit: str = "steps",
                  scale: float = 1.0, rate_unit: str | None = None, enabled: bool = True,
                  every_fraction: float = 0.1, every_seconds: float = 30.0, stream=None):
-        import sys
-
         self.desc, self.total, self.done, self.unit = desc, total, initial, unit
         self.scale, self.rate_unit = scale, rate_unit or f"{unit}/s"
         self.enabled = enabled and initial < total
