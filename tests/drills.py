@@ -35,27 +35,42 @@ def sigterm_at_step(step: int, rank: int | None = None) -> Callable[[int, int], 
     return drill
 
 
+VALUED = ("--sigterm-at-step", "--rank")  # drill options followed by a value
+
+
+def _split(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(drill options, module or None, the target's argv) from ``argv``: drill options come
+    first; ``-m MODULE`` or the first bare word (a script) starts the target, whose own options
+    (even ``--help``) pass through untouched."""
+    for i, arg in enumerate(argv):
+        if arg == "-m":
+            return argv[:i], (argv[i + 1] if i + 1 < len(argv) else ""), argv[i + 2:]
+        if not arg.startswith("-") and (i == 0 or argv[i - 1] not in VALUED):
+            return argv[:i], None, argv[i:]
+    return argv, None, []
+
+
 def main(argv: list[str] | None = None) -> None:
+    own, module, target = _split(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python tests/drills.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --sigterm-at-step K [--rank R] "
+                                           "(-m MODULE | SCRIPT) [ARGS...]")
     parser.add_argument("--sigterm-at-step", type=int, required=True, metavar="K")
     parser.add_argument("--rank", type=int, default=None, help="only this rank (default: all)")
-    parser.add_argument("-m", dest="module", help="run this module as __main__")
-    parser.add_argument("target", nargs=argparse.REMAINDER,
-                        help="SCRIPT ARGS... (or the module's ARGS... with -m)")
-    args = parser.parse_args(argv)
-    if not args.module and not args.target:
+    args = parser.parse_args(own)
+    if not module and not target:
         parser.error("expected -m MODULE or a SCRIPT to run")
     from kdhpc import train
 
     train.step_callbacks.append(sigterm_at_step(args.sigterm_at_step, args.rank))
-    if args.module:
-        sys.argv = [args.module, *args.target]
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    if module:
+        sys.argv = [module, *target]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
-        sys.argv = list(args.target)
-        sys.path[0] = os.path.dirname(os.path.abspath(args.target[0]))
-        runpy.run_path(args.target[0], run_name="__main__")
+        sys.argv = list(target)
+        sys.path[0] = os.path.dirname(os.path.abspath(target[0]))
+        runpy.run_path(target[0], run_name="__main__")
 
 
 if __name__ == "__main__":
