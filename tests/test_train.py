@@ -520,6 +520,8 @@ from kdhpc import train as T
 cfg = toy_config(epochs=10, grad_accum=1, batch_size=2, log_every=3, checkpoint_every=0,
                  eval_every=0)
 T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir={run!r}, progress=True)
+cfg.train.epochs = 11  # a second call resumes the finished run for one more epoch
+T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir={run!r}, progress=True)
 """
 
 
@@ -537,8 +539,11 @@ def test_progress_to_a_file_is_plain_bounded_lines(tmp_path):
     text = err.read_text()
     assert "\r" not in text
     lines = [line for line in text.splitlines() if line.startswith("progress_run: ")]
-    # 60 steps: a line per 10% (every 6 steps); none of the bar's per-step redraws.
-    assert [line.split()[1] for line in lines] == [f"{s}/60" for s in range(6, 61, 6)]
+    # 60 steps: a line per 10% (every 6 steps); none of the bar's per-step redraws. The resumed
+    # call (steps 61-66 of 66) says where it resumed from and reports its end.
+    assert [line.split()[1] for line in lines] == [f"{s}/60" for s in range(6, 61, 6)] + ["66/66"]
+    assert (f"kdhpc.train: resumed from step 60 (checkpoint {run_dir / 'checkpoints'}"
+            f"/step00000060)\n") in text
     with (run_dir / "train_log.csv").open() as fh:
         rows = {int(r["step"]): r for r in csv.DictReader(fh)}
     # Each line shows the terms of the latest logged row (log_every=3) and a throughput.
