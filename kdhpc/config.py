@@ -10,10 +10,12 @@ Every layer is checked where it enters: an unknown key, a value of the wrong typ
 out of range stops with a :class:`ConfigError` naming the file (or ``command line``), the dotted
 key, what was expected and what was found. Values in YAML and on the command line are parsed as
 YAML scalars (``0.5``, ``true``, ``[1, 2]``), then checked against the field's type; an int is
-accepted where a float is expected, nothing else is coerced.
+accepted where a float is expected, and so is any YAML 1.2 number that PyYAML (a YAML 1.1
+reader) leaves as a string, such as ``1e-4``, ``5E3`` or ``0x10``; nothing else is coerced.
 
-Conventions (DESIGN.md): ``loss.alpha`` is the weight of the distillation term and ``1 - alpha``
-goes to the data term (KD-MRI's paper writes it the other way round; its configs map onto ours).
+Conventions (docs/methods.md): ``loss.alpha`` is the weight of the distillation term and
+``1 - alpha`` goes to the data term (KD-MRI's paper writes it the other way round; its configs
+map onto ours).
 The temperature KL is multiplied by T^2 (Hinton) unless ``loss.kl_t2_scaling`` is false.
 """
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    """Undersampling mask (REFERENCE.md s.1 and s.4)."""
+    """Undersampling mask (docs/methods.md: Masks and seeds, FFT centring)."""
 
     kind: Literal["kdmri", "random", "equispaced", "file"] = _f(
         "kdmri", "kdmri: fixed 1-D variable-density lines with a fully sampled centre block; "
@@ -145,7 +149,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Data and distillation terms. alpha weighs the distillation term (DESIGN.md)."""
+    """Data and distillation terms. alpha weighs the distillation term (docs/methods.md)."""
 
     alpha: float = _f(0.5, "weight of the distillation term; 1 - alpha goes to the data term",
                       lo=0.0, hi=1.0)
@@ -217,7 +221,8 @@ class TrainConfig:
     max_bad_steps: int = _f(3, "NaN/Inf loss steps tolerated before training stops", lo=0,
                             result=False)
     log_every: int = _f(10, "log every N steps", lo=1, result=False)
-    progress: bool = _f(True, "show a progress bar on rank 0", result=False)
+    progress: bool = _f(True, "report progress on rank 0: a bar on a terminal, else a plain "
+                              "line per 10% of a stage or per 30 s", result=False)
     seed: int = _f(42, "run seed; ranks and workers derive theirs from it")
     threads: int = _f(0, "torch intra-op threads (0 = leave torch's default)", lo=0, result=False)
 
@@ -283,6 +288,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# YAML 1.2 core-schema numbers (https://yaml.org/spec/1.2.2/#1032-tag-resolution). PyYAML
+# follows YAML 1.1, whose floats need a dot and a signed exponent, so it reads ``1e-4`` as a
+# string; float fields accept these spellings.
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_YAML12_INT = re.compile(r"0o([0-7]+)|0x([0-9a-fA-F]+)")
+_YAML12_SPECIAL = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+def yaml12_number(text: str) -> float | None:
+    """The value of a YAML 1.2 number written as ``text`` (``"1e-4"``, ``"0o17"``), else None."""
+    text = text.strip()
+    if _YAML12_FLOAT.fullmatch(text):
+        return float(text)
+    match = _YAML12_INT.fullmatch(text)
+    if match:
+        return float(int(match.group(1), 8) if match.group(1) else int(match.group(2), 16))
+    return _YAML12_SPECIAL.get(text.lower())
+
+
 def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming source and key."""
 
@@ -307,6 +331,8 @@ def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             fail("an integer")
     elif tp is float:
+        if isinstance(value, str) and yaml12_number(value) is not None:
+            value = yaml12_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         value = float(value)
@@ -487,6 +513,15 @@ def digest(data: Any) -> str:
         data = dataclasses.asdict(data)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (names what a checkpoint or cache held)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from kdhpc.config import Config, ConfigError, load_config, save_config
-from kdhpc.recipe import Stages, execute, preflight, recipe_of
+from kdhpc.recipe import Stages, execute, preflight
 from kdhpc.runtime import barrier, rank
 
 
@@ -37,15 +37,6 @@ def run(cfg: Config, stages: Stages | None = None) -> dict:
     if text:
         print(f"\n{text}", flush=True)
     return {**done.results, "summary": text}
-
-
-def teacher_cache_parts(cfg: Config):
-    """(teacher, extract, dataset of views) for ``python -m kdhpc.teacher.cache``."""
-    recipe = recipe_of(cfg)
-    if recipe.cache_parts is None:
-        raise ConfigError(f"recipe: {cfg.recipe!r} has no teacher cache (it distils no teacher "
-                          f"outputs)")
-    return recipe.cache_parts(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Data losses and distillation terms, shared by the three recipes.
 
 Every composite loss returns a dict of named scalar terms with the total under ``"loss"``, so the
-engine can log and guard each term. Convention (DESIGN.md): ``alpha`` (and Cui et al.'s ``W``) is
-the weight of the distillation term; ``1 - alpha`` goes to the data term.
+engine can log and guard each term. Convention (docs/methods.md): ``alpha`` (and Cui et al.'s
+``W``) is the weight of the distillation term; ``1 - alpha`` goes to the data term.
 
 - reconstruction (KD-MRI):   ``alpha * L1(S, T) + (1 - alpha) * L1(S, Y)`` (imitation), and the
   attention-transfer stage ``L_AT`` alone (``kdhpc.ops.attention_map_loss``);

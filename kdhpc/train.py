@@ -56,24 +56,30 @@ Every ``train.checkpoint_every`` steps (0: at each epoch end) and at the end, al
 ``save_checkpoint`` into ``<run_dir>/checkpoints/step<NNNNNNNN>``; each rank also writes its
 client state (step, epoch, data-stream position, RNG states, best metric, history, resolved
 config) to ``client/rank<NNNNN>.pt``, loaded back with ``torch.load(weights_only=True)``. Only
-after every rank finished does rank 0 mark the tag complete and point ``latest`` at it, so a
-kill during a save falls back to the previous checkpoint. The last ``train.keep_last`` are
-kept. A run resumes automatically from the newest complete checkpoint and ends with the same
-weights as an uninterrupted run (same seed and world size; bitwise on CPU).
+after every rank finished does rank 0 mark the tag complete (``kdhpc_complete.json``, holding
+the SHA-256 of every file of the tag) and point ``latest`` at it, so a kill during a save falls
+back to the previous checkpoint. DeepSpeed unpickles its own files with ``weights_only=False``;
+resume therefore first checks the tag's files against the recorded hashes and refuses a
+checkpoint holding any file that was added or changed (:func:`verify_checkpoint`). DeepSpeed's
+``zero_to_fp32`` converts a tag (ZeRO stage 1-3) to a plain state dict. The last
+``train.keep_last`` are kept. A run resumes automatically from the newest complete checkpoint,
+logs "resumed from step N (checkpoint PATH)" and ends with the same weights as an
+uninterrupted run (same seed and world size; bitwise on CPU).
 
 SIGTERM and SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``) set a flag; ranks agree
 on it through an all-reduce at every micro-step, so a signal that reaches ranks at different
 times still stops all of them at the same step boundary. Every rank then checkpoints and raises
 :class:`Preempted`, a ``SystemExit`` with code :data:`EXIT_REQUEUE` (75, EX_TEMPFAIL), which a
-SLURM script turns into ``scontrol requeue``. For drills, ``KDHPC_SIGNAL_AT_STEP=k`` makes the
-process send itself SIGTERM after step k (``KDHPC_SIGNAL_RANK=r`` limits that to rank r).
+SLURM script turns into ``scontrol requeue``. Test harnesses can act at step boundaries through
+:data:`step_callbacks` (the preemption drills in ``tests/drills.py`` send SIGTERM there).
 
 Guards and outputs
 ------------------
 A micro-batch whose loss terms are not all finite (on any rank) is reported with its step and
 term names and dropped on every rank (no backward; the next micro-batch fills its place). After
 ``train.max_bad_steps`` such micro-batches the next one raises :class:`TrainingDiverged`.
-Rank 0 shows a progress bar with every loss term and slices/s and writes ``train_log.csv``,
+Rank 0 reports progress on stderr with every loss term and slices/s (:class:`ProgressReport`: a
+bar on a terminal, a plain line per 10% or 30 s otherwise) and writes ``train_log.csv``,
 ``eval_log.csv``, ``log.jsonl`` (and TensorBoard scalars under ``tb/`` when tensorboard is
 installed), ``config.yaml``, ``final_model.pt`` and ``best_model.pt`` (plain state dicts,
 gathered across ranks under ZeRO-3; load with :func:`load_weights`).
@@ -93,6 +99,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +112,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdhpc.config import (Config, ConfigError, ScheduleConfig, TrainConfig, describe_changes,
-                          save_config, to_dict)
-from kdhpc.config import write_atomic
+                          save_config, sha256_file, to_dict, write_atomic)
 
 log = logging.getLogger("kdhpc.train")
 
@@ -116,9 +122,12 @@ DEEPSPEED_CONFIGS = REPO / "configs" / "deepspeed"
 EXIT_REQUEUE = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after checkpointing: requeue it (EX_TEMPFAIL)."""
 
-SIGNAL_AT_STEP_ENV = "KDHPC_SIGNAL_AT_STEP"
-SIGNAL_RANK_ENV = "KDHPC_SIGNAL_RANK"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+step_callbacks: list[Callable[[int, int], None]] = []
+"""Called as ``callback(step, rank)`` after every optimiser step, once the step's logging,
+evaluation and checkpoint are done. kdhpc itself never fills this list; it is for test
+harnesses and instrumentation (``tests/drills.py`` sends SIGTERM at a chosen step here)."""
 
 # Streams of the run seed (np.random.SeedSequence entropy), so that each use draws independently.
 _ORDER_STREAM, _VIEW_STREAM, _RANK_STREAM, _LOADER_STREAM = 0, 1, 2, 3
@@ -215,7 +224,7 @@ class RankInfo:
     source: str  # "env" (torchrun / deepspeed launcher), "slurm" or "single"
 
     def environ(self) -> dict[str, str]:
-        """The variables DeepSpeed and torch.distributed read (REFERENCE.md s.7)."""
+        """The variables DeepSpeed and torch.distributed read (DeepSpeed ignores SLURM_*)."""
         return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
                 "LOCAL_RANK": str(self.local_rank), "MASTER_ADDR": self.master_addr,
                 "MASTER_PORT": str(self.master_port)}
@@ -646,6 +655,51 @@ def complete_checkpoints(ckpt_dir: Path) -> list[str]:
     return sorted(tags)
 
 
+class CheckpointRefused(RuntimeError):
+    """A checkpoint whose files differ from those recorded when it was saved; nothing in it
+    was unpickled."""
+
+
+def checkpoint_file_hashes(tag_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file under a checkpoint tag folder (but its completion record), keyed
+    by the path relative to the folder."""
+    return {p.relative_to(tag_dir).as_posix(): sha256_file(p)
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != _COMPLETE}
+
+
+def verify_checkpoint(tag_dir: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointRefused` unless the files under ``tag_dir`` are exactly those its
+    completion record lists, with the same SHA-256.
+
+    DeepSpeed's loader unpickles its ``*.pt`` files with ``weights_only=False`` (and ZeRO reads
+    every optimiser-state file it finds by name), so a file planted or altered after the save
+    could run code on resume; this check runs first and reads no pickle.
+    """
+    tag_dir = Path(tag_dir)
+    record = tag_dir / _COMPLETE
+    try:
+        wanted = json.loads(record.read_text())["files"]
+        if not isinstance(wanted, dict):
+            raise TypeError(f"'files' is a {type(wanted).__name__}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointRefused(
+            f"{record}: expected the SHA-256 of each checkpoint file, found none ({err}); "
+            f"refusing to load {tag_dir} (saved by an older kdhpc or altered); delete that "
+            f"folder to resume from an earlier checkpoint or start over") from None
+    found = {p.relative_to(tag_dir).as_posix(): p for p in sorted(tag_dir.rglob("*"))
+             if (p.is_file() or p.is_symlink()) and p.name != _COMPLETE}
+    problems = [f"{name}: not written by the save" for name in found if name not in wanted]
+    problems += [f"{name}: missing" for name in wanted if name not in found]
+    problems += [f"{name}: SHA-256 differs from the one recorded at save time"
+                 for name, path in found.items()
+                 if name in wanted and (path.is_symlink() or sha256_file(path) != wanted[name])]
+    if problems:
+        raise CheckpointRefused(
+            f"{tag_dir}: refusing to load this checkpoint (its files would be unpickled, which "
+            f"can run code): {'; '.join(problems)}; remove what does not belong there or "
+            f"delete the folder to resume from an earlier checkpoint")
+
+
 def _numpy_rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -711,6 +765,78 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 # ---------------------------------------------------------------------------------------------
 # logging
+
+def ensure_stderr_logging() -> None:
+    """Show kdhpc's INFO messages (resumes, cache repairs) on stderr, unless the application
+    configured logging itself (a handler on the ``kdhpc`` logger or on the root logger)."""
+    package = logging.getLogger("kdhpc")
+    if not package.hasHandlers():
+        handler = logging.StreamHandler()  # sys.stderr as it is when a record is emitted
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        package.addHandler(handler)
+        if package.level == logging.NOTSET:
+            package.setLevel(logging.INFO)
+
+
+class ProgressReport:
+    """Progress of one stage on stderr: a tqdm bar when stderr is a terminal; otherwise (a SLURM
+    log, a redirected file) plain lines, one each time another ``every_fraction`` of ``total``
+    is done or ``every_seconds`` have passed, and one at the end; no carriage returns.
+
+    A line reads ``DESC: 120/400 steps (30%), loss=0.1 kd=0.05, 38.2 slices/s``: the terms of
+    the latest :meth:`set_terms` and the throughput since the previous line (``scale`` items
+    of ``rate_unit`` per unit of progress, e.g. slices per step).
+    """
+
+    def __init__(self, desc: str, total: int, *, initial: int = 0, unit: str = "steps",
+                 scale: float = 1.0, rate_unit: str | None = None, enabled: bool = True,
+                 every_fraction: float = 0.1, every_seconds: float = 30.0, stream=None):
+        self.desc, self.total, self.done, self.unit = desc, total, initial, unit
+        self.scale, self.rate_unit = scale, rate_unit or f"{unit}/s"
+        self.enabled = enabled and initial < total
+        self.stream = stream if stream is not None else sys.stderr
+        self.step_done = max(1, math.ceil(total * every_fraction))
+        self.every_seconds = every_seconds
+        self.terms: dict[str, float] = {}
+        self.bar = None
+        self.last_done, self.last_time = initial, time.perf_counter()
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit.rstrip("s"),
+                            dynamic_ncols=True, file=self.stream)
+
+    def set_terms(self, terms: Mapping[str, float]) -> None:
+        self.terms = dict(terms)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.terms.items()}, refresh=False)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        if (self.done - self.last_done >= self.step_done or self.done >= self.total
+                or time.perf_counter() - self.last_time >= self.every_seconds):
+            self._line()
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        rate = (self.done - self.last_done) * self.scale / max(now - self.last_time, 1e-9)
+        terms = " ".join(f"{k}={v:.4g}" for k, v in self.terms.items())
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit} "
+              f"({100 * self.done / max(self.total, 1):.0f}%)" + (f", {terms}" if terms else "")
+              + f", {rate:.3g} {self.rate_unit}", file=self.stream, flush=True)
+        self.last_done, self.last_time = self.done, now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.done != self.last_done:
+            self._line()
+        self.enabled = False
+
 
 class RunLog:
     """Rank 0's records: train_log.csv, eval_log.csv, log.jsonl and TensorBoard when installed."""
@@ -904,8 +1030,9 @@ class _Trainer:
         # other ranks finish; we do it after the barrier that closes save_checkpoint.
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
         if self.rank0:
-            write_atomic(tag_dir / _COMPLETE, json.dumps({"step": self.step, "world_size":
-                                                          self.world}))
+            write_atomic(tag_dir / _COMPLETE, json.dumps({
+                "step": self.step, "world_size": self.world,
+                "files": checkpoint_file_hashes(tag_dir)}, indent=1))
             write_atomic(self.ckpt_dir / "latest", tag)
             self._prune()
         dist.barrier()
@@ -924,6 +1051,7 @@ class _Trainer:
         if not tags:
             return
         tag = tags[-1]
+        verify_checkpoint(self.ckpt_dir / tag)  # before DeepSpeed unpickles anything in it
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
@@ -954,7 +1082,8 @@ class _Trainer:
         self.last_saved = self.step
         self.log.truncate_after(self.step)
         if self.rank0:
-            log.info("resumed from %s (step %d)", self.ckpt_dir / tag, self.step)
+            ensure_stderr_logging()
+            log.info("resumed from step %d (checkpoint %s)", self.step, self.ckpt_dir / tag)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -1147,31 +1276,25 @@ class _Trainer:
 
     def _loop(self) -> None:
         t = self.cfg.train
-        kill_step = int(os.environ.get(SIGNAL_AT_STEP_ENV, "0") or 0)
-        kill_rank = os.environ.get(SIGNAL_RANK_ENV, "")
         batches = self.micro_batches()
         sums: dict[str, float] = {}
         interval_steps, interval_start = 0, time.perf_counter()
-        bar = None
-        if self.progress and self.step < self.total_steps:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_dir.name,
-                       dynamic_ncols=True)
+        report = ProgressReport(self.run_dir.name, self.total_steps, initial=self.step,
+                                scale=t.batch_size, rate_unit="slices/s", enabled=self.progress)
         try:
             while self.step < self.total_steps:
                 stop = self.train_step(batches, sums)
                 self.step += 1
                 interval_steps += 1
-                if bar is not None:
-                    bar.update(1)
                 at_epoch_end = self.step % self.steps_per_epoch == 0
                 last = self.step == self.total_steps
                 if self.step % t.log_every == 0 or last or stop:
                     row = self._log_row(sums, interval_steps, time.perf_counter() - interval_start)
-                    if bar is not None:
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
-                                         if k not in ("step", "epoch", "lr")}, refresh=False)
+                    report.set_terms({k: v for k, v in row.items()
+                                      if k not in ("step", "epoch", "lr", "slices_per_s",
+                                                   "bad_steps")})
                     sums, interval_steps, interval_start = {}, 0, time.perf_counter()
+                report.update(1)
                 if self.val_set is not None and (
                         (t.eval_every and self.step % t.eval_every == 0)
                         or (not t.eval_every and at_epoch_end) or last):
@@ -1183,11 +1306,10 @@ class _Trainer:
                     interval_start = time.perf_counter()
                     if stop and not last:
                         raise preempt(self.step, path)
-                if self.step == kill_step and kill_rank in ("", str(self.rank)):
-                    os.kill(os.getpid(), signal.SIGTERM)
+                for callback in step_callbacks:
+                    callback(self.step, self.rank)
         finally:
-            if bar is not None:
-                bar.close()
+            report.close()
         if self.last_saved != self.step:
             self.save_checkpoint()
 

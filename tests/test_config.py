@@ -33,6 +33,27 @@ def test_int_is_accepted_for_float_but_nothing_else_is_coerced(tmp_path):
         load_config(None, ["loss.kl_t2_scaling=yes please"])
 
 
+def test_yaml12_numbers_are_accepted_for_float_fields(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; both the command line and a file accept it.
+    assert yaml.safe_load("1e-4") == "1e-4"
+    cfg = load_config(None, ["optim.lr=1e-4", "loss.temperature=2E+1", "mask.acceleration=0x8",
+                             "degrade.noise_jitter=[5e-1, 15e-1]"])
+    assert (cfg.optim.lr, cfg.loss.temperature, cfg.mask.acceleration) == (0.0001, 20.0, 8.0)
+    assert cfg.degrade.noise_jitter == [0.5, 1.5]
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-4\n  weight_decay: 3.e-2\n"
+                                      "loss:\n  at_p: 0o2\n"))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.at_p) == (1e-4, 0.03, 2.0)
+    assert type(cfg.optim.lr) is float
+    # Only float fields convert: an int field or a string field keeps YAML 1.1's reading.
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, found '1e2'"):
+        load_config(None, ["train.epochs=1e2"])
+    assert load_config(None, ["run_dir=1e2"]).run_dir == "1e2"
+    for bad, message in (("1e-4x", "a number"), ("e5", "a number"), ("1e999", "a finite number"),
+                         ("-1e-3", r"a value in \(0\.0, inf\)")):
+        with pytest.raises(ConfigError, match=rf"^command line: optim\.lr: expected {message}"):
+            load_config(None, [f"optim.lr={bad}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("loss.alpha=1.5", r"loss\.alpha: expected a value in \[0\.0, 1\.0\], found 1\.5"),
     ("loss.alpha=-0.1", r"loss\.alpha: expected a value in \[0\.0, 1\.0\]"),

@@ -326,11 +326,12 @@ def test_rerun_skips_every_stage(tiny_run, monkeypatch, data_dir):
 def test_preempted_stream_run_resumes_to_the_same_teacher(tiny_run, tiny_cfg, monkeypatch):
     _, first_dir, _, _ = tiny_run
     cfg = tiny_cfg("teacher.mode=stream")
-    monkeypatch.setenv("KDHPC_SIGNAL_AT_STEP", "1")
+    from drills import sigterm_at_step
+    monkeypatch.setattr("kdhpc.train.step_callbacks", [sigterm_at_step(1)])
     with pytest.raises(Preempted):
         distill.run(cfg)
     assert not (Path(cfg.run_dir) / "teacher" / "stage.json").exists()
-    monkeypatch.delenv("KDHPC_SIGNAL_AT_STEP")
+    monkeypatch.setattr("kdhpc.train.step_callbacks", [])
     distill.run(cfg)
     run_dir = Path(cfg.run_dir)
     result = json.loads((run_dir / "teacher" / "stage.json").read_text())["result"]

@@ -148,12 +148,13 @@ def test_rerun_skips_every_stage_and_alpha_reruns_only_kd_onwards(tiny, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(cfg.run_dir, copy)
     changed = load_config(TINY, [f"run_dir={copy}", "loss.alpha=0.25"])
-    monkeypatch.setenv("KDHPC_SIGNAL_AT_STEP", "1")
+    from drills import sigterm_at_step
+    monkeypatch.setattr(T, "step_callbacks", [sigterm_at_step(1)])
     with pytest.raises(Preempted) as stop:
         run_recipe(changed)
     assert stop.value.code == EXIT_REQUEUE and stop.value.step == 2
     # A preempted process exits; this one goes on, so it forgets the signal (as a requeue would).
-    monkeypatch.delenv("KDHPC_SIGNAL_AT_STEP")
+    monkeypatch.setattr(T, "step_callbacks", [])
     T._preempt_requested = False  # not monkeypatch: its undo would restore the signal
     _, stages = run_recipe(changed)
     assert stages.ran == ["student_kd", "evaluate", "report"]

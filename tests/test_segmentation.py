@@ -181,10 +181,11 @@ def tiny_run(tmp_path_factory):
     run_dir = base / "run"
     args = [str(TINY), f"run_dir={run_dir}"]
     try:
-        patch.setenv("KDHPC_SIGNAL_AT_STEP", "1")
+        from drills import sigterm_at_step
+        patch.setattr("kdhpc.train.step_callbacks", [sigterm_at_step(1)])
         assert distill.main(args) == 75                 # preempted: checkpointed, asks a requeue
         assert not (run_dir / "teacher" / "stage.json").exists()
-        patch.delenv("KDHPC_SIGNAL_AT_STEP")
+        patch.setattr("kdhpc.train.step_callbacks", [])
         assert distill.main(args) == 0
         yield run_dir, load_config(run_dir / "config.yaml")
     finally:

@@ -22,7 +22,9 @@ from kdhpc import train as T
 from kdhpc.config import Config
 from kdhpc.teacher import (CacheError, CachedTeacher, StreamTeacher, cache_config,
                            default_cache_dir, fill_cache, teacher_fingerprint, teacher_source)
-from kdhpc.teacher.cache import from_storage, main as cache_main, to_storage
+from kdhpc.teacher.cache.__main__ import main as cache_main
+from kdhpc.teacher.cache import (CacheProblem, from_storage, to_storage,
+                                 verify_cache)
 from test_train import (ToyViews, one_thread, toy_config, toy_extract, toy_loss, toy_student,
                         toy_teacher)
 
@@ -32,10 +34,11 @@ DATA_CONFIG = {"degrade": {"views_per_sample": 4, "noise": 0.1}, "data": {"datas
 TOLERANCE = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}
 
 
-def _fill(cache_dir: Path, dtype: str = "float32", world: int = 2, **kw) -> Path:
+def _fill(cache_dir: Path, dtype: str = "float32", world: int = 2, extract=toy_extract,
+          **kw) -> Path:
     """Fill with ``world`` simulated ranks, the last first (the index appears at the end)."""
     for rank in reversed(range(world)):
-        fill_cache(cache_dir, toy_teacher(), toy_extract, ToyViews(2, 3), data_config=DATA_CONFIG,
+        fill_cache(cache_dir, toy_teacher(), extract, ToyViews(2, 3), data_config=DATA_CONFIG,
                    dtype=dtype, batch_size=5, rank=rank, world_size=world, **kw)
     return cache_dir
 
@@ -103,12 +106,14 @@ def test_changed_teacher_or_view_config_is_refused(caches, tmp_path):
     changed = {**DATA_CONFIG, "degrade": {"views_per_sample": 8, "noise": 0.1}}
     with pytest.raises(CacheError, match=r"degrade\.views_per_sample: 4 -> 8"):
         CachedTeacher(caches["float32"], data_config=changed)
-    # A fill into a cache made for another config is refused too, unless forced.
+    # A fill into a cache made for another config is refused too, forced or not, and the
+    # cache is left exactly as it was.
     cache_dir = _fill(tmp_path / "c", world=1)
-    with pytest.raises(CacheError, match=r"dtype: 'float32' -> 'float16'"):
-        _fill(cache_dir, "float16", world=1)
-    _fill(cache_dir, "float16", world=1, force=True)
-    assert json.loads((cache_dir / "manifest.json").read_text())["dtype"] == "float16"
+    before = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
+    for force in (False, True):
+        with pytest.raises(CacheError, match=r"dtype: 'float32' -> 'float16'.*never overwritten"):
+            _fill(cache_dir, "float16", world=1, force=force)
+    assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == before
     # A batch whose view key differs from the stored one (data code changed) is refused.
     batch = _batch([(1, 2)])
     batch["view_key"][0, 1] += 1
@@ -118,28 +123,90 @@ def test_changed_teacher_or_view_config_is_refused(caches, tmp_path):
         CachedTeacher(cache_dir).targets(_batch([(0, 0)]) | {"index": torch.tensor([6])})
 
 
+def _flip_one_bit(shard: Path, row: int) -> tuple[int, int]:
+    """Flip one bit of one float16 logit of ``row``; returns the row's (index, view)."""
+    with h5py.File(shard) as f:
+        offset = f["targets/logits_0"].id.get_offset()
+        row_bytes = int(np.prod(f["targets/logits_0"].shape[1:])) * 2
+        index, view = int(f["index"][row]), int(f["view"][row])
+    raw = bytearray(shard.read_bytes())
+    raw[offset + row * row_bytes + 17] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    return index, view
+
+
 def test_flipped_byte_or_truncation_is_detected(caches, tmp_path):
     cache_dir = tmp_path / "c"
     shutil.copytree(caches["float16"], cache_dir)
     shard = cache_dir / "shard-00001-of-00002.h5"
-    with h5py.File(shard) as f:
-        offset = f["targets/logits_0"].id.get_offset()
-        row_bytes = int(np.prod(f["targets/logits_0"].shape[1:])) * 2
-        row = 5
-        index, view = int(f["index"][row]), int(f["view"][row])
-    raw = bytearray(shard.read_bytes())
-    raw[offset + row * row_bytes + 17] ^= 0x01  # one bit of one logit
-    shard.write_bytes(bytes(raw))
+    row = 5
+    index, view = _flip_one_bit(shard, row)
+    raw = shard.read_bytes()
     cached = CachedTeacher(cache_dir)
     with pytest.raises(CacheError, match=rf"record {row} \(index={index}, view={view}\) fails its "
                                          r"CRC-32"):
         cached.targets(_batch([(0, 0), (index, view)]))
     ok = cached.targets(_batch([(0, 0), (1, 1)]))  # the rest of the cache still reads
     assert torch.isfinite(ok["logits_0"]).all()
-    assert cached.verify() == [f"{shard}: SHA-256 differs from the index (corrupted)"]
-    shard.write_bytes(bytes(raw[:-100]))
+    assert cached.verify() == [f"{shard}: row {row} (index={index}, view={view}) of 12 "
+                               f"unwritten, misplaced or failing their CRC-32 check"]
+    shard.write_bytes(raw[:-100])
     with pytest.raises(CacheError, match=r"expected \d+ bytes, found \d+ \(truncated"):
         CachedTeacher(cache_dir)
+
+
+def _counting_extract(calls: list[int]):
+    def extract(model, batch):
+        calls.append(len(batch["index"]))
+        return toy_extract(model, batch)
+    return extract
+
+
+def test_verify_names_each_bad_or_missing_shard_and_force_repairs_exactly_those(caches, tmp_path):
+    clean = caches["float16"]
+    cache_dir = tmp_path / "c"
+    shutil.copytree(clean, cache_dir)
+    shard0, shard1 = (cache_dir / f"shard-0000{r}-of-00002.h5" for r in (0, 1))
+    shard0.unlink()
+    index, view = _flip_one_bit(shard1, 5)
+    problems = verify_cache(cache_dir)
+    assert problems == [
+        CacheProblem(shard0, "missing"),
+        CacheProblem(shard1, f"row 5 (index={index}, view={view}) of 12 unwritten, misplaced or "
+                             f"failing their CRC-32 check", (5,))]
+    # Without force a fill trusts the finished shard 1 (it recomputes only the missing one).
+    calls: list[int] = []
+    _fill(cache_dir, "float16", extract=_counting_extract(calls))
+    assert sum(calls) == 12 and [str(p) for p in verify_cache(cache_dir)] == [str(problems[1])]
+    # force: exactly the damaged row is recomputed, and the shard is again the clean one.
+    calls.clear()
+    _fill(cache_dir, "float16", extract=_counting_extract(calls), force=True)
+    assert calls == [1] and verify_cache(cache_dir) == []
+    assert shard1.read_bytes() == (clean / shard1.name).read_bytes()
+    pairs = [(i, v) for i in range(6) for v in range(4)]
+    repaired = CachedTeacher(cache_dir).targets(_batch(pairs))
+    reference = CachedTeacher(clean).targets(_batch(pairs))
+    assert all(torch.equal(repaired[name], reference[name]) for name in reference)
+    # An intact cache is left alone by force.
+    calls.clear()
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    _fill(cache_dir, "float16", extract=_counting_extract(calls), force=True)
+    assert calls == [] and {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before
+
+
+def test_verify_reports_unreadable_shard_and_no_cache(caches, tmp_path):
+    cache_dir = tmp_path / "c"
+    shutil.copytree(caches["float32"], cache_dir)
+    shard = cache_dir / "shard-00000-of-00002.h5"
+    shard.write_bytes(b"\0" * 64 + shard.read_bytes()[64:])  # HDF5 superblock gone
+    (problem,) = verify_cache(cache_dir)
+    assert problem.path == shard and problem.what.startswith("cannot open as HDF5 (corrupted)")
+    (problem,) = verify_cache(tmp_path / "nothing")
+    assert str(problem) == (f"{tmp_path / 'nothing' / 'manifest.json'}: missing: no teacher cache "
+                            f"here; fill it with python -m kdhpc.teacher.cache CONFIG")
+    calls: list[int] = []
+    _fill(cache_dir, "float32", extract=_counting_extract(calls), force=True)
+    assert sum(calls) == 12 and verify_cache(cache_dir) == []
 
 
 def test_float16_overflow_is_refused_not_stored_as_inf():
@@ -183,13 +250,8 @@ def test_fill_killed_with_sigkill_resumes_where_it_stopped(caches, tmp_path):
     assert written == 9 and not (cache_dir / "index.json").exists()
     with pytest.raises(CacheError, match="incomplete teacher cache"):
         CachedTeacher(cache_dir)
-    calls = []
-
-    def counting_extract(model, batch):
-        calls.append(len(batch["index"]))
-        return toy_extract(model, batch)
-
-    fill_cache(cache_dir, toy_teacher(), counting_extract, ToyViews(2, 3),
+    calls: list[int] = []
+    fill_cache(cache_dir, toy_teacher(), _counting_extract(calls), ToyViews(2, 3),
                data_config=DATA_CONFIG, dtype="float16", batch_size=3)
     assert sum(calls) == 24 - 9  # only the missing records were computed
     # Same values as the cache filled in one go (2 ranks there, 1 here: same record keys).
@@ -200,19 +262,33 @@ def test_fill_killed_with_sigkill_resumes_where_it_stopped(caches, tmp_path):
         torch.testing.assert_close(resumed[name], clean[name], rtol=2e-3, atol=2e-3)
 
 
-def test_cli_needs_the_recipe_layer_then_fills(tmp_path, monkeypatch, capsys):
+def _toy_recipe(monkeypatch, cache_parts) -> str:
+    """A recipe module of the test's own (``recipe: toycache.recipe``) whose cache parts are
+    ``cache_parts``."""
+    from kdhpc.recipe import Recipe
+
+    package, module = types.ModuleType("toycache"), types.ModuleType("toycache.recipe")
+    module.RECIPE = Recipe("toycache", lambda cfg: [], lambda cfg: None, lambda run: "",
+                           lambda run: {}, cache_parts)
+    monkeypatch.setitem(sys.modules, "toycache", package)
+    monkeypatch.setitem(sys.modules, "toycache.recipe", module)
+    return "recipe: toycache.recipe\n"
+
+
+def test_cli_needs_a_recipe_with_a_cache_then_fills(tmp_path, monkeypatch, capsys):
     config = tmp_path / "cfg.yaml"
-    config.write_text(f"run_dir: {tmp_path / 'run'}\nteacher:\n  cache_dtype: float32\n"
-                      f"degrade:\n  views_per_sample: 4\n")
-    monkeypatch.setitem(sys.modules, "kdhpc.distill", None)  # the recipe layer is absent
-    with pytest.raises(SystemExit, match=r"kdhpc\.distill\.teacher_cache_parts\(cfg\) does not "
-                                         r"exist yet"):
-        cache_main([str(config)])
-    recipe = types.ModuleType("kdhpc.distill")
-    recipe.teacher_cache_parts = lambda cfg: (toy_teacher(), toy_extract, ToyViews(2, 3))
-    monkeypatch.setitem(sys.modules, "kdhpc.distill", recipe)
+    body = (f"run_dir: {tmp_path / 'run'}\nteacher:\n  cache_dtype: float32\n"
+            f"degrade:\n  views_per_sample: 4\n")
+    config.write_text(_toy_recipe(monkeypatch, None) + body)
+    assert cache_main([str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "python -m kdhpc.teacher.cache: error: recipe: 'toycache.recipe' has no teacher cache "
+        "(it distils no teacher outputs); call kdhpc.teacher.cache.fill_cache(...) from Python "
+        "instead\n")
+    config.write_text(_toy_recipe(monkeypatch, lambda cfg: (toy_teacher(), toy_extract,
+                                                            ToyViews(2, 3))) + body)
     assert cache_main([str(config), "eval.batch_size=7"]) == 0
-    assert "teacher cache complete" in capsys.readouterr().out
+    assert "teacher cache complete and verified" in capsys.readouterr().out
     from kdhpc.config import load_config
 
     cfg = load_config(config)
@@ -225,6 +301,36 @@ def test_cli_needs_the_recipe_layer_then_fills(tmp_path, monkeypatch, capsys):
     with pytest.raises(CacheError, match=r"degrade\.noise_sigma: 0\.02 -> 0\.5"):
         teacher_source(cfg, toy_teacher())
     assert cache_main([str(config), "--verify"]) == 0
+
+
+def test_cli_verify_names_bad_shards_and_force_repairs_them(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "cfg.yaml"
+    calls: list[int] = []
+    config.write_text(_toy_recipe(monkeypatch, lambda cfg: (toy_teacher(), _counting_extract(
+        calls), ToyViews(2, 3))) + f"run_dir: {tmp_path / 'run'}\nteacher:\n  cache_dtype: "
+        f"float16\ndegrade:\n  views_per_sample: 4\n")
+    assert cache_main([str(config)]) == 0 and sum(calls) == 24
+    shard = tmp_path / "run" / "teacher_cache" / "shard-00000-of-00001.h5"
+    intact = shard.read_bytes()
+    capsys.readouterr()
+    index, view = _flip_one_bit(shard, 13)
+    bad_row = (f"{shard}: row 13 (index={index}, view={view}) of 24 unwritten, misplaced or "
+               f"failing their CRC-32 check")
+    # A plain fill trusts the finished shard, but does not call the cache complete.
+    assert cache_main([str(config)]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == bad_row
+    assert cache_main([str(config), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == bad_row and "complete" not in out
+    calls.clear()
+    assert cache_main([str(config), "--force"]) == 0
+    assert capsys.readouterr().out.endswith("teacher cache complete and verified\n")
+    assert calls == [1] and shard.read_bytes() == intact
+    shard.unlink()
+    assert cache_main([str(config), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{shard}: missing" and captured.err == ""
+    assert cache_main([str(config), "--force"]) == 0 and shard.read_bytes() == intact
 
 
 def test_training_on_the_cache_matches_training_with_the_streamed_teacher(caches, tmp_path,

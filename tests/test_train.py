@@ -8,10 +8,13 @@ test_train_distributed.py (which import this module).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdhpc.config import Config, ConfigError
+from kdhpc.config import Config, ConfigError, sha256_file
 from kdhpc import train as T
 
 REPO = Path(__file__).resolve().parent.parent
@@ -432,3 +435,143 @@ def test_sigusr1_checkpoints_and_a_rerun_resumes_to_the_same_weights(tmp_path, o
     a, b = T.load_weights(resumed.final_weights), T.load_weights(whole.final_weights)
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert resumed.history == whole.history and resumed.best_step == whole.best_step
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint integrity, resume message, progress lines
+
+class _Planted:
+    """Unpickling this creates ``path`` (what a planted checkpoint file could do)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused_before_it_runs(tmp_path, one_thread, caplog):
+    cfg = toy_config(epochs=1, grad_accum=1, batch_size=4, checkpoint_every=2, max_steps=2)
+    run_dir = tmp_path / "run"
+    T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=run_dir, progress=False)
+    tag = run_dir / "checkpoints" / "step00000002"
+    record = json.loads((tag / "kdhpc_complete.json").read_text())["files"]
+    assert record == {p.relative_to(tag).as_posix(): sha256_file(p)
+                      for p in tag.rglob("*") if p.is_file() and p.name != "kdhpc_complete.json"}
+    assert "mp_rank_00_model_states.pt" in record and "client/rank00000.pt" in record
+    cfg.train.max_steps = 3
+    marker = tmp_path / "pwned"
+    # 1. An extra optimiser-state file: ZeRO's loader reads every file matching its pattern.
+    planted = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Planted(marker)}, planted)
+    with pytest.raises(T.CheckpointRefused, match=r"refusing to load this checkpoint .*"
+                       r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: not written by the save"):
+        T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=run_dir, progress=False)
+    planted.unlink()
+    # 2. DeepSpeed's own model file replaced.
+    model_file = tag / "mp_rank_00_model_states.pt"
+    original = model_file.read_bytes()
+    torch.save({"module": _Planted(marker)}, model_file)
+    with pytest.raises(T.CheckpointRefused, match=r"mp_rank_00_model_states\.pt: SHA-256 "
+                                                  r"differs from the one recorded"):
+        T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=run_dir, progress=False)
+    assert not marker.exists()
+    # The planted file is live: loading it the way DeepSpeed does runs it.
+    torch.load(model_file, weights_only=False)
+    assert marker.exists()
+    # Restored, the checkpoint resumes and says from where.
+    model_file.write_bytes(original)
+    with caplog.at_level("INFO", logger="kdhpc.train"):
+        result = T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=run_dir,
+                         progress=False)
+    assert result.resumed_from == 2 and result.steps == 3
+    assert f"resumed from step 2 (checkpoint {tag})" in caplog.messages
+
+
+def test_checkpoint_without_file_hashes_is_refused(tmp_path, one_thread):
+    cfg = toy_config(epochs=1, grad_accum=1, batch_size=4, checkpoint_every=2, max_steps=2)
+    T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=tmp_path, progress=False)
+    record = tmp_path / "checkpoints" / "step00000002" / "kdhpc_complete.json"
+    record.write_text(json.dumps({"step": 2, "world_size": 1}))  # an older kdhpc's record
+    cfg.train.max_steps = 3
+    with pytest.raises(T.CheckpointRefused, match=r"expected the SHA-256 of each checkpoint "
+                                                  r"file, found none"):
+        T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=tmp_path, progress=False)
+
+
+def test_zero_to_fp32_converts_a_kdhpc_checkpoint(tmp_path, one_thread):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = toy_config(stage=2, epochs=1, grad_accum=1, batch_size=4, max_steps=3)
+    result = T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir=tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "zero_to_fp32.py").is_file() and (ckpt / "latest").read_text() == "step00000003"
+    converted = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step00000003")
+    final = T.load_weights(result.final_weights)
+    assert converted.keys() == final.keys()
+    assert all(torch.equal(converted[k].float(), final[k]) for k in final)
+
+
+_PROGRESS_CHILD = """
+import sys
+sys.path.insert(0, {here!r})
+from test_train import ToyViews, toy_config, toy_loss, toy_student
+from kdhpc import train as T
+cfg = toy_config(epochs=10, grad_accum=1, batch_size=2, log_every=3, checkpoint_every=0,
+                 eval_every=0)
+T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir={run!r}, progress=True)
+cfg.train.epochs = 11  # a second call resumes the finished run for one more epoch
+T.train(cfg, toy_student(), toy_loss, ToyViews(), run_dir={run!r}, progress=True)
+"""
+
+
+def test_progress_to_a_file_is_plain_bounded_lines(tmp_path):
+    run_dir = tmp_path / "progress_run"
+    err = tmp_path / "stderr.txt"
+    # A process of its own: not the rank variables this process exported for its own runs.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    with err.open("w") as fh:
+        subprocess.run([sys.executable, "-c", _PROGRESS_CHILD.format(
+            here=str(REPO / "tests"), run=str(run_dir))], stderr=fh, env=env, check=True,
+            timeout=300)
+    text = err.read_text()
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("progress_run: ")]
+    # 60 steps: a line per 10% (every 6 steps); none of the bar's per-step redraws. The resumed
+    # call (steps 61-66 of 66) says where it resumed from and reports its end.
+    assert [line.split()[1] for line in lines] == [f"{s}/60" for s in range(6, 61, 6)] + ["66/66"]
+    assert (f"kdhpc.train: resumed from step 60 (checkpoint {run_dir / 'checkpoints'}"
+            f"/step00000060)\n") in text
+    with (run_dir / "train_log.csv").open() as fh:
+        rows = {int(r["step"]): r for r in csv.DictReader(fh)}
+    # Each line shows the terms of the latest logged row (log_every=3) and a throughput.
+    for line in lines:
+        step = int(line.split()[1].split("/")[0])
+        logged = rows[step - step % 3]
+        shown = dict(item.split("=") for item in line.split(", ")[1].split())
+        assert shown.keys() == {"data", "loss"}
+        assert float(shown["loss"]) == pytest.approx(float(logged["loss"]), rel=1e-3)
+        assert line.endswith(" slices/s")
+
+
+def test_progress_on_a_terminal_is_a_bar(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    report = T.ProgressReport("stage", 5, stream=out)
+    for _ in range(5):
+        report.update(1)
+    report.close()
+    assert "\r" in out.getvalue() and "5/5" in out.getvalue()
+    plain = io.StringIO()
+    report = T.ProgressReport("stage", 5, stream=plain, unit="records")
+    report.set_terms({"loss": 0.5})
+    for _ in range(5):
+        report.update(1)
+    report.close()
+    assert [line.split(",")[0] for line in plain.getvalue().splitlines()] == [
+        f"stage: {k}/5 records ({20 * k}%)" for k in range(1, 6)]

@@ -2,7 +2,7 @@
 
 Launches (each imports DeepSpeed once and runs several scenarios):
 - ``torchrun --nproc-per-node=2 tests/test_train_distributed.py kill KILL``: the ZeRO-0 scenario
-  with SIGTERM sent to rank 1 only, after step 2 (KDHPC_SIGNAL_AT_STEP / KDHPC_SIGNAL_RANK);
+  with SIGTERM sent to rank 1 only, after step 2 (launched through ``tests/drills.py``);
 - ``torchrun --nproc-per-node=2 tests/test_train_distributed.py matrix OUT KILL``: the restart,
   which resumes KILL, then ZeRO 0, 1, 2, 3 (fp32, stage 3 with every parameter partitioned) and
   ZeRO 1 in bf16, each with a streamed teacher kept outside the engine, 6 steps with
@@ -33,16 +33,17 @@ def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "KDHPC_SIGNAL_AT_STEP", "KDHPC_SIGNAL_RANK"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra)
     return env
 
 
-def _torchrun(*args: str) -> list[str]:
+def _torchrun(*args: str, drill: tuple[str, ...] = ()) -> list[str]:
+    """torchrun of this file; with ``drill`` (tests/drills.py options), through that launcher."""
+    launch = [str(HERE / "drills.py"), *drill] if drill else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "--max-restarts=0", str(Path(__file__)), *args]
+            "--max-restarts=0", *launch, str(Path(__file__)), *args]
 
 
 def _run(cmd: list[str], **env) -> subprocess.Popen:
@@ -74,8 +75,8 @@ def _max_diff(a: dict, b: dict) -> float:
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     one = _run([sys.executable, str(Path(__file__)), "reference", str(root / "one")])
-    killed = _run(_torchrun("kill", str(root / "kill")), KDHPC_SIGNAL_AT_STEP="2",
-                  KDHPC_SIGNAL_RANK="1")
+    killed = _run(_torchrun("kill", str(root / "kill"),
+                            drill=("--sigterm-at-step", "2", "--rank", "1")))
     rc_killed, out_killed = _finish(killed)
     after_kill = sorted(p.name for p in (root / "kill" / "z0" / "checkpoints").glob("step*"))
     # The restart resumes the killed run, then runs the ZeRO matrix in the same processes.
@@ -116,6 +117,21 @@ def test_zero3_partitions_the_student_on_each_rank(launches):
     assert sum(summary["local_numel"]) >= total
     assert max(summary["local_numel"]) < 0.75 * total
     assert summary["teacher_in_engine"] is False
+
+
+def test_zero_to_fp32_converts_the_two_rank_zero3_checkpoint(launches):
+    # DeepSpeed's converter reads a kdhpc checkpoint (the client state and the file-hash
+    # record beside its own files do not disturb it) and gives the gathered final weights.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = launches["root"] / "two" / "z3"
+    ckpt = run / "checkpoints"
+    tag = (ckpt / "latest").read_text()
+    converted = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    final = _weights(run / "final_model.pt")
+    assert converted.keys() == final.keys()
+    for key in final:
+        assert torch.equal(converted[key].float(), final[key]), key
 
 
 def test_sigterm_on_one_rank_checkpoints_all_and_resume_matches(launches):

@@ -1,6 +1,6 @@
 """ACDC / M&Ms cine short-axis NIfTI: writer and a lazily reading (volume, slice) dataset.
 
-Layout (ACDC challenge; nnU-Net's dataset conversion reads the same, REFERENCE.md s.3)::
+Layout (ACDC challenge; nnU-Net's dataset conversion reads the same; labels in docs/methods.md)::
 
     <root>/.../patientNNN/Info.cfg                      "ED: 1", "ES: 12", "Group: DCM", ...
     <root>/.../patientNNN/patientNNN_frameFF.nii.gz     image, array (H, W, S), S short-axis slices

@@ -1,6 +1,6 @@
 """Degradations that turn a target image into a network input, all defined in k-space.
 
-FFT conventions are explicit per dataset and never guessed (DESIGN.md, Data):
+FFT conventions are explicit per dataset and never guessed (docs/methods.md, FFT centring):
 
 - ``centered=True``  fastMRI: ifftshift -> orthonormal FFT -> fftshift; DC in the array centre.
 - ``centered=False`` KD-MRI: plain orthonormal FFT; DC at index 0.
@@ -8,7 +8,7 @@ FFT conventions are explicit per dataset and never guessed (DESIGN.md, Data):
 All transforms act on the last two dimensions (H, W) and keep any leading batch/coil dims.
 W (the last dim) is the phase-encode axis that 1-D masks and ``phase_encode`` truncation act on.
 
-Degradations (DESIGN.md, recipes):
+Degradations (docs/methods.md, one section per recipe):
 
 - :func:`undersample`: Cartesian undersampling, ``k * M + 0.0`` and its zero-filled image.
 - :func:`nsa_noise`: fewer signal averages. Averaging N acquisitions divides the noise std by
@@ -21,7 +21,7 @@ Degradations (DESIGN.md, recipes):
   of centred k-space is not the k-space of the flipped image for even sizes: it is off by one).
 - :func:`view_key` / :func:`make_view`: a sample's finite pool of views, each named by a
   :class:`ViewKey` (dihedral id, mask seed, noise seed), so that a teacher can later be shown
-  exactly the view the student saw (DESIGN.md, teacher outputs).
+  exactly the view the student saw (a teacher must be consistent with its student's input).
 """
 
 from __future__ import annotations

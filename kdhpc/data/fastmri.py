@@ -1,6 +1,6 @@
 """fastMRI HDF5 volumes: writer, header parser and a lazily opening (volume, slice) dataset.
 
-Layout (github facebookresearch/fastMRI, REFERENCE.md s.4), one file per volume:
+Layout (github facebookresearch/fastMRI; conventions in docs/methods.md), one file per volume:
 
 - ``kspace``: complex64 ``(S, H, W)`` single-coil or ``(S, C, H, W)`` multi-coil, in the
   *centred* layout: ``k = fftshift(fft2(ifftshift(x), norm="ortho"))`` (see

@@ -1,6 +1,7 @@
 """KD-MRI HDF5 volumes: writer, (volume, slice) dataset and a converter from fastMRI.
 
-Layout (github Bala93/KD-MRI, REFERENCE.md s.1), one file per volume (knee: one per slice)::
+Layout (github Bala93/KD-MRI; conventions in docs/methods.md), one file per volume (knee: one
+per slice)::
 
     datasets/<type>/<train|validation>/acc_<acc>/<name>.h5
         volfs              float  (H, W, S)   fully sampled image

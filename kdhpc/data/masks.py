@@ -120,7 +120,7 @@ def variable_density_mask(n: int, acceleration: float, center_fraction: float,
     Exactly ``floor(n / acc)`` lines: the ``round(n * cf)`` central ones and the rest drawn
     without replacement (weights in the module docstring). With cf = 10/150 and 9/240 this gives
     KD-MRI's published line counts: cardiac 150 -> 37 / 30 / 18 and brain 240 -> 60 / 48 / 30
-    at 4x / 5x / 8x (REFERENCE.md s.1).
+    at 4x / 5x / 8x (docs/reference.md).
     """
     _check_args(n, acceleration, center_fraction)
     n_total = int(n / acceleration)

@@ -1,6 +1,6 @@
 """DC-CNN: cascades of a small CNN and a data-consistency step (KD-MRI's reconstruction nets).
 
-Architecture (REFERENCE.md s.1, KD-MRI ``reconstruction/models.py``): ``n_cascades`` times
+Architecture (docs/methods.md; KD-MRI's ``reconstruction/models.py``): ``n_cascades`` times
 
     z = CNN_c(x)                                  # 3x3 convs, 32 ch, bias, ReLU but the last, no BN
     x = Re(IFFT2(M * k0 + (1 - M) * FFT2(z)))    # hard DC, lam = 1 (orthonormal FFT)

@@ -1,8 +1,8 @@
 """VDSR for same-grid MRI super-resolution (KD-MRI's SR teacher and student).
 
-Architecture (REFERENCE.md s.1): ``n_convs`` 3x3 convolutions, stride 1, padding 1, bias,
-``1 -> C, (n_convs - 2) x (C -> C), C -> 1`` with ReLU after every convolution but the last, and a
-global residual:
+Architecture (docs/methods.md, KD-MRI's super-resolution variant): ``n_convs`` 3x3
+convolutions, stride 1, padding 1, bias, ``1 -> C, (n_convs - 2) x (C -> C), C -> 1`` with ReLU
+after every convolution but the last, and a global residual:
 
     y = x + f(x)
 

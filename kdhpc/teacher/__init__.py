@@ -8,7 +8,8 @@ int64 ``index`` and ``view`` [B], see :mod:`kdhpc.train`) it returns what the KD
 - :class:`CachedTeacher` (``teacher.mode: precompute``): the targets were computed once by
   :func:`fill_cache` (``python -m kdhpc.teacher.cache CONFIG``) for every view of every sample
   and are read back from HDF5 shards, checked against the teacher's SHA-256, the data/view
-  config and per-record CRC-32s.
+  config and per-record CRC-32s. :func:`verify_cache` checks a whole cache before it is
+  trusted; ``fill_cache(..., force=True)`` repairs what it finds.
 
 :func:`teacher_source` picks one from a config.
 """
@@ -21,13 +22,14 @@ import torch
 from torch import nn
 
 from kdhpc.config import Config
-from kdhpc.teacher.cache import (CacheError, CachedTeacher, CacheParts, cache_config,
-                                 default_cache_dir, fill_cache, teacher_fingerprint)
+from kdhpc.teacher.cache import (CacheError, CachedTeacher, CacheParts, CacheProblem,
+                                 cache_config, default_cache_dir, fill_cache,
+                                 teacher_fingerprint, verify_cache)
 from kdhpc.teacher.stream import Extract, StreamTeacher
 
 __all__ = ["TeacherSource", "StreamTeacher", "CachedTeacher", "CacheError", "CacheParts",
-           "fill_cache", "teacher_fingerprint", "cache_config", "default_cache_dir",
-           "teacher_source"]
+           "CacheProblem", "fill_cache", "verify_cache", "teacher_fingerprint", "cache_config",
+           "default_cache_dir", "teacher_source"]
 
 
 class TeacherSource(Protocol):

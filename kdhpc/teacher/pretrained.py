@@ -14,13 +14,12 @@ Train (and ship) a teacher with ``python -m kdhpc.teacher.ship`` (:mod:`kdhpc.te
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
-from kdhpc.config import (Config, ConfigError, describe_changes, digest, result_values,
+from kdhpc.config import (Config, ConfigError, describe_changes, digest, result_values, sha256_file,
                           write_atomic)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -29,14 +28,6 @@ PREFIX = "pretrained:"
 # The config sections a teacher's training data depends on: a run whose values differ would
 # distil a teacher that never saw its data (another mask, size or split).
 DATA_SECTIONS = ("recipe", "data", "default_data", "mask", "degrade")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_identity(cfg: Config) -> dict:

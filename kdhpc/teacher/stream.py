@@ -1,7 +1,7 @@
 """Streamed teacher: the frozen teacher runs on exactly the views the student sees.
 
 ``StreamTeacher(model, extract)`` is a plain module replicated on every rank, never handed to
-DeepSpeed (ZeRO-3 partitioning a frozen teacher is a known crash source, REFERENCE.md s.6).
+DeepSpeed (ZeRO-3 partitioning a frozen teacher is a known source of DeepSpeed crashes).
 Its parameters are frozen, it stays in eval mode and runs under ``torch.inference_mode()``,
 optionally under bf16 autocast; it moves itself to the device of the batch it is given.
 

@@ -5,10 +5,13 @@ Run::
     python -m kdhpc.teacher.cache CONFIG [key=value ...] [--force] [--verify]
     torchrun --nproc-per-node=4 -m kdhpc.teacher.cache CONFIG        # or srun, one task per GPU
 
-The CLI asks the recipe layer for the teacher, its ``extract`` function and the training
-dataset of views (``kdhpc.distill.teacher_cache_parts(cfg) -> (teacher, extract, dataset)``)
-and calls :func:`fill_cache`. ``--force`` deletes a cache that does not match the config;
-``--verify`` re-hashes every shard against the index.
+The CLI (:mod:`kdhpc.teacher.cache.__main__`) asks the recipe for the teacher, its ``extract``
+function and the training dataset of views (``Recipe.cache_parts``) and calls
+:func:`fill_cache`, then :func:`verify_cache`; it prints "complete" only for a cache
+that verified. ``--verify`` only checks: every shard's records (CRC-32) and files (SHA-256),
+naming each bad or missing shard (exit 1). ``--force`` recomputes exactly the damaged rows or
+shards, then verifies. A cache made for another teacher or data/view config is refused, never
+deleted. Bad input (config, files, data) ends in one line on stderr and exit status 2.
 
 Views are enumerated: sample i has views ``0 .. num_views-1`` (the dataset's pool: dihedral
 id, mask seed, noise seed), and the cache holds one record per (index, view), so whatever view
@@ -31,23 +34,22 @@ Layout of ``cache_dir``:
 
 Integrity: a reader checks each shard's size on open (truncation) and each record's CRC-32 on
 read (any flipped byte in a record), and refuses a record it cannot read; it never returns
-zeros for a damaged record. :meth:`CachedTeacher.verify` re-hashes whole shards.
+zeros for a damaged record. :func:`verify_cache` checks a whole cache without raising (a list
+of :class:`CacheProblem`); ``fill_cache(..., force=True)`` repairs what it lists.
 
 Resuming: a killed fill leaves ``*.h5.partial`` files; the next fill keeps the rows whose
-``written`` flag is set and whose CRC checks, and computes the rest. A partial file HDF5 cannot
+``written`` flag is set, whose (index, view) is the expected one and whose CRC checks, and
+computes the rest. A partial file HDF5 cannot
 open any more (killed inside a metadata write) is started again.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -60,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
-from kdhpc.config import (Config, ConfigError, describe_changes, digest, load_config,
+from kdhpc.config import (Config, ConfigError, describe_changes, digest, sha256_file,
                           write_atomic)
 from kdhpc.teacher.stream import Extract, StreamTeacher
 
@@ -149,13 +151,6 @@ def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.h5"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -202,36 +197,57 @@ def _distributed() -> tuple[int, int] | None:
     return None
 
 
-def _open_partial(path: Path, n_records: int, manifest_digest: str) -> tuple[h5py.File | None, int]:
-    """Reopen a partial shard and count its leading verified records (0: start over)."""
+def _open_partial(path: Path, lo: int, n_records: int, num_views: int,
+                  manifest_digest: str) -> tuple[h5py.File | None, np.ndarray]:
+    """Reopen a partial shard; also return which of its rows are good (see :func:`_good_rows`).
+    A file HDF5 cannot open, or one begun for another manifest, is deleted (start over)."""
     try:
         f = h5py.File(path, "r+")
     except OSError as err:
         log.warning("%s: cannot reopen (%s); recomputing this shard", path, err)
         path.unlink()
-        return None, 0
-    if f.attrs.get("manifest_digest") != manifest_digest or f.attrs.get("records") != n_records:
+        return None, np.zeros(n_records, dtype=bool)
+    if (f.attrs.get("manifest_digest") != manifest_digest or f.attrs.get("records") != n_records
+            or f.attrs.get("first_record") != lo):
         f.close()
         path.unlink()
-        return None, 0
-    if "written" not in f:
-        return f, 0
-    written = f["written"][:].astype(bool)
-    done = int(np.argmin(written)) if not written.all() else n_records
-    # Re-check the rows we keep: the kill may have hit mid-row.
-    for row in range(done):
-        if _stored_crc_ok(f, row) is False:
-            done = row
-            break
-    return f, done
+        return None, np.zeros(n_records, dtype=bool)
+    try:
+        return f, _good_rows(f, lo, n_records, num_views)
+    except CacheError as err:
+        log.warning("%s; recomputing this shard", err)
+        f.close()
+        path.unlink()
+        return None, np.zeros(n_records, dtype=bool)
 
 
-def _stored_crc_ok(f: h5py.File, row: int) -> bool:
-    names = sorted(f["targets"])
-    key = f["view_key"][row] if "view_key" in f else None
-    crc = record_crc(int(f["index"][row]), int(f["view"][row]), key,
-                     [f["targets"][n][row] for n in names])
-    return crc == int(f["crc32"][row])
+def _good_rows(f: h5py.File, lo: int, n: int, num_views: int, chunk: int = 256) -> np.ndarray:
+    """Per row of a shard holding records ``[lo, lo + n)``: whether it is flagged written, holds
+    the expected (index, view) and passes its CRC-32. Reads ``chunk`` rows at a time; raises
+    CacheError when the shard's datasets cannot be read."""
+    good = np.zeros(n, dtype=bool)
+    if "targets" not in f or "written" not in f:
+        return good
+    try:
+        names = sorted(f["targets"])
+        written = f["written"][:].astype(bool)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            index, view, crc = f["index"][rows], f["view"][rows], f["crc32"][rows]
+            keys = f["view_key"][rows] if "view_key" in f else None
+            targets = [f["targets"][name][rows] for name in names]
+            for j in range(rows.stop - start):
+                record = lo + start + j
+                good[start + j] = bool(
+                    written[start + j]
+                    and (int(index[j]), int(view[j])) == divmod(record, num_views)
+                    and record_crc(int(index[j]), int(view[j]),
+                                   keys[j] if keys is not None else None,
+                                   [t[j] for t in targets]) == int(crc[j]))
+    except (OSError, KeyError, ValueError) as err:
+        raise CacheError(f"{f.filename}: cannot read its records (corrupted shard?): "
+                         f"{err}") from None
+    return good
 
 
 def _create_datasets(f: h5py.File, n: int, targets: dict[str, np.ndarray], dtype: str,
@@ -268,8 +284,14 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
 
     Ranks: ``rank`` of ``world_size`` when given (sharding by hand: the call that finishes
     the last shard writes the index), else torch.distributed's when initialised (rank 0
-    writes the manifest and the index, with barriers), else 0 of 1. Resumes a killed fill;
-    refuses a cache made for another teacher or config unless ``force``.
+    writes the manifest and the index, with barriers), else 0 of 1. Resumes a killed fill,
+    keeping every row that is flagged written and passes its CRC-32.
+
+    A cache made for another teacher or config (another manifest) is refused with what
+    changed, ``force`` or not: this function never deletes one (remove the folder yourself or
+    fill another ``teacher.cache_dir``). ``force`` verifies this rank's finished shard
+    (:func:`verify_cache`'s checks) and recomputes exactly its damaged rows, or the whole shard
+    when HDF5 cannot read it; an intact shard is left untouched.
     Finished rows are made durable every ``commit_seconds`` (a kill loses at most that much
     work); ``on_commit(records_done)`` is called after each commit (progress hooks, drills).
     Returns ``cache_dir``.
@@ -301,12 +323,9 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
     if rank == 0 or dist_ranks is None:
         if manifest_path.is_file():
             problem = _refusal(cache_dir, _read_json(manifest_path), manifest)
-            if problem and force and rank == 0:
-                for path in cache_dir.iterdir():
-                    if path.name.startswith("shard-") or path.name in (MANIFEST, INDEX):
-                        path.unlink()
-            elif problem:
-                raise CacheError(problem + "; fill a new teacher.cache_dir or pass --force")
+            if problem:
+                raise CacheError(problem + f"; this cache is never overwritten: delete "
+                                 f"{cache_dir} or set teacher.cache_dir to another folder")
         if not manifest_path.is_file():
             write_atomic(manifest_path, json.dumps(manifest, indent=1))
     barrier()
@@ -323,6 +342,16 @@ def fill_cache(cache_dir: str | os.PathLike, teacher: nn.Module, extract: Extrac
     n = hi - lo
     final = cache_dir / shard_name(rank, world_size)
     sidecar = final.with_suffix(".json")
+    if force and final.is_file() and sidecar.is_file():
+        damage = _shard_problems(cache_dir, manifest, rank)
+        if damage:
+            for item in damage:
+                log.warning("%s; repairing", item)
+            # Unfinished again until repaired: no reader trusts the index meanwhile, and the
+            # fill below keeps the good rows of the reopened shard and recomputes the rest.
+            (cache_dir / INDEX).unlink(missing_ok=True)
+            sidecar.unlink()
+            os.replace(final, final.with_name(final.name + ".partial"))
     if not (final.is_file() and sidecar.is_file()):
         opts = _FillOptions(dtype, compression, batch_size, bf16, device, progress,
                             commit_seconds, on_commit)
@@ -357,39 +386,43 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
     num_views = items.dataset.num_views
     has_key = hasattr(items.dataset, "view_key")
     partial = final.with_name(final.name + ".partial")
-    f, done = (_open_partial(partial, n, manifest_digest) if partial.is_file() else (None, 0))
+    f, good = (_open_partial(partial, lo, n, num_views, manifest_digest) if partial.is_file()
+               else (None, np.zeros(n, dtype=bool)))
     if f is None:
         f = h5py.File(partial, "w")
         f.attrs["manifest_digest"] = manifest_digest
         f.attrs["records"] = n
         f.attrs["first_record"] = lo
-    if done:
-        log.info("%s: resuming at record %d of %d", partial, done, n)
+    todo = np.flatnonzero(~good)
+    if good.any():
+        log.info("%s: keeping %d verified records, computing %d", partial, n - len(todo),
+                 len(todo))
     device = opts.device or (torch.device("cuda", torch.cuda.current_device())
                              if torch.cuda.is_available() else torch.device("cpu"))
     source = StreamTeacher(teacher, extract, bf16=opts.bf16)
-    bar = None
-    if opts.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n, initial=done, desc=final.name)
-    committed, last_commit = done, time.perf_counter()
+    from kdhpc.train import ProgressReport
 
-    def commit(upto: int) -> None:
-        nonlocal committed, last_commit
+    report = ProgressReport(final.name, total=n, initial=n - len(todo), unit="records",
+                            enabled=opts.progress)
+    done, pending, last_commit = n - len(todo), [], time.perf_counter()
+
+    def commit() -> None:
+        nonlocal done, pending, last_commit
         f.flush()
-        f["written"][committed:upto] = 1
+        if pending:
+            f["written"][_selection(pending)] = 1
         f.flush()
-        if bar is not None:
-            bar.update(upto - committed)
-        committed, last_commit = upto, time.perf_counter()
+        done += len(pending)
+        report.update(len(pending))
+        pending, last_commit = [], time.perf_counter()
         if opts.on_commit is not None:
-            opts.on_commit(upto)
+            opts.on_commit(done)
 
     try:
         with f:
-            for start in range(done, n, opts.batch_size):
-                ids = range(lo + start, lo + min(n, start + opts.batch_size))
-                keys = [(rid // num_views, rid % num_views) for rid in ids]
+            for start in range(0, len(todo), opts.batch_size):
+                batch_rows = [int(r) for r in todo[start:start + opts.batch_size]]
+                keys = [divmod(lo + r, num_views) for r in batch_rows]
                 batch = default_collate([items[k] for k in keys])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}
@@ -403,7 +436,7 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
                 elif sorted(f["targets"]) != sorted(stored):
                     raise CacheError(f"{partial}: extract returned {sorted(stored)}, the shard "
                                      f"holds {sorted(f['targets'])}")
-                rows = slice(start, start + len(keys))
+                rows = _selection(batch_rows)
                 for name, array in stored.items():
                     f["targets"][name][rows] = array
                 index = np.array([k[0] for k in keys], dtype=np.int64)
@@ -415,18 +448,24 @@ def _fill_shard(final: Path, lo: int, n: int, manifest_digest: str, teacher: nn.
                     [record_crc(int(index[j]), int(view[j]), view_keys[j] if has_key else None,
                                 [stored[name][j] for name in stored]) for j in range(len(keys))],
                     dtype=np.uint32)
+                pending += batch_rows
                 if time.perf_counter() - last_commit >= opts.commit_seconds:
-                    commit(rows.stop)
-            if committed < n:
-                commit(n)
+                    commit()
+            commit()
             schema = _schema(f)
     finally:
-        if bar is not None:
-            bar.close()
+        report.close()
     info = {"file": final.name, "records": n, "first_record": lo, "size": partial.stat().st_size,
-            "sha256": _sha256_file(partial), "schema": schema}
+            "sha256": sha256_file(partial), "schema": schema}
     write_atomic(final.with_suffix(".json"), json.dumps(info, indent=1))
     os.replace(partial, final)
+
+
+def _selection(rows: list[int]) -> slice | list[int]:
+    """An h5py row selection: a slice for consecutive rows, else the (increasing) list."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return slice(rows[0], rows[-1] + 1)
+    return rows
 
 
 def _write_index(cache_dir: Path, world_size: int) -> None:
@@ -442,8 +481,111 @@ def _write_index(cache_dir: Path, world_size: int) -> None:
     if len(schemas) != 1:
         raise CacheError(f"{cache_dir}: shards disagree on the stored targets: "
                          f"{[s['schema'] for s in shards]}")
-    write_atomic(cache_dir / INDEX, json.dumps({"shards": shards, "schema": shards[0]["schema"]},
-                                               indent=1))
+    text = json.dumps({"shards": shards, "schema": shards[0]["schema"]}, indent=1)
+    index = cache_dir / INDEX
+    if not (index.is_file() and index.read_text() == text):  # an intact cache stays untouched
+        write_atomic(index, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+
+@dataclasses.dataclass(frozen=True)
+class CacheProblem:
+    """One thing wrong with a teacher cache: the file, what, and the damaged rows (if known)."""
+
+    path: Path
+    what: str
+    rows: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def _describe_rows(f: h5py.File, rows: np.ndarray, lo: int, num_views: int) -> str:
+    shown = ", ".join(f"{int(r)} (index={(lo + int(r)) // num_views}, view="
+                      f"{(lo + int(r)) % num_views})" for r in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more} of {f.attrs.get('records')}"
+
+
+def _shard_problems(cache_dir: Path, manifest: dict, rank: int) -> list[CacheProblem]:
+    """What is wrong with shard ``rank`` of a cache (empty: intact): missing or unfinished,
+    unreadable, rows that are unwritten, hold the wrong record or fail their CRC-32, or a
+    size / SHA-256 that differs from its sidecar (and from ``index.json`` when present)."""
+    world, num_views = manifest["world_size"], manifest["num_views"]
+    n_total = manifest["num_samples"] * num_views
+    lo, hi = n_total * rank // world, n_total * (rank + 1) // world
+    final = cache_dir / shard_name(rank, world)
+    sidecar = final.with_suffix(".json")
+    if not final.is_file():
+        return [CacheProblem(final, "missing")]
+    if not sidecar.is_file():
+        return [CacheProblem(final, f"unfinished (no {sidecar.name})")]
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [CacheProblem(sidecar, f"cannot read: {err}")]
+    listed = [info]
+    if (cache_dir / INDEX).is_file():
+        try:
+            index = json.loads((cache_dir / INDEX).read_text())
+            listed += [s for s in index["shards"] if s.get("file") == final.name]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            return [CacheProblem(cache_dir / INDEX, f"cannot read: {err}")]
+    size, sha = final.stat().st_size, sha256_file(final)
+    hash_differs = any(entry.get("size") != size or entry.get("sha256") != sha for entry in listed)
+    try:
+        with h5py.File(final, "r") as f:
+            if f.attrs.get("records") != hi - lo or f.attrs.get("first_record") != lo:
+                return [CacheProblem(final, f"holds records from {f.attrs.get('first_record')} "
+                                     f"({f.attrs.get('records')}), expected {lo} ({hi - lo})")]
+            bad = np.flatnonzero(~_good_rows(f, lo, hi - lo, num_views))
+            if len(bad):
+                return [CacheProblem(final, f"{_describe_rows(f, bad, lo, num_views)} unwritten, "
+                                     f"misplaced or failing their CRC-32 check",
+                                     tuple(int(r) for r in bad))]
+    except OSError as err:
+        return [CacheProblem(final, f"cannot open as HDF5 (corrupted): {err}")]
+    except CacheError as err:
+        return [CacheProblem(final, str(err).split(": ", 1)[1])]
+    if hash_differs:
+        return [CacheProblem(final, "size or SHA-256 differs from the index, though every "
+                             "record passes its CRC-32 (HDF5 metadata changed)")]
+    return []
+
+
+def verify_cache(cache_dir: str | os.PathLike, *, teacher_sha256: str | None = None,
+                 data_config: dict | None = None) -> list[CacheProblem]:
+    """Every problem of the cache in ``cache_dir``; an empty list means it can be trusted.
+
+    Reads the manifest (and, when given, checks it was made for ``teacher_sha256`` and
+    ``data_config``), then every shard the manifest implies: present and finished, readable,
+    each row flagged written, holding its expected (index, view) and passing its CRC-32, and
+    the file's size and SHA-256 equal to those recorded when it was finished. Never raises for
+    a damaged cache; repair one with ``fill_cache(..., force=True)`` (the CLI's ``--force``).
+    """
+    cache_dir = Path(cache_dir)
+    manifest_path = cache_dir / MANIFEST
+    if not manifest_path.is_file():
+        return [CacheProblem(manifest_path, "missing: no teacher cache here; fill it with "
+                             "python -m kdhpc.teacher.cache CONFIG")]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        world = int(manifest["world_size"])
+        int(manifest["num_samples"]), int(manifest["num_views"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return [CacheProblem(manifest_path, f"cannot read (truncated or corrupted?): {err}")]
+    problem = _refusal(cache_dir, manifest, {"schema_version": SCHEMA_VERSION,
+                                            "teacher_sha256": teacher_sha256,
+                                            "data_config": data_config})
+    if problem:
+        return [CacheProblem(manifest_path, problem.split(": ", 1)[1])]
+    problems = [p for rank in range(world) for p in _shard_problems(cache_dir, manifest, rank)]
+    if not problems and not (cache_dir / INDEX).is_file():
+        problems.append(CacheProblem(cache_dir / INDEX, "missing (every shard is finished; "
+                                     "rerun the fill to write it)"))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,77 +743,11 @@ class CachedTeacher:
                 for name, rows_ in out.items()}
 
     def verify(self) -> list[str]:
-        """Re-hash every shard against the index; returns the problems found (empty: intact)."""
-        problems = []
-        for shard in self.index["shards"]:
-            path = self.cache_dir / shard["file"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif _sha256_file(path) != shard["sha256"]:
-                problems.append(f"{path}: SHA-256 differs from the index (corrupted)")
-        return problems
+        """:func:`verify_cache` of this cache, as one line per problem (empty: intact)."""
+        return [str(p) for p in verify_cache(self.cache_dir)]
 
     def close(self) -> None:
         self._arrays = {}
         for f in self._files.values():
             f.close()
         self._files = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-def _cache_parts(cfg: Config) -> CacheParts:
-    try:
-        # import_module, not "from kdhpc import distill": it honours sys.modules entries.
-        distill = importlib.import_module("kdhpc.distill")
-    except ModuleNotFoundError as err:
-        if err.name not in ("kdhpc.distill",):
-            raise
-        distill = None
-    parts_fn = getattr(distill, "teacher_cache_parts", None)
-    if parts_fn is None:
-        raise SystemExit("python -m kdhpc.teacher.cache: kdhpc.distill.teacher_cache_parts(cfg) "
-                         "does not exist yet; the recipe layer must provide it, returning "
-                         "(teacher, extract, dataset of views). Meanwhile call "
-                         "kdhpc.teacher.cache.fill_cache(...) from Python.")
-    parts = parts_fn(cfg)
-    if not (isinstance(parts, tuple) and len(parts) == 3):
-        raise TypeError(f"kdhpc.distill.teacher_cache_parts: expected (teacher, extract, "
-                        f"dataset), found {type(parts).__name__}")
-    return CacheParts(*parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdhpc.teacher.cache",
-                                     description="Fill (or verify) a run's teacher cache.")
-    parser.add_argument("config", help="YAML config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.cache_dtype=float32")
-    parser.add_argument("--force", action="store_true",
-                        help="delete a cache made for another teacher or config")
-    parser.add_argument("--verify", action="store_true", help="re-hash every shard and report")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    cache_dir = default_cache_dir(cfg)
-    if args.verify:
-        problems = CachedTeacher(cache_dir).verify()
-        print("\n".join(problems) if problems else f"{cache_dir}: every shard intact")
-        return 1 if problems else 0
-    from kdhpc.train import init_distributed
-
-    init_distributed()  # first: the recipe layer may build data or place the teacher per rank
-    parts = _cache_parts(cfg)
-    fill_cache(cache_dir, parts.teacher, parts.extract, parts.dataset,
-               data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
-               compression=cfg.teacher.compression,
-               batch_size=cfg.teacher.fill_batch_size or cfg.eval.batch_size,
-               bf16=cfg.teacher.stream_bf16, force=args.force,
-               commit_seconds=cfg.teacher.commit_seconds,
-               progress=cfg.train.progress and (not _distributed() or dist.get_rank() == 0))
-    if not _distributed() or dist.get_rank() == 0:
-        print(f"{cache_dir}: teacher cache complete")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
