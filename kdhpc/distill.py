@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.5")
     args = parser.parse_args(argv)
     from kdhpc.data.fastmri import DataFormatError
+    from kdhpc.data.default import DefaultDataError
     from kdhpc.teacher.cache import CacheError
-    from kdhpc.train import Preempted, ignore_preemption_signals
+    from kdhpc.train import (CheckpointRefused, Preempted, ensure_stderr_logging,
+                             ignore_preemption_signals)
 
+    ensure_stderr_logging()  # resume and repair messages
     try:
         run(load_config(args.config, args.overrides))
-    except (ConfigError, DataFormatError, CacheError) as err:
+    except (ConfigError, DataFormatError, DefaultDataError, CacheError, CheckpointRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as stop:  # checkpointed on SIGTERM/SIGUSR1: let SLURM requeue us

@@ -326,6 +326,27 @@ def data_root(cfg: Config) -> Path:
     return dataset_root(cfg)
 
 
+def fill_verified_cache(cache_dir: Path, teacher, extract, dataset, data_config: dict,
+                        cfg: Config) -> Path:
+    """Fill the teacher cache in ``cache_dir`` (resuming a killed fill), then verify every shard
+    before trusting it; a cache there that was made for another teacher or data config is
+    refused (``CacheError`` naming what changed), never deleted: it may be another run's."""
+    from kdhpc.teacher.cache import CacheError, fill_cache, teacher_fingerprint, verify_cache
+
+    fill_cache(cache_dir, teacher, extract, dataset, data_config=data_config,
+               dtype=cfg.teacher.cache_dtype, compression=cfg.teacher.compression,
+               batch_size=cfg.teacher.fill_batch_size or cfg.eval.batch_size,
+               bf16=cfg.teacher.stream_bf16, commit_seconds=cfg.teacher.commit_seconds)
+    if rank() == 0:
+        problems = verify_cache(cache_dir, teacher_sha256=teacher_fingerprint(teacher),
+                                data_config=data_config)
+        if problems:
+            raise CacheError(f"{cache_dir}: {len(problems)} problem(s), first: {problems[0]}; "
+                             f"repair with python -m kdhpc.teacher.cache CONFIG --force")
+    barrier()
+    return Path(cache_dir)
+
+
 # What every training stage reads besides its own keys: the data it trains on is consumed as
 # the data stage's record.
 TRAIN_KEYS = ("optim", "schedule", "train.epochs", "train.max_steps", "train.batch_size",

@@ -202,14 +202,19 @@ def test_tiny_run_resumed_the_killed_teacher_and_reports_recomputable_dice(tiny_
     predictions = seg.read_predictions(run_dir / "evaluate")
     root = Path(json.loads((run_dir / "data" / "stage.json").read_text())["result"]["root"])
     size = cfg.data.crop[0]
-    by_model: dict[str, list[float]] = {}
+    frames: dict[str, dict[str, list[float]]] = {}  # model -> patient -> per-frame mean Dice
     for row in sorted(rows, key=lambda r: (r["model"], r["volume"])):
         _, gt = read_volume(root, row["volume"], size)
         pred = predictions[f"{row['model']}/{row['volume']}"]
         scores = [own_dice(pred, gt, k) for k in (1, 2, 3)]
         assert [row["dice_RV"], row["dice_myo"], row["dice_LV"]] == pytest.approx(scores)
         assert row["dice_mean"] == pytest.approx(np.mean(scores))
-        by_model.setdefault(row["model"], []).append(float(np.mean(scores)))
+        patient = row["volume"].split("_frame")[0]
+        frames.setdefault(row["model"], {}).setdefault(patient, []).append(np.mean(scores))
+    # Paired over patients: each patient's value is the mean of its ED and ES frames.
+    by_model = {model: [float(np.mean(v)) for _, v in sorted(patients.items())]
+                for model, patients in frames.items()}
+    assert all(len(v) == 2 for patients in frames.values() for v in patients.values())
     assert set(by_model) == {"teacher_tta", "teacher", "student_nokd", "student_kd"}
     for model, values in by_model.items():
         assert metrics["dice"][model]["dice_mean"]["mean"] == pytest.approx(np.mean(values))

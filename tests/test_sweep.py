@@ -349,9 +349,9 @@ def test_every_sweep_file_runs_locally_at_test_size(sweep_file, tmp_path):
     if "loss.temperature" in dict(parse_grid(spec["grid"])) and recipe == "segmentation":
         # The temperature reaches the KD student: each T trains other weights (at test size
         # every student may still predict background only, so Dice alone cannot show it).
-        for trial in trials:
+        for trial in trials:  # (at alpha 0 there is no KD term, so T cannot matter)
             other = trial.replace("temperature1", "temperature4")
-            if other != trial:
+            if other != trial and not trial.startswith("alpha0-"):
                 assert _kd_weights(tmp_path / "sweep", trial) != _kd_weights(tmp_path / "sweep",
                                                                               other)
 

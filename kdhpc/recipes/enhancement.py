@@ -82,8 +82,8 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
+                          teacher_stage, teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.data.views import center_crop
@@ -530,15 +530,12 @@ class EnhancementData:
                              data_config=data_config)
 
     def fill(self, cache_dir: Path, teacher: nn.Module, dataset, data_config: dict) -> dict:
-        from kdhpc.teacher import fill_cache, teacher_fingerprint
+        from kdhpc.teacher import teacher_fingerprint
 
         if self.cfg.teacher.mode == "stream":
             return {"mode": "stream", "teacher_sha256": teacher_fingerprint(teacher)}
         start = time.perf_counter()
-        fill_cache(cache_dir, teacher, extract_output, dataset, data_config=data_config,
-                   dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
-                   batch_size=self.cfg.teacher.fill_batch_size or self.cfg.eval.batch_size,
-                   bf16=self.cfg.teacher.stream_bf16)
+        fill_verified_cache(cache_dir, teacher, extract_output, dataset, data_config, self.cfg)
         return {"mode": "precompute", "cache_dir": str(cache_dir),
                 "teacher_sha256": teacher_fingerprint(teacher),
                 "records": len(dataset) * dataset.num_views,

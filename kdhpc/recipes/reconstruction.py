@@ -103,12 +103,12 @@ from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
 from kdhpc.ops import attention_map
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, latency_rows,
-                          longer_training_config, teacher_stage, teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
+                          latency_rows, longer_training_config, teacher_stage,
+                          teacher_training_config)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import rank, world_size
-from kdhpc.teacher import (cache_config, default_cache_dir, fill_cache, teacher_fingerprint,
-                           teacher_source)
+from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
 
@@ -541,13 +541,9 @@ def _fill_cache(run: Run, stage_dir: Path) -> dict:
     cfg = run.cfg
     train_set = _views(run, "train")
     # The stage folder is the default cache: a rerun with new inputs starts from an empty
-    # folder. A teacher.cache_dir elsewhere is reused when it matches and refused otherwise,
-    # never deleted (it may be another run's).
-    path = fill_cache(default_cache_dir(cfg), _frozen_teacher(run), make_extract(cfg.loss.at_p),
-                      train_set, data_config=cache_config(cfg), dtype=cfg.teacher.cache_dtype,
-                      compression=cfg.teacher.compression,
-                      batch_size=cfg.teacher.fill_batch_size or cfg.eval.batch_size,
-                      bf16=cfg.teacher.stream_bf16)
+    # folder. A teacher.cache_dir elsewhere is reused when it matches and verifies.
+    path = fill_verified_cache(default_cache_dir(cfg), _frozen_teacher(run),
+                               make_extract(cfg.loss.at_p), train_set, cache_config(cfg), cfg)
     return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
 
 

@@ -107,8 +107,8 @@ from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
 from kdhpc.data.acdc import ACDCSliceDataset, LABELS
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
+                          latency_rows, teacher_stage, teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
@@ -449,20 +449,14 @@ class CardiacData:
                                   cfg=teacher_training_config(cfg))
 
     def cache_stage(self, teacher: nn.Module, cache_dir: Path, data_config: dict) -> dict:
-        from kdhpc.teacher import fill_cache, teacher_fingerprint
+        from kdhpc.teacher import teacher_fingerprint
 
         sha = teacher_fingerprint(teacher)
         if self.cfg.teacher.mode == "stream":
             return {"mode": "stream", "teacher_sha256": sha}
         views = self.views("train")
         start = time.perf_counter()
-        # A cache in this run's folder is this stage's product: a rerun means it is stale.
-        owned = not self.cfg.teacher.cache_dir
-        fill_cache(cache_dir, teacher, extract_logits, views, data_config=data_config,
-                   dtype=self.cfg.teacher.cache_dtype, compression=self.cfg.teacher.compression,
-                   batch_size=self.cfg.teacher.fill_batch_size or self.cfg.eval.batch_size,
-                   bf16=self.cfg.teacher.stream_bf16, force=owned,
-                   commit_seconds=self.cfg.teacher.commit_seconds)
+        fill_verified_cache(cache_dir, teacher, extract_logits, views, data_config, self.cfg)
         size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5"))
         return from_rank0(lambda: {
             "mode": "precompute", "cache_dir": str(cache_dir), "teacher_sha256": sha,
@@ -530,71 +524,52 @@ def evaluate_models(views: CardiacViews, models: dict[str, tuple[nn.Module, bool
     return rows
 
 
+def patient_of(volume: str) -> str:
+    """The patient of a volume (``patient005_frame01`` -> ``patient005``)."""
+    return volume.split("_frame")[0]
+
+
 def per_model(rows: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
-    """``{model: {metric: per-volume values}}`` with volumes in one (sorted) order."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for row in sorted(rows, key=lambda r: (r["model"], r["volume"])):
-        metrics = out.setdefault(row["model"], {})
+    """``{model: {metric: per-patient values}}``, patients in one (sorted) order: each patient's
+    value is the mean over its frames (ED, ES), so paired tests count patients, never frames of
+    one heart twice."""
+    frames: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in rows:
+        metrics = frames.setdefault((row["model"], patient_of(row["volume"])), {})
         for key, value in row.items():
             if key.startswith("dice_"):
                 metrics.setdefault(key, []).append(value)
+    out: dict[str, dict[str, list[float]]] = {}
+    for (model, _), metrics in sorted(frames.items()):
+        for key, values in metrics.items():
+            out.setdefault(model, {}).setdefault(key, []).append(float(np.mean(values)))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # speed and export
 
-def _timed_call(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(wall seconds, calling thread's CPU seconds) of one ``model(x)``."""
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.thread_time()
-    model(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.thread_time() - cpu
-
-
 def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict]:
-    """images/s of each network at batch 1: one CPU thread, all CPU threads, the GPU if any.
+    """images/s of each network at batch 1 on one CPU thread, all CPU threads and the GPU if any
+    (:func:`kdhpc.recipe.latency_rows`: the networks called in turn, round by round, minimum and
+    median per call; images/s from the minimum; a setting whose speed-up disagrees with the
+    one-thread one by more than 2x is marked unreliable)."""
+    state = {"x": x}
 
-    Per setting, after warm-up, the networks take turns (one call each per round, ``repeats``
-    rounds) so that all see the same background load; images/s = 1 / median seconds per call.
-    One-thread rows add ``cpu_images_per_s`` from the calling thread's CPU time (torch then
-    computes on that thread), which time spent waiting for a core on a shared machine does not
-    inflate.
-    """
-    settings = [("cpu", 1), ("cpu", os.cpu_count() or 1)]
-    if torch.cuda.is_available():
-        settings.append(("cuda", 1))
-    previous = torch.get_num_threads()
+    def to_device(device: str) -> None:
+        for net in nets.values():
+            net.to(device).eval()
+        state["x"] = x.to(device)
+
+    calls = {name: (lambda net=net: net(state["x"])) for name, net in nets.items()}
     rows = []
-    try:
-        for device, threads in settings:
-            torch.set_num_threads(threads)
-            placed = {name: net.to(device).eval() for name, net in nets.items()}
-            xd = x.to(device)
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name in nets}
-            with torch.inference_mode():
-                for _ in range(max(1, min(3, repeats // 2))):  # warm-up
-                    for net in placed.values():
-                        net(xd)
-                for _ in range(repeats):
-                    for name, net in placed.items():
-                        times[name].append(_timed_call(net, xd))
-            for name, net in placed.items():
-                wall = float(np.median([t[0] for t in times[name]]))
-                row = {"model": name, "device": device,
-                       "threads": threads if device == "cpu" else "-",
-                       "params": count_parameters(net), "ms": 1e3 * wall,
-                       "images_per_s": 1.0 / wall}
-                if device == "cpu" and threads == 1:
-                    cpu = float(np.median([t[1] for t in times[name]]))
-                    row["cpu_images_per_s"] = 1.0 / max(cpu, 1e-9)
-                rows.append(row)
-                net.to("cpu")
-    finally:
-        torch.set_num_threads(previous)
+    for row in latency_rows(calls, repeats, to_device):
+        for name, net in nets.items():
+            rows.append({"model": name, "device": row["device"], "threads": row["threads"],
+                         "params": count_parameters(net), "ms": row[f"{name} min ms"],
+                         "median_ms": row[f"{name} median ms"],
+                         "images_per_s": 1e3 / row[f"{name} min ms"],
+                         "load": row["load"], "reliable": row["reliable"]})
     return rows
 
 
@@ -682,9 +657,10 @@ def _data(run: Run, stage_dir: Path) -> dict:
     for split in ("train", "val", "test"):
         slices = recipe.slices(split)
         counts[f"{split}_volumes"], counts[f"{split}_slices"] = len(slices.volumes), len(slices)
-    if counts["test_volumes"] < 2:
+        counts[f"{split}_patients"] = len({patient_of(Path(v[0]).name) for v in slices.volumes})
+    if counts["test_patients"] < 2:
         raise ConfigError(f"data.test_split: the paired KD vs no-KD test needs at least 2 "
-                          f"test volumes, found {counts['test_volumes']}")
+                          f"test patients, found {counts['test_patients']}")
     return {"root": str(root), **counts}
 
 
@@ -829,7 +805,7 @@ def trial_result(run: Run) -> dict:
     values = per_model(json.loads(Path(run.results["evaluate_val"]["volumes_file"]).read_text()))
     rows = {"student": "student_kd", "no_kd": "student_nokd",
             "teacher": "teacher_tta" if "teacher_tta" in values else "teacher"}
-    volumes = sorted({r["volume"] for r in json.loads(Path(
+    volumes = sorted({patient_of(r["volume"]) for r in json.loads(Path(
         run.results["evaluate_val"]["volumes_file"]).read_text())})
     metrics = ["dice_mean", *DICE_KEYS[:-1]]
     return {"volumes": volumes, "metrics": metrics,
@@ -910,10 +886,10 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
     for row in speed["rows"]:
         speed_table.append({"model": row["model"], "device": row["device"],
                             "threads": row["threads"], "params": row["params"],
-                            "ms/image": f"{row['ms']:.1f}",
+                            "min ms/image": f"{row['ms']:.1f}",
+                            "median ms/image": f"{row['median_ms']:.1f}",
                             "images/s": f"{row['images_per_s']:.1f}",
-                            "images/s (CPU time)": (f"{row['cpu_images_per_s']:.1f}"
-                                                    if "cpu_images_per_s" in row else "-")})
+                            "load": row["load"], "reliable": row["reliable"]})
     one_thread = {r["model"]: r for r in speed["rows"]
                   if r["device"] == "cpu" and r["threads"] == 1}
     speedup = one_thread["student"]["images_per_s"] / one_thread["teacher"]["images_per_s"]
@@ -959,7 +935,7 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
         f"(KD - no-KD {kd_vs_nokd['mean_difference']:+.4f}, paired t-test p = "
         f"{kd_vs_nokd['p_value']:.3g}, Wilcoxon signed-rank p = "
         f"{wilcoxon['p_value'] if wilcoxon else float('nan'):.3g}, n = {kd_vs_nokd['n']} "
-        f"volumes): goal KD >= no-KD "
+        f"patients): goal KD >= no-KD "
         f"{'met' if goals['kd_ge_nokd'] else 'NOT met'}.",
         f"- {MODEL_LABELS[reference]} mean Dice {means[reference]:.4f}; gap to the KD student "
         f"{gap:+.4f}: goal <= {GAP_GOAL} {'met' if goals['gap_le_goal'] else 'NOT met'}.",
@@ -982,12 +958,16 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
     sections = [
         ("Setup", setup),
         ("Findings", findings),
-        ("Dice on the test split (mean +- std over volumes)",
+        ("Dice on the test split (mean +- std over patients, each the mean of its ED and ES "
+         "frames)",
          "Teacher with flip test-time augmentation; students without.\n\n" + table(dice_rows)),
-        ("Paired t-tests over test volumes", table(test_rows)),
+        ("Paired t-tests over test patients (not corrected for multiple comparisons)",
+         table(test_rows)),
         (f"Speed at {recipe.size} x {recipe.size}, batch 1",
-         "Median wall time; the CPU-time column (one thread) is unaffected by other load on a "
-         "shared machine.\n\n" + table(speed_table)),
+         "Teacher and student called in turn, round by round; images/s from the minimum per "
+         "call (what the code can do), the median beside it (what a loaded machine gave); a "
+         "row whose speed-up disagrees with the one-thread row by more than 2x is marked "
+         "unreliable.\n\n" + table(speed_table)),
         ("Export", "\n".join(export_lines)),
         ("Panel", f"![panel]({panel.name}) test volume {volumes[0]}, slice {position}"),
         ("Wall time", f"This invocation: {elapsed:.1f} s.\n\n" + table(timing)),
@@ -1000,7 +980,7 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
     path = write_report(run_dir, "Cardiac segmentation: nnU-Net-style teacher -> MobileNetV2 "
                         "U-Net student", sections, metrics)
     text = (f"{table(dice_rows)}\n\nKD - no-KD mean Dice {kd_vs_nokd['mean_difference']:+.4f} "
-            f"(paired t-test over {kd_vs_nokd['n']} volumes, p = {kd_vs_nokd['p_value']:.3g}); "
+            f"(paired t-test over {kd_vs_nokd['n']} patients, p = {kd_vs_nokd['p_value']:.3g}); "
             f"teacher - KD {means[reference] - means['student_kd']:+.4f}\n\nreport: {path}")
     return {"report": str(path), "mean_dice": means, "kd_vs_nokd_p": kd_vs_nokd["p_value"],
             "goals": goals, "speedup_one_thread": speedup, "text": text}
