@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import sys
 import time
 import warnings
@@ -124,10 +125,17 @@ def _first_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet():
     """Exporter chatter (deprecations, tracer warnings about Python-side shape checks, the
-    ONNX exporter's progress lines) would bury the one line that matters."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    ONNX exporter's progress lines and its registry's log warnings) would bury the one line
+    that matters."""
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnx_log.setLevel(level)
 
 
 def _write_torchscript(module: nn.Module, inputs: tuple, path: Path, names) -> None:
@@ -317,7 +325,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from kdhpc.config import ConfigError
-    from kdhpc.predict import STAGES, PredictError
+    from kdhpc.predict import PredictError
 
     parser = argparse.ArgumentParser(prog="python -m kdhpc.export",
                                      description="Export a trained network to ONNX, TorchScript "
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="finished run folder (RUN_DIR)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", help="output file (default RUN_DIR/export/<model><suffix>)")
-    parser.add_argument("--model", default="student_kd", choices=STAGES)
+    parser.add_argument("--model", default="student_kd",
+                        help="trained network (stage folder) of the run (default student_kd)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="input image size (default: the run's data.crop)")
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds (default 20)")

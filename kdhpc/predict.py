@@ -62,7 +62,6 @@ from kdhpc.data.views import SliceViews, center_crop
 from kdhpc.models.external import ModelSpecError, build_from_spec, load_state_dict_file
 
 RECON_RECIPES = ("reconstruction", "superres")
-STAGES = ("student_kd", "student", "teacher")
 INPUTS = ("target", "kspace")
 OUTPUT_KEY = "reconstruction"
 
@@ -86,8 +85,10 @@ def load_run_model(run_dir: str | Path, which: str = "student_kd") -> tuple[nn.M
         raise PredictError(f"{run_dir}: expected a run folder with config.yaml (made by python "
                            f"-m kdhpc.distill), found none")
     if not stage_file.is_file():
-        raise PredictError(f"{stage_file}: not found; expected a finished stage {which!r} (one "
-                           f"of {', '.join(STAGES)})")
+        stages = sorted(p.parent.name for p in run_dir.glob("*/stage.json")
+                        if '"arch"' in p.read_text())
+        raise PredictError(f"{stage_file}: not found; expected a finished stage {which!r}; this "
+                           f"run has trained networks {', '.join(stages) or '(none)'}")
     try:
         cfg = load_config(config_file)
         result = json.loads(stage_file.read_text())["result"]
@@ -257,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="finished reconstruction run folder (RUN_DIR)")
     parser.add_argument("--data", required=True, help="folder of .h5 volumes, or one file")
     parser.add_argument("--out", required=True, help="output folder (one .h5 per input)")
-    parser.add_argument("--model", default="student_kd", choices=STAGES,
-                        help="which trained network of the run (default: student_kd)")
+    parser.add_argument("--model", default="student_kd",
+                        help="which trained network (stage folder) of the run: student_kd "
+                             "(default), student, teacher, ...")
     parser.add_argument("--input", default="target", choices=INPUTS,
                         help="target: simulate from the file's target as the run does "
                              "(default); kspace: the file's measured single-coil k-space")
