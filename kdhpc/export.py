@@ -234,8 +234,8 @@ def export_model(model: nn.Module, fmt: str, path: str | Path, size: Sequence[in
     reload it, check parity with eager and time both on the CPU (module docstring).
 
     ``threads``: torch and onnxruntime intra-op threads while timing (default: torch's current
-    count). Returns ``{"format", "file", "inputs", "parity": {max_abs_diff, tolerance, max_abs_eager}
-    or {"skipped": why}, "latency_ms": {"eager": {min, median}, "exported": {...}}}``; raises
+    count). Returns ``{"format", "file", "inputs", "parity": {max_abs_diff, tolerance,
+    max_abs_eager} or {"skipped": why}, "latency_ms": {"eager": {min, median}, "exported": {...}}}``; raises
     :class:`ExportError` when the export fails or the parity check does not pass.
     """
     if fmt not in FORMATS:

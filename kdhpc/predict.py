@@ -22,7 +22,9 @@ Inputs (``--input``):
   :mod:`kdhpc.data.views`): the target is centre cropped, divided by its volume maximum ``R``
   (the file's ``max`` attribute, else the volume's), transformed with the unshifted FFT and
   undersampled with the run's mask (``mask.*`` of its config; random kinds draw the same
-  per-slice masks as the run's view 0); the network's output is multiplied by ``R``.
+  per-slice masks as the run's view 0); the network's output is multiplied by ``R``. Every
+  slice is reconstructed; the run's evaluation reads only the central ``data.slice_fraction``
+  of each volume, so its numbers equal ``kdhpc.evaluate``'s when that fraction is 1.
 - ``kspace``: the file's *measured* single-coil k-space (fastMRI ``kspace`` ``(S, H, W)``,
   centred layout), undersampled by the file's own ``mask`` dataset where it has one (fastMRI
   test files; their k-space is already undersampled) and else by the run's mask config. The
@@ -149,7 +151,8 @@ def predict_views(model: nn.Module, views: SliceViews, batch_size: int
         indices = views.slices.volume_indices(volume)
         slices = []
         for start in range(0, len(indices), batch_size):
-            batch = default_collate([views.get_view(i, 0) for i in indices[start:start + batch_size]])
+            part = indices[start:start + batch_size]
+            batch = default_collate([views.get_view(i, 0) for i in part])
             with torch.inference_mode():
                 pred = network_call(model, batch).float()  # [B, 1, h, w], normalised scale
             slices.append((pred * batch["scale"].reshape(-1, 1, 1, 1))[:, 0].numpy())

@@ -19,8 +19,8 @@ pytest.importorskip("onnxscript")
 
 # The trained students of configs/*.yaml, shrunk (fewer cascades / blocks, a small grid): the
 # exporters' cost grows with the graph, and every layer kind is still there.
-STUDENTS = [("dccnn_student", {"n_cascades": 2}, (16, 16)), ("vdsr_student", {"n_convs": 4, "channels": 8},
-                                              (16, 16)),
+STUDENTS = [("dccnn_student", {"n_cascades": 2}, (16, 16)),
+            ("vdsr_student", {"n_convs": 4, "channels": 8}, (16, 16)),
             ("edsr_small", {"n_blocks": 2, "features": 8}, (16, 16)),
             ("mobilenet_unet_student_small", {}, (32, 32))]
 

@@ -219,8 +219,9 @@ def download_split(root: str | os.PathLike, split: str, val_fraction: float = 0.
     if split not in DOWNLOAD_SPLITS:
         raise ValueError(f"split: expected one of {DOWNLOAD_SPLITS}, found {split!r}")
     if not is_acdc_download(root):
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no folder"
         raise DataFormatError(f"{root}: expected the ACDC download with folders training/ and "
-                              f"testing/, found {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no folder'}")
+                              f"testing/, found {found}")
     if split == "test":
         return patient_folders(root / "testing")
     train, val = split_patients(patient_folders(root / "training"), val_fraction, seed)
