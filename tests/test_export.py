@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdhpc.export import (PARITY_ATOL, PARITY_RTOL, ExportError, deployable, export_model,
-                          interleaved_ms)
+from kdhpc.export import (PARITY_ATOL, PARITY_RTOL, ExportError, MatmulDataConsistency,
+                          deployable, dft_matrix, export_model, interleaved_ms)
 from kdhpc.models import build_model
 from kdhpc.ops.data_consistency import data_consistency_reference
 
@@ -48,6 +48,43 @@ def _independent_reference(name: str, model: nn.Module, inputs: tuple) -> torch.
     return model(*inputs)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("height, width, mask_shape", [
+    (12, 10, (1, 1, 1, 10)), (9, 7, (1, 1, 9, 1)), (8, 11, (2, 1, 8, 11))])
+def test_matmul_dc_matches_reference_values_and_gradients(centered, height, width, mask_shape):
+    """The DFT-matrix DC step against the plain-torch reference (torch.fft), odd and even sizes,
+    line masks along W or H and per-sample 2-D masks, both layouts, soft lam."""
+    g = torch.Generator().manual_seed(height * width)
+    z = torch.randn(2, 1, height, width, generator=g, dtype=torch.float64, requires_grad=True)
+    k0 = torch.randn(2, 1, height, width, 2, generator=g, dtype=torch.float64)
+    mask = (torch.rand(mask_shape, generator=g) < 0.5).double()
+    dc = MatmulDataConsistency(height, width, centered, lam=0.7, dtype=torch.float64)
+    out = dc(z, k0[..., 0], k0[..., 1], mask)
+    expected = data_consistency_reference(z, torch.complex(k0[..., 0], k0[..., 1]), mask,
+                                          lam=0.7, centered=centered)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(out, z, grad)
+    (theirs,) = torch.autograd.grad(expected, z, grad)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    # The stored matrices are float32 (the deployed dtype): the default module stays close.
+    out32 = MatmulDataConsistency(height, width, centered, lam=0.7)(
+        z.float(), k0[..., 0].float(), k0[..., 1].float(), mask.float())
+    assert (out32.double() - expected).abs().max() < 1e-5
+
+
+def test_dft_matrix_is_numpy_fft_in_both_layouts():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(9) + 1j * rng.standard_normal(9)
+    unshifted = dft_matrix(9, False).numpy() @ x
+    centred = dft_matrix(9, True).numpy() @ x
+    np.testing.assert_allclose(unshifted, np.fft.fft(x, norm="ortho"), atol=1e-12)
+    np.testing.assert_allclose(centred, np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x),
+                                                                     norm="ortho")), atol=1e-12)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
 @pytest.mark.parametrize("name, overrides, size", STUDENTS, ids=[s[0] for s in STUDENTS])
 def test_every_student_exports_and_matches_eager(tmp_path, name, overrides, size, fmt):
@@ -55,6 +92,12 @@ def test_every_student_exports_and_matches_eager(tmp_path, name, overrides, size
     model = build_model(name, **overrides).eval()
     path = tmp_path / f"model.{fmt}"
     result = export_model(model, fmt, path, size, rounds=2)
+    assert result["dft"] == ("matmul" if fmt == "onnx" else "fft")
+    if fmt == "onnx" and name.startswith("dccnn"):  # the default ONNX form: MatMuls, no DFT
+        import onnx
+
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert "MatMul" in ops and "DFT" not in ops
     assert path.is_file() and not list(tmp_path.glob(".tmp*"))
     _, inputs, _, _ = deployable(model, *size)
     with torch.inference_mode():
@@ -80,6 +123,18 @@ def test_every_student_exports_and_matches_eager(tmp_path, name, overrides, size
     assert (out - expected).abs().max() <= check["tolerance"]
     assert set(result["latency_ms"]) >= {"eager", "exported"}
     assert all(0 < t["min"] <= t["median"] for t in result["latency_ms"].values())
+
+
+def test_dccnn_onnx_through_onnx_dft(tmp_path):
+    """The FFT form through ONNX's DFT operator (the non-default ONNX path) also passes."""
+    import onnx
+
+    model = build_model("dccnn_student", n_cascades=1).eval()
+    path = tmp_path / "fft.onnx"
+    result = export_model(model, "onnx", path, (16, 12), rounds=1, dft="fft")
+    assert result["dft"] == "fft" and result["parity"]["max_abs_diff"] <= result["parity"][
+        "tolerance"]
+    assert "DFT" in {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
 def test_dccnn_export_keeps_measured_lines(tmp_path):
