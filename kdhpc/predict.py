@@ -123,22 +123,20 @@ def network_call(model: nn.Module, batch: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # --input target: the run's own views
 
-def slice_source(cfg: Config, files: list[Path]):
-    """Every slice of ``files`` as the run's dataset reads them (``data.dataset``)."""
+def slice_source(cfg: Config, data: str | Path):
+    """Every slice of the ``.h5`` files at ``data`` (a folder or one file; KD-MRI: also a
+    folder holding ``acc_<acc>/``) as the run's dataset reads them (``data.dataset``)."""
     if cfg.data.dataset == "kdmri":
-        if len(files) != 1 and len({f.parent for f in files}) != 1:
-            raise PredictError("--data: expected one folder of KD-MRI files")
-        return KDMRISliceDataset(files[0] if len(files) == 1 else files[0].parent,
-                                 cfg.mask.acceleration)
+        return KDMRISliceDataset(data, cfg.mask.acceleration)
     challenge = cfg.data.challenge if cfg.data.dataset == "fastmri" else "singlecoil"
-    return FastMRISliceDataset(files, challenge)
+    return FastMRISliceDataset(list_files(data, "*.h5"), challenge)
 
 
-def run_views(cfg: Config, files: list[Path]) -> SliceViews:
-    """The run's views (view 0) of every slice of ``files``: simulated inputs, as its
+def run_views(cfg: Config, data: str | Path) -> SliceViews:
+    """The run's views (view 0) of every slice at ``data``: simulated inputs, as its
     evaluation makes them (module docstring, ``--input target``)."""
     superres = cfg.recipe == "superres"
-    return SliceViews(slice_source(cfg, files), cfg.degrade,
+    return SliceViews(slice_source(cfg, data), cfg.degrade,
                       mask=None if superres else cfg.mask, centered=False, crop=cfg.data.crop,
                       normalize="volume", input_kind="magnitude" if superres else "real",
                       base_seed=cfg.mask.seed)
@@ -233,22 +231,21 @@ def predict(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         raise PredictError(f"--input: expected one of {INPUTS}, found {input_kind!r}")
     model, cfg = load_run_model(run_dir, which)
     check_recon_run(cfg)
-    files = list_files(data, "*.h5")
     out_dir = Path(out_dir)
     batch_size = max(1, cfg.eval.batch_size)
     written = []
     if input_kind == "target":
         try:
-            for name, reconstruction in predict_views(model, run_views(cfg, files), batch_size):
+            for name, reconstruction in predict_views(model, run_views(cfg, data), batch_size):
                 written.append(write_reconstruction(out_dir / name, reconstruction))
         except DataFormatError as err:
-            raise PredictError(f"{err} (for files without a target image use --input "
-                               f"kspace)") from None
+            hint = " (for files without a target image use --input kspace)"
+            raise PredictError(f"{err}{hint if 'no target' in str(err) else ''}") from None
     else:
         if cfg.recipe != "reconstruction":
             raise PredictError(f"--input kspace: expected a reconstruction run, found recipe "
                                f"{cfg.recipe!r}")
-        for path in files:
+        for path in list_files(data, "*.h5"):
             written.append(write_reconstruction(out_dir / path.name,
                                                 predict_measured(model, cfg, path, batch_size)))
     return written
