@@ -111,6 +111,21 @@ def test_predict_measured_kspace_uses_the_files_mask(recon_run, tmp_path):
     expected = full[:, 0, top:top + h, left:left + w] * peak
     assert rec.shape == (slices, h, w)
     np.testing.assert_allclose(rec, expected, rtol=1e-4, atol=1e-5 * peak)
+    # Fully sampled k-space without a mask dataset: the run's mask config undersamples it, the
+    # same as a file carrying that mask (centred layout) over pre-masked k-space.
+    from kdhpc.data.masks import make_mask, to_layout
+
+    run_mask = to_layout(make_mask(cfg.mask, width), cfg.mask.layout, "centered")
+    assert 0 < run_mask.sum() < width
+    write_fastmri(tmp_path / "full" / "file_full_000.h5", kspace, image)
+    write_fastmri(tmp_path / "masked" / "file_full_000.h5", kspace * run_mask, None,
+                  mask=run_mask, acceleration=4, max_value=float(np.abs(image).max()))
+    for name in ("full", "masked"):
+        predict(run_dir, tmp_path / name, tmp_path / f"out_{name}", input_kind="kspace")
+    with h5py.File(tmp_path / "out_full" / "file_full_000.h5", "r") as a, \
+            h5py.File(tmp_path / "out_masked" / "file_full_000.h5", "r") as b:
+        np.testing.assert_allclose(a["reconstruction"][()], b["reconstruction"][()], rtol=1e-6,
+                                   atol=1e-7)
     # The run's convention needs a target: such a file is refused, naming it and the fix.
     with pytest.raises(PredictError, match=r"file_test_000.h5.*no target.*--input kspace"):
         predict(run_dir, folder, tmp_path / "out2")
