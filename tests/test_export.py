@@ -13,9 +13,12 @@ from kdhpc.export import (PARITY_ATOL, PARITY_RTOL, ExportError, MatmulDataConsi
 from kdhpc.models import build_model
 from kdhpc.ops.data_consistency import data_consistency_reference
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+
+
+def _need_onnx() -> None:
+    """ONNX cases need the export extra (CI installs it with the test extra)."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module)
 
 # The trained students of configs/*.yaml, shrunk (fewer cascades / blocks, a small grid): the
 # exporters' cost grows with the graph, and every layer kind is still there.
@@ -88,6 +91,8 @@ def test_dft_matrix_is_numpy_fft_in_both_layouts():
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
 @pytest.mark.parametrize("name, overrides, size", STUDENTS, ids=[s[0] for s in STUDENTS])
 def test_every_student_exports_and_matches_eager(tmp_path, name, overrides, size, fmt):
+    if fmt == "onnx":
+        _need_onnx()
     torch.manual_seed(0)
     model = build_model(name, **overrides).eval()
     path = tmp_path / f"model.{fmt}"
@@ -127,6 +132,7 @@ def test_every_student_exports_and_matches_eager(tmp_path, name, overrides, size
 
 def test_dccnn_onnx_through_onnx_dft(tmp_path):
     """The FFT form through ONNX's DFT operator (the non-default ONNX path) also passes."""
+    _need_onnx()
     import onnx
 
     model = build_model("dccnn_student", n_cascades=1).eval()
