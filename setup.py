@@ -72,7 +72,14 @@ setup(
         "matplotlib>=3.6",
         "scipy>=1.10",
     ],
-    extras_require={"test": ["pytest>=7", "scikit-image>=0.21"]},
+    extras_require={
+        # kdhpc.export: ONNX files (onnxscript drives torch's torch.export-based ONNX exporter,
+        # which translates the DC-CNN's FFTs) and their CPU parity check and timing.
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=7", "scikit-image>=0.21", "onnx>=1.16", "onnxruntime>=1.18",
+                 "onnxscript>=0.2"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -150,3 +150,131 @@ def test_rewrite_replaces_the_patient_folder_whole(tmp_path):
                                         "patient002_frame03_gt.nii.gz"]
     item = ACDCSliceDataset(tmp_path, size=10, normalize=False)[1]
     assert np.array_equal(item["image"].numpy()[0], new[3][0][:, :, 0])
+
+
+# ---------------------------------------------------------------- ACDC as downloaded
+
+from kdhpc.data.acdc import (download_split, is_acdc_download, resample_inplane,  # noqa: E402
+                             resampled_affine, restore_inplane, voxel_spacing, write_like)
+
+
+def write_download(root, rng, shape=(20, 16, 2)):
+    """An unpacked ACDC download: training/ with 5 patients (patient004 a symlink to a folder
+    elsewhere, as when data live on another disk) and testing/ with 2."""
+    for number in (1, 2, 3, 5):
+        write_patient(root / "training", rng, patient=number, shape=shape)
+    elsewhere, _ = write_patient(root / "elsewhere", rng, patient=4, shape=shape)
+    (root / "training" / "patient004").symlink_to(elsewhere, target_is_directory=True)
+    for number in (101, 102):
+        write_patient(root / "testing", rng, patient=number, shape=shape)
+
+
+def test_download_split_is_seeded_patient_level_and_follows_symlinks(tmp_path):
+    rng = np.random.default_rng(5)
+    write_download(tmp_path, rng)
+    assert is_acdc_download(tmp_path) and not is_acdc_download(tmp_path / "training")
+    names = lambda folders: [p.name for p in folders]  # noqa: E731
+    train, val = (download_split(tmp_path, s, 0.4, seed=7) for s in ("train", "val"))
+    assert len(val) == 2 and len(train) == 3  # round(5 * 0.4) patients for validation
+    assert sorted(names(train) + names(val)) == [f"patient00{i}" for i in range(1, 6)]
+    assert names(download_split(tmp_path, "test")) == ["patient101", "patient102"]
+    # Seeded: the same split again, and every patient lands in val for some seed.
+    assert names(download_split(tmp_path, "val", 0.4, seed=7)) == names(val)
+    seen = {n for seed in range(20) for n in names(download_split(tmp_path, "val", 0.4, seed))}
+    assert seen == {f"patient00{i}" for i in range(1, 6)}
+    # The dataset reads the split's patients, the symlinked one included, both frames each.
+    everyone = ACDCSliceDataset(download_split(tmp_path, "train", 0.2, seed=1)
+                                + download_split(tmp_path, "val", 0.2, seed=1), size=16)
+    assert sorted(v for v, _ in everyone.volumes) == sorted(
+        f"patient00{i}_frame0{f}" for i in range(1, 6) for f in (1, 4))
+    # Searching the training folder itself also follows the symlink.
+    assert len(ACDCSliceDataset(tmp_path / "training", size=16).volumes) == 10
+    with pytest.raises(DataFormatError, match="expected the ACDC download with folders "
+                                              "training/ and testing/"):
+        download_split(tmp_path / "training", "train")
+    with pytest.raises(ValueError, match=r"val_fraction: expected a value in \(0, 1\)"):
+        download_split(tmp_path, "val", 1.0)
+
+
+def test_resampling_matches_torch_bilinear_and_nearest_by_hand():
+    rng = np.random.default_rng(6)
+    image = rng.random((20, 15, 2)).astype(np.float32)
+    spacing, target = (1.5, 1.0), (1.25, 1.25)  # 20 -> 24 rows, 15 -> 12 columns
+    out = resample_inplane(image, spacing, target)
+    assert out.shape == (24, 12, 2) and out.dtype == np.float32
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].double(),
+        scale_factor=(1.5 / 1.25, 1.0 / 1.25), mode="bilinear", align_corners=False,
+        recompute_scale_factor=False)[0].permute(1, 2, 0).numpy()
+    assert ref.shape == out.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    labels = rng.integers(0, 4, (20, 15)).astype(np.uint8)
+    nearest = resample_inplane(labels, spacing, target, label=True)
+    rows = np.clip(np.floor((np.arange(24) + 0.5) * 1.25 / 1.5 - 0.5 + 0.5), 0, 19).astype(int)
+    cols = np.clip(np.floor((np.arange(12) + 0.5) * 1.25 / 1.0 - 0.5 + 0.5), 0, 14).astype(int)
+    assert nearest.dtype == np.uint8
+    assert np.array_equal(nearest, labels[np.ix_(rows, cols)])
+    assert resample_inplane(image, (1.25, 1.25), target) is image  # equal spacing: unchanged
+
+
+def test_resampled_affine_agrees_with_nibabel_resampling():
+    processing = pytest.importorskip("nibabel.processing")
+    rng = np.random.default_rng(7)
+    image = rng.random((20, 15, 3)).astype(np.float32)
+    affine = np.array([[0.0, -1.0, 0, 10], [1.5, 0.0, 0, -4], [0, 0, 8.0, 2], [0, 0, 0, 1]])
+    spacing = voxel_spacing(affine)
+    assert np.allclose(spacing, (1.5, 1.0))
+    target = (1.25, 1.25)
+    ours = resample_inplane(image, spacing, target)
+    new_affine = resampled_affine(affine, spacing, target)
+    theirs = processing.resample_from_to(nib.Nifti1Image(image, affine),
+                                         (ours.shape, new_affine), order=1).get_fdata()
+    assert np.allclose(voxel_spacing(new_affine), target)
+    # Interior (away from the edge handling, which differs: replicate vs constant).
+    np.testing.assert_allclose(ours[2:-2, 2:-2], theirs[2:-2, 2:-2], rtol=1e-5, atol=1e-6)
+
+
+def test_predictions_return_to_the_original_geometry(tmp_path):
+    rng = np.random.default_rng(8)
+    path, frames = write_patient(tmp_path, rng, patient=9, shape=(20, 16, 2))
+    image_file = path / "patient009_frame01.nii.gz"
+    original = nib.load(image_file)
+    labels = frames[1][1]
+    spacing = voxel_spacing(original.affine)  # (1.25, 1.5)
+    # Resample to half the spacing (x2 per axis): nearest there and back is exact.
+    target = tuple(spacing / 2)
+    fine = resample_inplane(labels, spacing, target, label=True)
+    assert fine.shape == (40, 32, 2)
+    back = restore_inplane(fine, labels.shape, spacing, target)
+    assert np.array_equal(back, labels)
+    # A prediction on a coarser grid also comes back on the input's grid and affine.
+    coarse_target = (1.6, 1.6)
+    coarse = resample_inplane(labels, spacing, coarse_target, label=True)
+    restored = restore_inplane(coarse, labels.shape, spacing, coarse_target)
+    out = write_like(restored, image_file, tmp_path / "pred.nii.gz")
+    saved = nib.load(out)
+    assert saved.shape == original.shape
+    assert np.allclose(saved.affine, original.affine)
+    assert np.allclose(saved.header.get_zooms(), original.header.get_zooms())
+    assert np.array_equal(np.asarray(saved.dataobj), restored)
+    assert (np.asarray(saved.dataobj) == labels).mean() > 0.5  # mostly the same labels
+    with pytest.raises(ValueError, match=r"expected a resampled grid of \(16, 15\)"):
+        restore_inplane(fine, labels.shape, spacing, coarse_target)
+    with pytest.raises(DataFormatError, match=r"expected the shape of .* \(20, 16, 2\), found "
+                                              r"\(40, 32, 2\)"):
+        write_like(fine, image_file, tmp_path / "bad.nii.gz")
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_dataset_resamples_slices_to_the_target_spacing(tmp_path):
+    rng = np.random.default_rng(9)
+    _, frames = write_patient(tmp_path, rng, patient=2, shape=(20, 16, 2))
+    ds = ACDCSliceDataset(tmp_path, size=24, normalize=False, frames="ED", spacing=(1.0, 1.0))
+    item = ds[1]
+    raw = frames[1][0][:, :, 1]
+    ref = torch.nn.functional.interpolate(torch.from_numpy(raw)[None, None].double(),
+                                          scale_factor=(1.25, 1.5), mode="bilinear",
+                                          align_corners=False, recompute_scale_factor=False)
+    expected = crop_or_pad(ref[0, 0].numpy(), 24)  # 25 x 24 -> centre 24 x 24
+    np.testing.assert_allclose(item["image"][0].numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert np.allclose(item["spacing"], (1.25, 1.5))

@@ -11,17 +11,36 @@ cavity (LV). Frame numbers are 1-based as in ACDC; ED/ES in Info.cfg name the la
 Images are written as float32 and labels as uint8, with affine ``diag(spacing, 1)`` (mm).
 M&Ms data are read in this layout too: convert them with :func:`write_acdc_patient`, remapping
 their labels to ACDC's numbering first (M&Ms's own files number LV 1 and RV 3).
+
+ACDC as downloaded (:func:`is_acdc_download`, :func:`download_split`): ``<root>/training/`` (100
+patients) and ``<root>/testing/`` (50), each holding ``patientNNN/`` folders (symlinked folders
+are followed). Train and validation are a seeded, patient-level split of ``training/``
+(:func:`split_patients`: a fraction ``val_fraction`` of the patients, at least one, drawn with
+``seed``; the same patients for the same seed on every machine); test is ``testing/``. Nothing
+is copied or re-split on disk.
+
+In-plane resampling (:func:`resample_inplane`, :func:`restore_inplane`): ACDC's pixel spacing
+varies (about 0.7 to 1.9 mm). With ``spacing=(sy, sx)`` every slice is resampled to that
+spacing before the crop or pad: output pixel ``j`` samples the input at the continuous index
+``(j + 0.5) * s_new / s_old - 0.5`` (pixel centres, the field of view's centre kept; PyTorch's
+``interpolate(align_corners=False)`` with ``scale_factor = s_old / s_new``), bilinear for images
+and nearest for labels, edges replicated; the output has ``round(n * s_old / s_new)`` pixels.
+:func:`restore_inplane` maps predictions back to the original grid with the inverse map
+(nearest for labels), and :func:`write_like` saves them with the original image's affine and
+header, so a prediction keeps its input's geometry.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import zlib
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+import scipy.ndimage as ndi
 import torch
 
 from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset, atomic_output, check_finite
@@ -29,6 +48,8 @@ from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset, atomic_outpu
 LABELS = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
 INFO_ORDER = ("ED", "ES", "Group", "Height", "NbFrame", "Weight")
 FRAME_CHOICES = ("ED+ES", "ED", "ES", "all")
+DOWNLOAD_FOLDERS = ("training", "testing")
+DOWNLOAD_SPLITS = ("train", "val", "test")
 
 
 def patient_name(patient: int) -> str:
@@ -149,30 +170,207 @@ def crop_or_pad(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# ACDC as downloaded: training/ and testing/
+
+def patient_folders(folder: str | os.PathLike) -> list[Path]:
+    """The ``patientNNN`` folders (with an Info.cfg) directly in ``folder``, sorted by name;
+    symlinked folders are followed and listed under their link name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFormatError(f"{folder}: expected a folder of patientNNN/ folders, found "
+                              f"{'a file' if folder.exists() else 'nothing'}")
+    found = sorted(p for p in folder.iterdir() if p.name.startswith("patient") and p.is_dir()
+                   and (p / "Info.cfg").is_file())
+    if not found:
+        raise DataFormatError(f"{folder}: expected patientNNN/ folders with Info.cfg, found "
+                              f"none")
+    return found
+
+
+def is_acdc_download(root: str | os.PathLike) -> bool:
+    """True when ``root`` is the unpacked ACDC download (``training/`` and ``testing/``)."""
+    root = Path(root)
+    return all((root / name).is_dir() for name in DOWNLOAD_FOLDERS)
+
+
+def split_patients(patients: Sequence[Path], val_fraction: float, seed: int
+                   ) -> tuple[list[Path], list[Path]]:
+    """(train, val) of ``patients``: ``max(1, round(n * val_fraction))`` patients drawn for
+    validation by ``random.Random(seed)`` from the name-sorted list (the draw depends on the
+    names and the seed only); both lists keep name order."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a value in (0, 1), found {val_fraction!r}")
+    ordered = sorted(patients, key=lambda p: p.name)
+    n_val = max(1, int(round(len(ordered) * val_fraction)))
+    if n_val >= len(ordered):
+        raise ValueError(f"val_fraction {val_fraction}: {len(ordered)} patient(s) leave none "
+                         f"for training")
+    chosen = set(random.Random(seed).sample(range(len(ordered)), n_val))
+    return ([p for i, p in enumerate(ordered) if i not in chosen],
+            [p for i, p in enumerate(ordered) if i in chosen])
+
+
+def download_split(root: str | os.PathLike, split: str, val_fraction: float = 0.2,
+                   seed: int = 0) -> list[Path]:
+    """The patient folders of ``split`` (``train``, ``val`` or ``test``) of the ACDC download
+    at ``root`` (module docstring); pass the list to :class:`ACDCSliceDataset`."""
+    root = Path(root)
+    if split not in DOWNLOAD_SPLITS:
+        raise ValueError(f"split: expected one of {DOWNLOAD_SPLITS}, found {split!r}")
+    if not is_acdc_download(root):
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no folder"
+        raise DataFormatError(f"{root}: expected the ACDC download with folders training/ and "
+                              f"testing/, found {found}")
+    if split == "test":
+        return patient_folders(root / "testing")
+    train, val = split_patients(patient_folders(root / "training"), val_fraction, seed)
+    return train if split == "train" else val
+
+
+# ---------------------------------------------------------------------------------------------
+# in-plane resampling and its inverse
+
+def resampled_size(n: int, old_spacing: float, new_spacing: float) -> int:
+    """Pixels along one axis after resampling: ``max(1, round(n * old / new))``."""
+    return max(1, int(round(n * float(old_spacing) / float(new_spacing))))
+
+
+def _source_coordinates(n_out: int, step: float) -> np.ndarray:
+    """Continuous input indices of ``n_out`` output pixel centres, ``step = s_out / s_in``."""
+    return (np.arange(n_out) + 0.5) * step - 0.5
+
+
+def _resample(x: np.ndarray, shape: Sequence[int], steps: Sequence[float], order: int
+              ) -> np.ndarray:
+    """``x`` [H, W, ...] sampled on the ``shape`` grid whose pixel centres sit at
+    :func:`_source_coordinates` (per in-plane axis); trailing axes kept."""
+    rows = _source_coordinates(shape[0], steps[0])
+    cols = _source_coordinates(shape[1], steps[1])
+    grid_r, grid_c = np.meshgrid(rows, cols, indexing="ij")
+    out = np.empty((shape[0], shape[1], *x.shape[2:]), dtype=np.float64 if order else x.dtype)
+    flat_in = x.reshape(x.shape[0], x.shape[1], -1)
+    flat_out = out.reshape(shape[0], shape[1], -1)
+    for k in range(flat_in.shape[2]):
+        flat_out[:, :, k] = ndi.map_coordinates(flat_in[:, :, k], [grid_r, grid_c],
+                                                order=order, mode="nearest")
+    return out
+
+
+def resample_inplane(x: np.ndarray, spacing: Sequence[float], target: Sequence[float],
+                     label: bool = False) -> np.ndarray:
+    """``x`` ``[H, W]`` or ``[H, W, S]`` with in-plane ``spacing`` (mm along H, W) resampled to
+    ``target`` spacing (module docstring); bilinear (float32 out) or, for ``label``, nearest
+    (dtype kept). Equal spacings return ``x`` unchanged."""
+    spacing, target = [float(v) for v in spacing[:2]], [float(v) for v in target[:2]]
+    if min(spacing + target) <= 0:
+        raise ValueError(f"spacing: expected positive mm values, found {spacing} -> {target}")
+    if np.allclose(spacing, target, rtol=1e-6, atol=0.0):
+        return x
+    shape = [resampled_size(n, s, t) for n, s, t in zip(x.shape[:2], spacing, target)]
+    out = _resample(x, shape, [t / s for s, t in zip(spacing, target)], 0 if label else 1)
+    return out if label else out.astype(np.float32)
+
+
+def restore_inplane(x: np.ndarray, original_shape: Sequence[int], spacing: Sequence[float],
+                    target: Sequence[float], label: bool = True) -> np.ndarray:
+    """Invert :func:`resample_inplane`: ``x`` on the ``target``-spacing grid back onto the
+    original ``[H, W]`` grid of ``original_shape`` (its ``spacing``); nearest for labels."""
+    spacing, target = [float(v) for v in spacing[:2]], [float(v) for v in target[:2]]
+    if np.allclose(spacing, target, rtol=1e-6, atol=0.0):
+        return x
+    expected = [resampled_size(n, s, t) for n, s, t in zip(original_shape[:2], spacing, target)]
+    if list(x.shape[:2]) != expected:
+        raise ValueError(f"restore_inplane: expected a resampled grid of {tuple(expected)} for "
+                         f"original {tuple(original_shape[:2])} at {spacing} -> {target} mm, "
+                         f"found {tuple(x.shape[:2])}")
+    out = _resample(x, original_shape[:2], [s / t for s, t in zip(spacing, target)],
+                    0 if label else 1)
+    return out if label else out.astype(np.float32)
+
+
+def resampled_affine(affine: np.ndarray, spacing: Sequence[float], target: Sequence[float]
+                     ) -> np.ndarray:
+    """The affine of the resampled grid: voxel ``j`` of an in-plane axis lies at the original
+    continuous index ``(j + 0.5) * r - 0.5``, ``r = target / spacing``."""
+    scale = np.eye(4)
+    for axis in range(2):
+        r = float(target[axis]) / float(spacing[axis])
+        scale[axis, axis] = r
+        scale[axis, 3] = 0.5 * r - 0.5
+    return np.asarray(affine, dtype=np.float64) @ scale
+
+
+def write_like(data: np.ndarray, reference: str | os.PathLike, out: str | os.PathLike,
+               dtype=np.uint8) -> Path:
+    """Save ``data`` (the reference image's shape) with the reference NIfTI's affine and header
+    (a prediction back in its input's geometry), through a temporary name."""
+    ref = nib.load(reference)
+    if tuple(data.shape) != tuple(ref.shape):
+        raise DataFormatError(f"{out}: expected the shape of {reference} {tuple(ref.shape)}, "
+                              f"found {tuple(data.shape)} (restore_inplane first)")
+    header = ref.header.copy()
+    header.set_data_dtype(dtype)
+    with atomic_output(out) as tmp:
+        nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), ref.affine, header), tmp)
+    return Path(out)
+
+
+def find_infos(root: Path) -> list[Path]:
+    """Every ``Info.cfg`` under ``root``, sorted; symlinked folders are followed (pathlib's
+    ``**`` does not follow them before Python 3.13)."""
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        if "Info.cfg" in files:
+            found.append(Path(folder) / "Info.cfg")
+    return sorted(found)
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """In-plane spacing (mm along the array's first two axes) from a NIfTI affine: the lengths
+    of its first two columns."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :2], axis=0)
+
+
 class ACDCSliceDataset(VolumeSliceDataset):
     """2-D short-axis slices of labelled ACDC frames, read lazily in ``__getitem__``.
 
     A volume is one (patient, frame). ``frames``: ``"ED+ES"`` (the two labelled phases named by
     Info.cfg), ``"ED"``, ``"ES"`` or ``"all"`` (every frame with a ``_gt`` file). Each slice is
     normalised by its own z-score ``(x - mean) / std`` (std 0 -> mean removed only) when
-    ``normalize``, then centre cropped or zero padded to ``size x size``. Items are dicts:
+    ``normalize``, then centre cropped or zero padded to ``size x size``. With ``spacing``
+    (in-plane mm along H, W) each slice is first resampled to that spacing
+    (:func:`resample_inplane`; labels nearest). Items are dicts:
     ``image`` float32 ``[1, size, size]``, ``label`` int64 ``[size, size]``, ``volume``
-    (``patientNNN_frameFF``), ``slice``, ``affine`` float64 ``[4, 4]``, ``phase`` (ED/ES/"").
+    (``patientNNN_frameFF``), ``slice``, ``affine`` float64 ``[4, 4]`` (the file's),
+    ``spacing`` float64 ``[2]`` (the file's in-plane spacing), ``phase`` (ED/ES/"").
+
+    ``root``: a folder searched recursively for ``Info.cfg`` (symlinked folders followed), or a
+    list of patient folders (:func:`download_split`).
     A label whose shape differs from its image, a missing file, a non-finite image or a label
     outside 0-3 is a DataFormatError naming the file(s).
     """
 
-    def __init__(self, root: str | os.PathLike, size: int = 192, frames: str = "ED+ES",
-                 normalize: bool = True, max_volumes: int = 0):
+    def __init__(self, root: str | os.PathLike | Sequence[str | os.PathLike], size: int = 192,
+                 frames: str = "ED+ES", normalize: bool = True, max_volumes: int = 0,
+                 spacing: Sequence[float] | None = None):
         if frames not in FRAME_CHOICES:
             raise ValueError(f"frames: expected one of {FRAME_CHOICES}, found {frames!r}")
         if size < 1:
             raise ValueError(f"size: expected a positive integer, found {size}")
-        root = Path(root)
-        infos = sorted(root.glob("**/Info.cfg"))
-        if not infos:
-            raise DataFormatError(f"{root}: expected patientNNN folders with Info.cfg, found none")
+        if spacing is not None and (len(spacing) != 2 or min(spacing) <= 0):
+            raise ValueError(f"spacing: expected two positive in-plane mm values, found "
+                             f"{spacing!r}")
+        if isinstance(root, (str, os.PathLike)):
+            root = Path(root)
+            infos = find_infos(root)
+            if not infos:
+                raise DataFormatError(f"{root}: expected patientNNN folders with Info.cfg, found "
+                                      f"none")
+        else:
+            infos = [Path(folder) / "Info.cfg" for folder in root]
         self.size, self.normalize = size, normalize
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
         self.volumes, self._index = [], []
         self._files: list[tuple[Path, Path, str]] = []
         for info_file in infos:
@@ -235,10 +433,15 @@ class ACDCSliceDataset(VolumeSliceDataset):
         if not np.array_equal(label, np.round(label)):
             raise DataFormatError(f"{label_file}: expected integer labels, found fractions")
         _check_label(label, f"{label_file}: slice {s}")
+        spacing = voxel_spacing(affine)
+        if self.spacing is not None:
+            image = resample_inplane(image, spacing, self.spacing)
+            label = resample_inplane(label, spacing, self.spacing, label=True)
         if self.normalize:
             std = float(image.std())
             image = (image - image.mean()) / (std if std > 0 else 1.0)
         image = crop_or_pad(image, self.size)
         label = crop_or_pad(label.astype(np.int64), self.size)
         return {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label),
-                "volume": self.volumes[number][0], "slice": s, "affine": affine, "phase": phase}
+                "volume": self.volumes[number][0], "slice": s, "affine": affine,
+                "spacing": spacing, "phase": phase}

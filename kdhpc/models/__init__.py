@@ -35,6 +35,18 @@ of layers and pair them by position: pair i = (teacher ``features[i]``, student 
 DC-CNN: ReLU(conv3) of the teacher <-> ReLU(conv2) of the student in each of the 5 cascades
 (5 pairs); VDSR: ReLU(conv6) <-> ReLU(conv4) (1 pair). Models without feature taps
 (SwinIR, EDSR, U-Nets) have no ``feature_layers``; :func:`feature_layers` returns ``()`` for them.
+
+Any network, by module path: :class:`kdhpc.models.taps.LayerTaps` catches the outputs of modules
+named by path (``cascades.0.acts.1``) with forward hooks, for registry networks and user modules
+alike (on a registry network, tapping ``feature_layers(model)`` gives exactly the
+``return_features`` tensors); :class:`~kdhpc.models.taps.ChannelProjection` maps a student
+feature to the teacher's width where they differ.
+
+Networks kdhpc has never seen (:mod:`kdhpc.models.external`): :func:`build_from_spec` takes a
+registry name or a factory ``"package.module:callable"`` with keyword arguments;
+:func:`load_state_dict_file` loads plain, Lightning (``state_dict`` / ``model.``) and DDP
+(``module.``) checkpoints with ``weights_only=True``; :func:`load_teacher` also accepts a frozen
+TorchScript or ``torch.export`` (``.pt2``) teacher.
 """
 
 from __future__ import annotations
@@ -82,7 +94,9 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = ["MODEL_NAMES", "build_model", "count_parameters", "feature_layers", "segment",
-           "DCCNN", "VDSR", "EDSR", "MultiTaskEDSR", "SwinIR", "UNet", "MobileNetUNet"]
+           "DCCNN", "VDSR", "EDSR", "MultiTaskEDSR", "SwinIR", "UNet", "MobileNetUNet",
+           "build_from_spec", "load_state_dict_file", "load_teacher", "LayerTaps",
+           "ChannelProjection"]
 
 
 def build_model(name: str, **overrides) -> nn.Module:
@@ -108,3 +122,8 @@ def feature_layers(model: nn.Module) -> tuple[str, ...]:
     """Module names whose outputs ``model`` returns with ``return_features=True`` (in order);
     ``()`` for a model without feature taps."""
     return tuple(getattr(model, "feature_layers", ()))
+
+
+# After the registry: external.build_from_spec resolves registry names through build_model.
+from kdhpc.models.external import build_from_spec, load_state_dict_file, load_teacher  # noqa: E402
+from kdhpc.models.taps import ChannelProjection, LayerTaps  # noqa: E402
