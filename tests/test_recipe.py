@@ -83,11 +83,15 @@ def _toy_psnr(run_dir: Path, stage: str, split: str) -> list[float]:
             for s in volume]
 
 
+def fresh_process_env() -> dict[str, str]:
+    """os.environ without the rank variables an in-process run of this session exported: a
+    subprocess that inherited them would try to listen on the port that run's group holds."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
-    # A fresh process group: not the rank variables an in-process run of this session set.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    env = {**fresh_process_env(), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -192,7 +196,7 @@ def test_no_import_cycle_in_the_package():
 
 
 def test_a_longer_teacher_run_decays_at_the_same_fractions_of_its_run():
-    from kdhpc.recipe import longer_training_config, teacher_training_config
+    from kdhpc.recipe import teacher_training_config
     from kdhpc.train import lr_factor
 
     cfg = load_config(REPO / "configs" / "recon_default.yaml")
