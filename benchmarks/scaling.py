@@ -14,8 +14,9 @@ Curves, each measured in one run (rows: ``benchmarks/results/scaling.csv``, the 
   CPU sizes) against batch size and image size, with no KD, a cached teacher and a streamed
   teacher, through :func:`kdhpc.train.train` (``benchmarks/train_step.py``'s ``run_modes``:
   the modes interleaved in every round).
-- ``ranks``: DeepSpeed on 1 and 2 ranks (gloo, ``torchrun``), same global batch and same total
-  cores (1 rank x 2 threads, 2 ranks x 1 thread): throughput, the seconds each rank spends in
+- ``ranks``: DeepSpeed on 1 and 2 ranks (gloo, ``torchrun``), same global batch (1 rank x 1
+  thread; 1 rank x 2 threads and 2 ranks x 1 thread on the same two cores): throughput, the
+  seconds each rank spends in
   ``torch.distributed.all_reduce`` (gradients, the engine's per-step agreement and loss means,
   waits for the other rank included) and a bare all-reduce of the gradient's size; the two
   loss curves are compared step by step.
@@ -23,6 +24,8 @@ Curves, each measured in one run (rows: ``benchmarks/results/scaling.csv``, the 
   map per tapped layer, logits per deep-supervision level) in float16 and float32: seconds and
   bytes per record (one slice view) and per 16-slice volume, split by target kind; the read
   rate of ``CachedTeacher.targets`` on training batches against the no-KD step's own time.
+- ``cache_io``: the cache's own write and read rates (no teacher forward) against the record
+  size, up to a 320x320 output with 5 attention maps (the sizing model's rates).
 - ``sweep``: total wall time of ``python -m kdhpc.sweep configs/recon_tiny.yaml --grid
   loss.alpha=...`` (shared teacher and cache, one trial at a time) against N independent
   ``python -m kdhpc.distill`` runs, N = 1, 2, 4, 8 (``--quick``: 1, 2, 4).
@@ -160,13 +163,15 @@ class Sizes:
     rank_steps: int
     sweep_trials: tuple[int, ...]
     unit_size: int
+    io_sizes: tuple[int, ...] = (32, 128, 320)
     rank_configs: tuple[tuple[int, int], ...] = RANK_CONFIGS
 
 
 SIZES = {
     # smallest: the test's size; the sweep curve (about 30 s for N = 1) is left to --quick.
-    "smallest": Sizes((2,), (32,), 2, 32, 3, 1, 1, 4, 2, 4, 3, (), 32, ((1, 1), (2, 1))),
-    "quick": Sizes((1, 4, 8), (32, 64), 4, 32, 6, 2, 2, 8, 2, 8, 12, (1, 2, 4), 64),
+    "smallest": Sizes((2,), (32,), 2, 32, 3, 1, 1, 4, 2, 4, 3, (), 32, (32, 64),
+                      ((1, 1), (2, 1))),
+    "quick": Sizes((1, 4, 8), (32, 64), 4, 32, 6, 2, 2, 8, 2, 8, 12, (1, 2, 4), 32),
     "full": Sizes((1, 2, 4, 8, 16), (32, 64, 96), 4, 32, 10, 2, 3, 16, 4, 16, 30,
                   (1, 2, 4, 8), 64),
 }
@@ -390,6 +395,50 @@ def cache_curve(sz: Sizes, work: Path, threads: int, step_ms: dict[str, float]) 
     return rows
 
 
+def extract_six_maps(model, batch):
+    """A DC-CNN-shaped target set (output + 5 attention maps) without a teacher forward."""
+    x = batch["input"]
+    return {"output": x, **{f"attention_{i}": (i + 2) * x.flatten(1) for i in range(5)}}
+
+
+def cache_io_curve(sz: Sizes, work: Path, threads: int) -> list[dict]:
+    """Write and read rates of the cache alone (no teacher forward) against the record size:
+    the per-call costs dominate small records, the bytes large ones."""
+    rows = []
+    for size in sz.io_sizes:
+        say(f"cache i/o at {size}x{size}")
+        dataset = SyntheticViews(sz.samples, size, sz.views, "enhance")
+        records = len(dataset) * sz.views
+        writes, reads = [], []
+        for _ in range(max(2, sz.rounds)):
+            cache_dir = Path(tempfile.mkdtemp(prefix="io_", dir=work))
+            start = time.perf_counter()
+            fill_cache(cache_dir, torch.nn.Identity(), extract_six_maps, dataset,
+                       data_config={"io": size}, dtype="float16", batch_size=8, device="cpu")
+            writes.append(time.perf_counter() - start)
+            cached = CachedTeacher(cache_dir)
+            order, views = T.epoch_plan(len(dataset), sz.views, seed=0, epoch=0)
+            batches = [{"index": torch.as_tensor(order[s:s + sz.batch0]),
+                        "view": torch.as_tensor(views[order[s:s + sz.batch0]])}
+                       for s in range(0, len(order) - sz.batch0 + 1, sz.batch0)]
+            start = time.perf_counter()
+            for b in batches:
+                cached.targets(b)
+            reads.append((time.perf_counter() - start) / (len(batches) * sz.batch0))
+            cached.close()
+            shutil.rmtree(cache_dir)
+        nbytes = 2 * 6 * size ** 2
+        keys = dict(recipe="reconstruction", mode="float16", batch=sz.batch0, size=size,
+                    threads=threads)
+        rows.append(row("cache_io", "record_bytes", "B", [nbytes], **keys))
+        rows.append(row("cache_io", "write_MB_per_s", "MB/s",
+                        [records * nbytes / w / 1e6 for w in writes], higher_is_better=True,
+                        **keys))
+        rows.append(row("cache_io", "read_MB_per_s", "MB/s", [nbytes / r / 1e6 for r in reads],
+                        higher_is_better=True, **keys))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # curve: a sweep of N trials against N independent runs
 
@@ -451,7 +500,7 @@ def unit_costs(sz: Sizes, threads: int) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = []
-    repeats = 1 if sz.unit_size < 64 else 3
+    repeats = 3 if sz.rounds > 1 else 1
     for name, recipe in RECIPES.items():
         # The published U-Net teacher halves the image 5 times and instance-normalises the
         # bottleneck: 64 is its smallest size.
@@ -527,36 +576,34 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"throughput vs {axis}, measured")
     axes[0, 0].legend(fontsize=6, ncol=1)
-    ranks = [r for r in rows if r["curve"] == "ranks" and r["quantity"] in
-             ("step_ms", "allreduce_ms_per_step")]
-    labels = sorted({f"{r['ranks']} rank x {r['threads']} thr" for r in ranks})
-    for i, quantity in enumerate(("step_ms", "allreduce_ms_per_step")):
-        vals = [next((r["best"] for r in ranks if r["quantity"] == quantity and
-                      f"{r['ranks']} rank x {r['threads']} thr" == label), 0) for label in labels]
-        axes[0, 2].bar([j + 0.4 * i for j in range(len(labels))], vals, 0.4, label=quantity)
-    axes[0, 2].set_xticks([j + 0.2 for j in range(len(labels))], labels)
-    axes[0, 2].set_ylabel("ms per step (best)")
-    axes[0, 2].set_title("DeepSpeed ranks, same global batch, measured")
-    axes[0, 2].legend(fontsize=7)
-    cache = [r for r in rows if r["curve"] == "cache" and r["quantity"] == "disk_bytes_per_record"]
+    def bars(ax, groups, series, height, ylabel, title):
+        """Grouped bars: ``height(group, series) -> value or None`` for each pair."""
+        for i, name in enumerate(series):
+            ax.bar([j + 0.4 * i for j in range(len(groups))],
+                   [height(g, name) or 0 for g in groups], 0.4, label=name)
+        ax.set_xticks([j + 0.2 for j in range(len(groups))], groups)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+
+    def best(curve, quantity, scale=1.0, **keys):
+        return next((scale * r["best"] for r in rows if r["curve"] == curve
+                     and r["quantity"] == quantity
+                     and all(str(r[k]) == str(v) for k, v in keys.items())), None)
+
+    configs = sorted({(r["ranks"], r["threads"]) for r in rows if r["curve"] == "ranks"
+                      and r["quantity"] == "step_ms"})
+    bars(axes[0, 2], [f"{n} rank x {t} thr" for n, t in configs],
+         ("step_ms", "allreduce_ms_per_step"),
+         lambda g, q: best("ranks", q, ranks=g.split()[0], threads=g.split()[3]),
+         "ms per step (best)", "DeepSpeed ranks, same global batch, measured")
     names = list(RECIPES)
-    for i, dtype in enumerate(("float16", "float32")):
-        vals = [next((r["best"] / 1e3 for r in cache if r["recipe"] == n and r["mode"] == dtype),
-                     0) for n in names]
-        axes[1, 0].bar([j + 0.4 * i for j in range(len(names))], vals, 0.4, label=dtype)
-    axes[1, 0].set_xticks([j + 0.2 for j in range(len(names))], names)
-    axes[1, 0].set_ylabel("kB on disk per record")
-    axes[1, 0].set_title("teacher cache size, measured")
-    axes[1, 0].legend(fontsize=7)
-    reads = [r for r in rows if r["curve"] == "cache" and r["quantity"] == "read_vs_no_kd_step"]
-    for i, dtype in enumerate(("float16", "float32")):
-        vals = [next((100 * r["best"] for r in reads if r["recipe"] == n and r["mode"] == dtype),
-                     0) for n in names]
-        axes[1, 1].bar([j + 0.4 * i for j in range(len(names))], vals, 0.4, label=dtype)
-    axes[1, 1].set_xticks([j + 0.2 for j in range(len(names))], names)
-    axes[1, 1].set_ylabel("% of a no-KD step")
-    axes[1, 1].set_title("cache read time per batch, measured")
-    axes[1, 1].legend(fontsize=7)
+    bars(axes[1, 0], names, ("float16", "float32"),
+         lambda n, d: best("cache", "disk_bytes_per_record", 1e-3, recipe=n, mode=d),
+         "kB on disk per record", "teacher cache size, measured")
+    bars(axes[1, 1], names, ("float16", "float32"),
+         lambda n, d: best("cache", "read_vs_no_kd_step", 100, recipe=n, mode=d),
+         "% of a no-KD step", "cache read time per batch, measured")
     sweep = [r for r in rows if r["curve"] == "sweep" and r["quantity"] == "total_s"]
     for mode, colour in (("sweep_shared", "tab:blue"), ("independent", "tab:red")):
         pts = sorted((r["trials"], r["best"]) for r in sweep if r["mode"] == mode)
@@ -696,7 +743,10 @@ def project(rows: list[dict]) -> str:
               f"- GPU: no GPU row was measured in this project. One GPU runs {GPU_TFLOPS:g} "
               f"TFLOP/s effective on these networks: {GPU_WHY}. Model FLOPs per pixel are "
               f"{m} (counted by torch's FlopCounterMode at {rows_unit_size(rows)} pixels square; the "
-              "DC-CNN's FFTs are not counted) and scale with the pixel count.",
+              "DC-CNN's FFTs are not counted) and scale with the pixel count. Against this "
+              "CPU's measured rate on the same work the assumed GPU is "
+              + "; ".join(f"{cpu_factor(rows, n):.0f}x on the {n} teacher's forward"
+                          for n in RECIPES) + ".",
               "- The CPU-side cache read (HDF5 read, CRC-32, float conversion) runs in the "
               "training loop before each step and does not overlap it; its rate per process is "
               f"{m} here and taken as is on a cluster node's core. Storage delivers "
@@ -717,18 +767,16 @@ def project(rows: list[dict]) -> str:
               "coil-combined single-coil files first (kdhpc.data.kdmri.convert_fastmri).",
               ""]
 
-    cache_rate = {n: lookup(rows, "cache", "read_MB_per_s", recipe=n, mode="float16")
-                  for n in RECIPES}
-    write_rate = {}
-    for n in RECIPES:
-        fill = lookup(rows, "cache", "fill_s_per_record", recipe=n, mode="float16")
-        fwd = lookup(rows, "cache", "teacher_fwd_ms_per_record", recipe=n) / 1e3
-        nbytes = lookup(rows, "cache", "disk_bytes_per_record", recipe=n, mode="float16")
-        write_rate[n] = nbytes / max(fill - fwd, 1e-9) / 1e6  # MB/s without the forward
+    io = [r for r in rows if r["curve"] == "cache_io"]
+    io_size = max(int(r["size"]) for r in io)
+    read_rate = lookup(io, "cache_io", "read_MB_per_s", size=io_size)
+    write_rate = lookup(io, "cache_io", "write_MB_per_s", size=io_size)
     lines += ["## Projection for fastMRI on GPU nodes", "",
-              f"Per-process cache rates used ({m}, float16): "
-              + "; ".join(f"{n} read {cache_rate[n]:.0f} MB/s, write {write_rate[n]:.0f} MB/s"
-                          for n in RECIPES) + ".", ""]
+              f"Per-process cache rates used: read {read_rate:.0f} MB/s, write "
+              f"{write_rate:.0f} MB/s ({m}, fp16 records of "
+              f"{lookup(io, 'cache_io', 'record_bytes', size=io_size) / 1e6:.2g} MB: a "
+              f"{io_size}x{io_size} output and 5 attention maps, the `cache_io` rows).", ""]
+    bottlenecks: dict[str, dict[str, str]] = {n: {} for n in RECIPES}
     for ds in DATASETS:
         slices = ds.volumes * ds.slices
         lines += [f"### {ds.name}: {ds.volumes} volumes x {ds.slices} slices = {slices} "
@@ -756,12 +804,12 @@ def project(rows: list[dict]) -> str:
                      * pixels / (GPU_TFLOPS * 1e12))                       # s per slice
             t_student = (lookup(rows, "unit", "student_train_flops_per_pixel", recipe=name)
                          * pixels / (GPU_TFLOPS * 1e12))
-            t_write = record_bytes / (write_rate[name] * 1e6)
+            t_write = record_bytes / (write_rate * 1e6)
             grad = lookup(rows, "unit", "student_grad_bytes", recipe=name)
             for nodes in (1, 2, 4, 8):
                 for gpus in (4, 8):
                     world = nodes * gpus
-                    t_read = max(record_bytes / (cache_rate[name] * 1e6),
+                    t_read = max(record_bytes / (read_rate * 1e6),
                                  record_bytes * gpus / (NODE_READ_GBPS * 1e9))
                     step = {"student": BATCH_PER_GPU * t_student * 1e3,
                             "cache read": BATCH_PER_GPU * t_read * 1e3,
@@ -773,6 +821,8 @@ def project(rows: list[dict]) -> str:
                     fill_s = math.ceil(slices * VIEWS / world) * (t_fwd + t_write)
                     cached_terms = {k: v for k, v in step.items() if k != "teacher fwd"}
                     neck = max(cached_terms, key=cached_terms.get)
+                    if ds is DATASETS[0] and (nodes, gpus) in ((1, 4), (8, 8)):
+                        bottlenecks[name][f"{nodes} x {gpus}"] = neck
                     # Caching pays back when E epochs of teacher forwards exceed the fill plus
                     # E epochs of reads: E > V (t_fwd + t_write) / (t_fwd - t_read).
                     gain = t_fwd - t_read
@@ -788,17 +838,28 @@ def project(rows: list[dict]) -> str:
                                                                 "teacher fwd", "all-reduce"))
                         + f" {p} | {neck} | {crossover} {p} |")
         lines.append("")
+    lines += ["Where the bottleneck is (the largest term of a cached step):", ""]
+    for name, recipe in RECIPES.items():
+        batch, size = cache_point(rows)
+        tp_keys = dict(recipe=name, batch=batch, size=size)
+        no_kd = lookup(rows, "throughput", "slices_per_s", mode="no_kd", **tp_keys)
+        cached = lookup(rows, "throughput", "slices_per_s", mode="cache", **tp_keys)
+        read = lookup(rows, "cache", "read_vs_no_kd_step", recipe=name, mode="float16")
+        necks = ", ".join(f"{k} at {g}" for g, k in bottlenecks[name].items())
+        cpu_neck = "the student step" if read < 1 else "the cache read"
+        lines.append(f"- {recipe.published_teacher} -> {recipe.published_student}: on this CPU "
+                     f"{cpu_neck} ({m}: a cached step runs at {cached / no_kd:.2f}x the "
+                     f"no-KD rate and reading its targets takes {100 * read:.2g}% of a no-KD "
+                     f"step, CPU-size pair at batch {tp_keys['batch']}, {tp_keys['size']}^2); on "
+                     f"GPUs ({p}): {necks}.")
     lines += [
-        "Reading the tables: per GPU the work of a step does not change with the number of "
-        "GPUs (weak scaling), so an epoch shrinks with nodes x GPUs until the all-reduce "
-        "term grows (across nodes) and the storage share of a node is divided among more "
-        "GPUs. On this CPU the student step dominates (the cached step costs about as much "
-        "as a no-KD step, tables above); on a GPU the student step shrinks by the FLOP-rate "
-        "factor while the CPU-side cache read does not, so the cache read becomes the "
-        "bottleneck for the small DC-CNN and MobileNetV2 students. Streaming beats caching "
-        "when fewer epochs than the crossover are run, or always when a cached read costs "
-        "more than the teacher forward it replaces. A sweep of N trials shares one fill: "
-        "divide the crossover by N.",
+        "",
+        "Per GPU the work of a step does not change with the number of GPUs (weak scaling): "
+        "an epoch shrinks with nodes x GPUs while the all-reduce term grows across nodes and "
+        "a node's storage share is divided among more GPUs. Streaming beats caching when "
+        "fewer epochs than the crossover column are run, or always when a cached read costs "
+        "more than the teacher forward it replaces. A sweep of N trials shares one fill: the "
+        "crossover divides by N.",
         "",
         "## What breaks at scale, and what kdhpc does about it",
         "",
@@ -809,8 +870,10 @@ def project(rows: list[dict]) -> str:
         "must be on a file system all nodes mount (Lustre, GPFS, NFS), or be copied whole "
         "to each node's local disk. A job on other nodes, with any number of ranks, opens "
         "`index.json` and reads the shards it needs; the filler's world size does not have "
-        "to match. Each rank keeps only the keys and CRCs of every record in memory (20 "
-        "bytes per record) and memory-maps the shards it touches.",
+        "to match. Each rank keeps the keys, CRC-32s and lookup of every record in memory "
+        "(about 40 bytes per record) and memory-maps the (uncompressed) shards it touches. "
+        "The fill itself needs the shared folder too: rank 0 writes `index.json` once every "
+        "rank's shard and sidecar are there.",
         "- **Thousands of HDF5 files.** `FastMRISliceDataset` and `KDMRISliceDataset` open "
         "files lazily in `__getitem__` through `H5Handles`, a per-process LRU of at most "
         "`max_open_files` (32) read handles; memory per file is its name, slice count and "
@@ -825,9 +888,24 @@ def project(rows: list[dict]) -> str:
         "stage is refused). The readers are at most K trials x their ranks: with K trials "
         "reading a whole cache per epoch the storage must deliver K x (cache size / epoch "
         "time); choose K from the projected cache read rate above rather than from the "
-        "number of GPUs free.",
+        "number of GPUs free. At start every rank of every running trial opens every shard "
+        "once to load its keys (K x ranks x shards opens), then reads only the records its "
+        "batches need.",
         ""]
     return "\n".join(lines)
+
+
+def cpu_factor(rows: list[dict], recipe: str) -> float:
+    """The assumed GPU FLOP rate over this CPU's measured rate on the teacher's forward."""
+    flops = lookup(rows, "unit", "teacher_fwd_flops_per_pixel", recipe=recipe)
+    ms = lookup(rows, "unit", "teacher_fwd_ms_per_mpixel", recipe=recipe)
+    return GPU_TFLOPS * 1e12 / (flops * 1e6 / (ms * 1e-3))
+
+
+def cache_point(rows: list[dict]) -> tuple[int, int]:
+    """(batch, size) at which the cache rows compared reads with the no-KD step."""
+    first = next(r for r in rows if r["curve"] == "cache")
+    return int(first["batch"]), int(first["size"])
 
 
 def rows_unit_size(rows: list[dict]) -> str:
@@ -884,6 +962,7 @@ def main() -> None:
         no_kd_ms = {r["recipe"]: 1e3 * r["batch"] / r["best"] for r in rows
                     if r["mode"] == "no_kd" and r["batch"] == sz.batch0 and r["size"] == sz.size0}
         rows += cache_curve(sz, work, args.threads, no_kd_ms)
+        rows += cache_io_curve(sz, work, args.threads)
         rows += ranks_curve(sz, work)
         rows += sweep_curve(sz, work)
         rows += unit_costs(sz, args.threads)

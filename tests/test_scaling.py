@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
+from kdhpc.data.kdmri import KDMRISliceDataset, write_kdmri
 from kdhpc.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +38,26 @@ def test_student_trains_on_the_batch_a_streamed_dccnn_teacher_just_saw():
     student(x, k0, mask).square().sum().backward()
     for got, want in zip((p.grad for p in student.parameters()), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_kdmri_one_file_per_slice_reads_through_a_bounded_set_of_handles(tmp_path):
+    # KD-MRI's knee layout is one file per slice: every item is another file.
+    rng = np.random.default_rng(0)
+    volumes = []
+    for v in range(12):
+        volfs = rng.random((6, 4, 1)).astype(np.float32)
+        kspace = np.fft.fft2(volfs, axes=(0, 1), norm="ortho")
+        write_kdmri(tmp_path / f"s{v:02d}.h5", volfs, {4: (np.abs(volfs), kspace)})
+        volumes.append(volfs)
+    ds = KDMRISliceDataset(tmp_path, 4, max_open_files=3)
+    before = len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE))
+    for round_ in range(2):
+        for i in range(len(ds)):
+            assert np.array_equal(ds[i]["target"].numpy(), volumes[i][:, :, 0])
+            assert len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)) - before <= 3
+    assert len(ds.handles) == 3
+    ds.close()
+    assert len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)) == before
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +83,10 @@ def value(rows, curve, quantity, **keys):
 def test_smallest_run_rows_match_independent_counts(smallest_run):
     results, rows, _ = smallest_run
     size = 32
-    assert {r["curve"] for r in rows} == {"throughput", "cache", "ranks", "unit"}
+    assert {r["curve"] for r in rows} == {"throughput", "cache", "cache_io", "ranks", "unit"}
+    for io_size in (32, 64):
+        assert value(rows, "cache_io", "record_bytes", size=io_size) == 2 * 6 * io_size**2
+        assert value(rows, "cache_io", "read_MB_per_s", size=io_size) > 0
     assert all(float(r["load_1m"]) >= 0 and r["commit"] and r["date"] for r in rows)
     # Cache targets: DC-CNN output + one attention map per cascade (5); EDSR pair: output;
     # U-Net: 4 classes of logits at 4 deep-supervision levels (size / 2^i).
