@@ -64,7 +64,7 @@ REPO = HERE.parent
 LAUNCH_ENV = dict(os.environ)
 sys.path[:0] = [str(REPO), str(HERE)]
 
-from train_step import SyntheticViews, forward_ms, run_modes, train_config, train_log  # noqa: E402
+from train_step import SyntheticViews, run_modes, train_config, train_log  # noqa: E402
 
 from kdhpc import bench  # noqa: E402
 from kdhpc import train as T  # noqa: E402
@@ -612,7 +612,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1, 2].set_xlabel("trials N")
     axes[1, 2].set_ylabel("total wall seconds")
     axes[1, 2].set_title("sweep (shared teacher + cache) vs N runs, measured")
-    axes[1, 2].legend(fontsize=7)
+    if sweep:
+        axes[1, 2].legend(fontsize=7)
     fig.suptitle(f"kdhpc scaling on {bench.device_name('cpu')} (load 1m: "
                  f"{min(r['load_1m'] for r in rows):.1f}-{max(r['load_1m'] for r in rows):.1f})")
     fig.tight_layout()
@@ -687,6 +688,11 @@ def allreduce_ms(grad_bytes: float, nodes: int, gpus: int) -> float:
 
 def project(rows: list[dict]) -> str:
     """docs/scaling.md from the measured per-unit costs in ``rows`` (one run's rows)."""
+    missing = {"throughput", "cache", "cache_io", "unit"} - {r["curve"] for r in rows}
+    if missing:
+        raise SystemExit(f"sizing model: the latest run in the CSV lacks the curve(s) "
+                         f"{', '.join(sorted(missing))}; run python benchmarks/scaling.py "
+                         f"--quick (or without --quick) first")
     lines = []
     env = rows[0]
     m = "**measured**"
@@ -732,18 +738,20 @@ def project(rows: list[dict]) -> str:
     if sw:
         lines += ["", "Sweep of N trials (configs/recon_tiny.yaml, one at a time) against N "
                   "independent `kdhpc.distill` runs, total wall seconds (" + m + "):", "",
-                  "| N | sweep (shared teacher + cache) | N independent runs | ratio |",
-                  "|---|---|---|---|"]
+                  "| N | sweep (shared teacher + cache) | N independent runs | saved | ratio |",
+                  "|---|---|---|---|---|"]
         for n in sorted({int(r["trials"]) for r in sw}):
-            lines.append(f"| {n} | {lookup(sw, 'sweep', 'total_s', trials=n, mode='sweep_shared'):.1f}"
-                         f" | {lookup(sw, 'sweep', 'total_s', trials=n, mode='independent'):.1f}"
-                         f" | {lookup(sw, 'sweep', 'independent_vs_sweep', trials=n):.2f}x |")
+            swept = lookup(sw, "sweep", "total_s", trials=n, mode="sweep_shared")
+            alone = lookup(sw, "sweep", "total_s", trials=n, mode="independent")
+            lines.append(f"| {n} | {swept:.1f} | {alone:.1f} | {alone - swept:.1f} | "
+                         f"{alone / swept:.2f}x |")
 
     lines += ["", "## Assumptions of the projection", "",
               f"- GPU: no GPU row was measured in this project. One GPU runs {GPU_TFLOPS:g} "
               f"TFLOP/s effective on these networks: {GPU_WHY}. Model FLOPs per pixel are "
-              f"{m} (counted by torch's FlopCounterMode at {rows_unit_size(rows)} pixels square; the "
-              "DC-CNN's FFTs are not counted) and scale with the pixel count. Against this "
+              f"{m} (counted by torch's FlopCounterMode at {rows_unit_size(rows)} pixels "
+              "square; the DC-CNN's FFTs are not counted) and scale with the pixel count. "
+              "Against this "
               "CPU's measured rate on the same work the assumed GPU is "
               + "; ".join(f"{cpu_factor(rows, n):.0f}x on the {n} teacher's forward"
                           for n in RECIPES) + ".",
