@@ -834,7 +834,7 @@ def project(rows: list[dict]) -> str:
                     # Caching pays back when E epochs of teacher forwards exceed the fill plus
                     # E epochs of reads: E > V (t_fwd + t_write) / (t_fwd - t_read).
                     gain = t_fwd - t_read
-                    crossover = (f"{VIEWS * (t_fwd + t_write) / gain:.2g} epochs" if gain > 0
+                    crossover = (f"{VIEWS * (t_fwd + t_write) / gain:.2g} epoch(s)" if gain > 0
                                  else "always (a read costs more than a forward)")
                     lines.append(
                         f"| {recipe.published_teacher} -> {recipe.published_student} | "
