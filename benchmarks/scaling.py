@@ -891,8 +891,8 @@ def project(rows: list[dict]) -> str:
         "of ranks x files); a shared file list is not implemented.",
         "- **Sweeps of hundreds of trials.** `kdhpc.sweep` runs stage A once (teacher and one "
         "teacher cache in `<sweep>/shared`) and submits the trials as one job array only "
-        "after it succeeded, with `--array-parallelism K` capping how many run at once, so "
-        "the cache is filled once and never by a trial (a trial whose inputs reach a shared "
+        "after it succeeded, with `--array-parallelism K` (default 8) capping how many run at "
+        "once, so the cache is filled once and never by a trial (a trial whose inputs reach a shared "
         "stage is refused). The readers are at most K trials x their ranks: with K trials "
         "reading a whole cache per epoch the storage must deliver K x (cache size / epoch "
         "time); choose K from the projected cache read rate above rather than from the "
