@@ -94,7 +94,7 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
 # Read handles a dataset keeps open per process. A fastMRI training set is thousands of files
 # (brain: ~4,500 volumes) and a rank's DataLoader workers each hold their own handles: opening
 # each file once per item costs a metadata round trip on a parallel file system, holding every
-# file open costs a descriptor and HDF5's per-file metadata cache (about 1 MB) each. 32 covers
+# file open costs a descriptor and HDF5's per-file metadata cache (1-2 MB) each. 32 covers
 # the files a shuffled batch touches a few times over and bounds a worker at tens of MB.
 MAX_OPEN_FILES = 32
 
