@@ -53,14 +53,28 @@ ALPHA = 0.5
 
 
 class SyntheticViews:
-    """Smooth random images; view v = dihedral transform v % 8 with noise seeded by (i, v)."""
+    """Smooth random images; view v = dihedral transform v % 8 with noise seeded by (i, v).
 
-    def __init__(self, n: int, size: int, num_views: int):
+    ``task``: "enhance" (``input`` = noisy view), "reconstruct" (``input`` = zero-filled image of
+    the view's k-space under a fixed 1-D mask of every 4th column plus the centre, with
+    ``kspace`` [1, H, W] and ``mask`` [1, 1, W], DC-CNN's inputs) or "segment" (``input`` = noisy
+    view, ``labels`` [H, W] int64: the clean view quantised into 4 classes).
+    """
+
+    TASKS = ("enhance", "reconstruct", "segment")
+
+    def __init__(self, n: int, size: int, num_views: int, task: str = "enhance"):
+        if task not in self.TASKS:
+            raise ValueError(f"task: expected one of {self.TASKS}, found {task!r}")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, 1, size, size, generator=g)
         self.images = F.avg_pool2d(x, 5, 1, 2)  # [N, 1, H, W]
         self.images /= self.images.flatten(1).abs().amax(1)[:, None, None, None]
-        self.num_views = num_views
+        self.num_views, self.task = num_views, task
+        columns = torch.zeros(size)
+        columns[::4] = 1
+        columns[size // 2 - 2:size // 2 + 2] = 1
+        self.mask = columns.reshape(1, 1, size)  # [1, 1, W], unshifted layout
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,9 +86,17 @@ class SyntheticViews:
         target = torch.rot90(self.images[index], view % 4, (-2, -1))
         if view % 8 >= 4:
             target = target.flip(-1)
+        target = target.contiguous()
+        if self.task == "reconstruct":
+            kspace = torch.fft.fft2(target.to(torch.complex64), norm="ortho") * self.mask[0]
+            zero_filled = torch.fft.ifft2(kspace, norm="ortho").real
+            return {"input": zero_filled, "kspace": kspace, "mask": self.mask, "target": target}
         g = torch.Generator().manual_seed(1000 * index + view)
         noisy = target + 0.1 * torch.randn(target.shape, generator=g)
-        return {"input": noisy, "target": target.contiguous()}
+        if self.task == "segment":
+            labels = torch.bucketize(target[0], torch.tensor([-0.3, 0.0, 0.3]))  # [H, W]
+            return {"input": noisy, "labels": labels}
+        return {"input": noisy, "target": target}
 
 
 def extract(model, batch):
@@ -96,9 +118,43 @@ def forward_ms(model, x, device) -> float:
         return bench.time_ms(lambda: model(x), device, warmup=2, repeats=7)
 
 
-def step_rates(run_dir: Path, warmup: int) -> list[float]:
+def train_log(run_dir: Path) -> list[dict]:
+    """The engine's per-step rows (``train_log.csv``) of a run."""
     with (run_dir / "train_log.csv").open() as fh:
-        return [float(r["slices_per_s"]) for r in csv.DictReader(fh)][warmup:]
+        return list(csv.DictReader(fh))
+
+
+def step_rates(run_dir: Path, warmup: int) -> list[float]:
+    return [float(r["slices_per_s"]) for r in train_log(run_dir)][warmup:]
+
+
+def train_config(batch: int, steps: int, threads: int) -> Config:
+    """A config that trains ``steps`` steps of global batch ``batch``, logging every step and
+    checkpointing only at the end."""
+    cfg = Config()
+    cfg.train.epochs, cfg.train.max_steps = 10_000, steps
+    cfg.train.batch_size, cfg.train.log_every = batch, 1
+    cfg.train.checkpoint_every, cfg.train.keep_last = 10_000, 1
+    cfg.train.threads = threads
+    cfg.schedule.kind = "constant"
+    return cfg
+
+
+def run_modes(make_student, loss_fn, dataset, sources: dict, *, batch: int, steps: int,
+              warmup: int, rounds: int, threads: int, work: Path) -> dict[str, list[float]]:
+    """Per-step throughput (slices/s) of training ``make_student()`` with each teacher source
+    (``{mode: None | StreamTeacher | CachedTeacher}``), modes interleaved within each of
+    ``rounds`` rounds, the first ``warmup`` steps of every run dropped."""
+    rates: dict[str, list[float]] = {m: [] for m in sources}
+    for r in range(rounds):
+        for mode, source in sources.items():
+            torch.manual_seed(1)
+            run_dir = work / f"{mode}{r}"
+            T.train(train_config(batch, steps, threads), make_student(), loss_fn, dataset,
+                    teacher=source, run_dir=run_dir, progress=False)
+            rates[mode] += step_rates(run_dir, warmup)
+            shutil.rmtree(run_dir)
+    return rates
 
 
 def main() -> None:
@@ -158,23 +214,11 @@ def main() -> None:
                                 warmup=1, repeats=5)
         read_mb = stored_mb * len(read_batches) * args.batch / (len(dataset) * args.views)
 
-        rates: dict[str, list[float]] = {m: [] for m in MODES}
-        for r in range(args.rounds):
-            for mode in MODES:
-                cfg = Config()
-                cfg.train.epochs, cfg.train.max_steps = 10_000, args.steps
-                cfg.train.batch_size, cfg.train.log_every = args.batch, 1
-                cfg.train.checkpoint_every, cfg.train.keep_last = 10_000, 1
-                cfg.train.threads = args.threads
-                cfg.schedule.kind = "constant"
-                source = {"no_kd": None, "stream": StreamTeacher(teacher, extract),
-                          "cache": cached}[mode]
-                torch.manual_seed(1)
-                run_dir = work / f"{mode}{r}"
-                T.train(cfg, build_model(args.student), kd_loss, dataset, teacher=source,
-                        run_dir=run_dir, progress=False)
-                rates[mode] += step_rates(run_dir, args.warmup)
-                shutil.rmtree(run_dir)
+        rates = run_modes(lambda: build_model(args.student), kd_loss, dataset,
+                          {"no_kd": None, "stream": StreamTeacher(teacher, extract),
+                           "cache": cached},
+                          batch=args.batch, steps=args.steps, warmup=args.warmup,
+                          rounds=args.rounds, threads=args.threads, work=work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -27,8 +27,9 @@ import torch
 
 from kdhpc.config import MaskConfig
 from kdhpc.data.degrade import fft2, ifft2
-from kdhpc.data.fastmri import (RECON_KEYS, DataFormatError, VolumeSliceDataset, atomic_output,
-                                central_slices, check_finite, list_files, open_h5, read_h5)
+from kdhpc.data.fastmri import (MAX_OPEN_FILES, RECON_KEYS, DataFormatError, H5Handles,
+                                VolumeSliceDataset, atomic_output, central_slices, check_finite,
+                                list_files, open_h5, read_h5)
 from kdhpc.data.masks import apply_mask, load_mask, make_mask, to_layout
 
 
@@ -87,12 +88,16 @@ class KDMRISliceDataset(VolumeSliceDataset):
     masks beside the data, not in the files. Items:
     ``target`` float32 ``[H, W]`` (volfs), ``image`` float32 ``[H, W]`` (zero-filled),
     ``kspace`` complex64 ``[H, W]`` (unshifted), ``mask``, ``fname``, ``slice``, ``volume``.
+    Items are read through at most ``max_open_files`` open handles (KD-MRI's knee layout is one
+    file per slice: tens of thousands of files).
     """
 
     def __init__(self, root: str | os.PathLike, acceleration: float | str, *,
                  mask: np.ndarray | str | os.PathLike | None = None,
-                 slice_fraction: float = 1.0, max_volumes: int = 0):
+                 slice_fraction: float = 1.0, max_volumes: int = 0,
+                 max_open_files: int = MAX_OPEN_FILES):
         key = acc_key(acceleration)
+        self.handles = H5Handles(max_open_files)
         self.image_key, self.kspace_key = f"img_volus_{key}", f"kspace_volus_{key}"
         root = Path(root)
         if (root / f"acc_{key}").is_dir():
@@ -134,9 +139,9 @@ class KDMRISliceDataset(VolumeSliceDataset):
     def __getitem__(self, i: int) -> dict:
         number, s = self._index[i]
         fname = self.volumes[number][0]
-        with open_h5(fname) as f:
-            arrays = {key: read_h5(fname, f, key, (slice(None), slice(None), s))
-                      for key in ("volfs", self.image_key, self.kspace_key)}  # each [H, W]
+        f = self.handles.get(fname)
+        arrays = {key: read_h5(fname, f, key, (slice(None), slice(None), s))
+                  for key in ("volfs", self.image_key, self.kspace_key)}  # each [H, W]
         for key, array in arrays.items():
             check_finite(array, f"{fname}: {key}[:, :, {s}]")
         item = {"target": torch.from_numpy(arrays["volfs"].astype(np.float32)),

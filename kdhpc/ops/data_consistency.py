@@ -320,7 +320,10 @@ def _k0_term(k0_user, mask_user, mask, centered: bool, hermitian: bool) -> torch
     one forward transform) is paid once per batch. Not cached when k0 needs a gradient, under
     torch.compile, or for inference tensors (they have no version counter to detect edits).
     """
+    # Nor under inference mode: q would be an inference tensor, and a training forward on the
+    # same k0 (a streamed teacher runs on the student's batch) could not save it for backward.
     cacheable = not (k0_user.requires_grad or torch.compiler.is_compiling()
+                     or torch.is_inference_mode_enabled()
                      or k0_user.is_inference() or mask_user.is_inference())
     k0 = k0_user.reshape(-1, *k0_user.shape[-2:])                       # [N, H, W]
     if not cacheable:
