@@ -4,9 +4,9 @@
     x_dc = IFFT2( k + lam * M * (k0 - k) )          then the real part, the magnitude, or as is
 
 ``lam = 1`` is KD-MRI's hard DC (measured lines replace the estimate), ``lam = v / (1 + v)``
-Schlemper's noisy DC, a learned ``lam`` VarNet's soft DC (REFERENCE.md s.1). ``centered`` picks
+Schlemper's noisy DC, a learned ``lam`` VarNet's soft DC. ``centered`` picks
 fastMRI's centred FFT (ifftshift, FFT, fftshift) or KD-MRI's unshifted one (DC at index 0); see
-:mod:`kdhpc.data.degrade`. Masking writes +0.0, never -0.0.
+:mod:`kdhpc.ops.fft`. Masking writes +0.0, never -0.0.
 
 Shapes: ``x`` real or complex ``[..., H, W]`` (single-coil images ``[B, 1, H, W]``, or multi-coil
 coil images ``[B, C, H, W]`` whose coil dim is passed through), ``k0`` complex with the same shape,
@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from kdhpc.data.degrade import fft2, ifft2
+from kdhpc.ops.fft import fft2, ifft2
 from kdhpc.ops.dispatch import resolve
 
 OUTPUTS = ("real", "magnitude", "complex")
