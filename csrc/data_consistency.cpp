@@ -35,7 +35,7 @@
 #include <ATen/ops/fft_rfft2.h>
 #include <ATen/ops/real.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>  // TORCH_VERSION (any torch >= 2.4)
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 

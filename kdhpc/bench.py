@@ -219,7 +219,8 @@ def write_results(topic: str, rows: Sequence[dict], device: torch.device | str,
     results_dir = Path(results_dir or os.environ.get("KDHPC_RESULTS", RESULTS))
     results_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    full = [{**r, **env} for r in rows]
+    full = [{**r, **{k: v for k, v in env.items() if k not in r}} for r in rows]  # a row's own
+    # columns win (a benchmark that sweeps thread counts records each row's threads)
     path = results_dir / f"{topic}.csv"
     columns = list(full[0].keys())
     existing_header: list[str] | None = None

@@ -55,3 +55,15 @@ def test_environment_records_threads_and_load():
     assert env["threads"] == torch.get_num_threads()
     assert abs(env["load"] - os.getloadavg()[0]) < 1.0   # the 1-minute load, as it was
     assert env["device"].endswith(f"x{torch.get_num_threads()} threads")
+
+
+def test_write_results_keeps_a_rows_own_columns(tmp_path):
+    rows = [{"case": "a", "threads": 1, "ms_min": 1.5}, {"case": "a", "threads": 2, "ms_min": 0.9}]
+    path = bench.write_results("topic", rows, "cpu", notes=["a note"], results_dir=tmp_path)
+    import csv
+    with path.open() as fh:
+        written = list(csv.DictReader(fh))
+    assert [(r["threads"], r["ms_min"]) for r in written] == [("1", "1.5"), ("2", "0.9")]
+    assert written[0]["commit"] and written[0]["load"] and written[0]["device"]
+    md = (tmp_path / "topic_cpu.md").read_text()
+    assert "| a | 1 | 1.5 |" in md and "- a note" in md

@@ -437,3 +437,11 @@ def test_cuda_matches_reference_values_and_gradients(dtype, kind, centered, comp
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     for got, ref in zip(results["fast"], results["reference"]):
         assert (got - ref).abs().max().item() <= rtol * max(ref.abs().max().item(), 1.0)
+
+
+def test_extension_version_check_ignores_build_suffixes():
+    # Vendor and source builds of torch ("2.6.0a0+ecf3bae") compile TORCH_VERSION without the
+    # suffix; the check compares major.minor.patch only, and still refuses another release.
+    assert dc_module._release("2.6.0a0+ecf3bae") == dc_module._release("2.6.0") == "2.6.0"
+    assert dc_module._release("2.13.0+cpu") == "2.13.0" != dc_module._release("2.12.1")
+    assert dc_module._release(None) is None and dc_module._release("?") is None

@@ -48,6 +48,7 @@ time instead. Without either, ``impl="auto"`` says once why and uses the referen
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -151,8 +152,15 @@ class _Extension:
     lock = threading.Lock()
 
 
-def _torch_release() -> str:
-    return torch.__version__.split("+")[0]
+def _release(version: str | None) -> str | None:
+    """``major.minor.patch`` of a torch version string: ``2.13.0`` of ``2.13.0+cpu`` and of
+    ``2.13.0a0+git1234`` (source and vendor builds, whose C++ TORCH_VERSION drops the suffix)."""
+    match = re.match(r"\d+\.\d+\.\d+", version or "")
+    return match.group(0) if match else None
+
+
+def _torch_release() -> str | None:
+    return _release(torch.__version__)
 
 
 def _import_built():
@@ -161,7 +169,7 @@ def _import_built():
         from kdhpc import _C
     except ImportError as exc:
         return None, f"the C++ extension kdhpc._C is not built or does not load ({exc})"
-    if getattr(_C, "torch_version", None) != _torch_release():
+    if _release(getattr(_C, "torch_version", None)) != _torch_release():
         return None, (f"kdhpc._C was built against torch {getattr(_C, 'torch_version', '?')} but "
                       f"torch {torch.__version__} is running; rebuild it")
     return _C, None
