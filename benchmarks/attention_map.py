@@ -127,6 +127,12 @@ def main(argv=None) -> None:
                     "triton": (None if triton_skip else lambda t=teacher: attention_map_loss(
                         student, t, mode=mode, impl="fast")),
                 }
+                compile_skip = "skipped: --no-compile"
+                if impls["compile"] is not None:
+                    compile_skip = bench.failure(impls["compile"]) or compile_skip
+                    if compile_skip != "skipped: --no-compile":
+                        print(f"torch.compile row {compile_skip}", flush=True)
+                        impls["compile"] = None
                 if impls["triton"] is not None:  # parity before timing: never time a wrong kernel
                     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
                     torch.testing.assert_close(impls["triton"](), impls["eager"](),
@@ -145,8 +151,7 @@ def main(argv=None) -> None:
                                "floor_MB": floor / 1e6,
                                "moved_MB": moved / 1e6 if name == "triton" else ""}
                         if fn is None:
-                            row["note"] = (triton_skip if name == "triton"
-                                           else "skipped: --no-compile")
+                            row["note"] = triton_skip if name == "triton" else compile_skip
                             rows.append(row)
                             continue
                         ms = timing[name].min

@@ -125,8 +125,8 @@ def run(args) -> tuple[list[dict], list[str]]:
     rows = []
     for name, full_shape, dim, quick_shape in shapes:
         shape = (4, 4, 8, 8) if args.smallest else quick_shape if quick else full_shape
-        impls = _implementations(dim, not args.no_compile, on_cuda)
         for dtype in dtypes:
+            impls = _implementations(dim, not args.no_compile, on_cuda)
             generator = torch.Generator(device=device).manual_seed(0)
             student = (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 3
                        ).requires_grad_(True)
@@ -136,6 +136,11 @@ def run(args) -> tuple[list[dict], list[str]]:
                 copy = bench.copy_gbps(device, floor // 2)   # reads + writes = floor bytes
                 timed = {impl: _step(fn, student, teacher, passes)
                          for impl, fn in impls.items() if not isinstance(fn, str)}
+                for impl in [i for i in timed if i != "eager"]:
+                    why = bench.failure(timed[impl])   # e.g. no compiler for torch.compile
+                    if why:
+                        impls[impl] = why
+                        del timed[impl]
                 timing = bench.interleaved(timed, device, rounds=args.repeats)
                 for impl, loss_fn in impls.items():
                     row = {"case": name, "shape": "x".join(map(str, shape)),

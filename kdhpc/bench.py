@@ -165,6 +165,17 @@ def interleaved(forms: dict[str, Callable[[], object]], device: torch.device | s
     return {name: Timing(min(v), statistics.median(v), v) for name, v in samples.items()}
 
 
+def failure(fn: Callable[[], object]) -> str | None:
+    """Call ``fn`` once: None if it works, else ``"skipped: <error>"`` (one line). Lets a
+    benchmark drop a form that cannot run on this machine (a torch.compile backend without a
+    compiler, a kernel the device lacks) and still time the others."""
+    try:
+        fn()
+    except Exception as exc:  # any failure of an optional form: report it in its row
+        return f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def copy_gbps(device: torch.device | str, nbytes: int = 256 << 20) -> float:
     """Bandwidth of a device-to-device copy (bytes read + bytes written per second, in GB/s).
 

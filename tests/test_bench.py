@@ -67,3 +67,11 @@ def test_write_results_keeps_a_rows_own_columns(tmp_path):
     assert written[0]["commit"] and written[0]["load"] and written[0]["device"]
     md = (tmp_path / "topic_cpu.md").read_text()
     assert "| a | 1 | 1.5 |" in md and "- a note" in md
+
+
+def test_failure_names_the_error_of_a_form_that_cannot_run():
+    assert bench.failure(lambda: None) is None
+
+    def broken():
+        raise RuntimeError("no C compiler\nsecond line")
+    assert bench.failure(broken) == "skipped: RuntimeError: no C compiler"
