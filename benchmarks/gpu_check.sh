@@ -43,9 +43,12 @@ build() {
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
   "$python" -m pip install --no-deps --no-build-isolation --no-index -e . \
-    || { echo "pip could not install; building in place instead"; \
-         "$python" setup.py build_ext --inplace; } || return 1
-  check_extension
+    || echo "pip could not install kdhpc (see above)"
+  # PYTHONPATH puts this checkout first, so kdhpc._C must sit in kdhpc/ here: build it in place
+  # if the install left it elsewhere or failed.
+  check_extension && return 0
+  echo "building the extension in place (setup.py build_ext --inplace)"
+  "$python" setup.py build_ext --inplace && check_extension
 }
 
 check_extension() {
