@@ -11,9 +11,9 @@
 //
 // CPU strategy: unnormalised MKL FFTs through ATen, one branch-free pass over the spectrum that
 // applies the orthonormal scale, S and Q, the inverse FFTs, and a pass that turns -0.0 into
-// +0.0. A batch whose spectrum fits the last-level cache is one block (MKL and ATen thread each
-// step); a larger one is cut into L2-sized blocks shared by the calling thread and pool helpers
-// (see cpu_tiling and for_each_block).
+// +0.0. A batch whose spectrum fits one core's L2 is one block (MKL and ATen thread each step); a
+// larger one is cut into L2-sized blocks shared by the calling thread and pool helpers (see
+// cpu_tiling and for_each_block).
 
 #include "data_consistency.h"
 
@@ -35,7 +35,7 @@
 #include <ATen/ops/fft_rfft2.h>
 #include <ATen/ops/real.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>  // TORCH_VERSION (any torch >= 2.4)
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
@@ -266,11 +266,15 @@ struct Tiling {
   int64_t units, unit_h, unit_spec_h, per_block, blocks;
 };
 
-// Up to this much spectrum a call is one block: the whole batch, transformed by MKL's threads and
-// mixed by ATen's (it stays in the last-level cache). Beyond, per-thread blocks that stay in L2
-// win: measured 196 ms against 380 ms for 8 x 15 x 640 x 368 complex on 2 cores, while for
-// 8 x 1 x 320 x 320 real one block was 1.5 ms against 2.6 ms.
-constexpr int64_t kBlockedSpectrumBytes = int64_t(16) << 20;
+// Up to this much spectrum (about one core's L2) a call is one block: the whole batch,
+// transformed by MKL's threads and mixed by ATen's. Beyond, blocks of ~512 KiB that stay in L2,
+// taken by the caller and pool helpers (for_each_block), win: measured 196 ms against 380 ms for
+// 8 x 15 x 640 x 368 complex on 2 cores; for 8 x 1 x 320 x 320 real (3.3 MB of spectrum),
+// interleaved minima 1.09 / 1.20 ms (1 thread) and 1.20 / 1.26 ms (2 threads) for 8 blocks /
+// one block, and on the loaded machine medians of 6 ms against 27 ms at 2 threads: the OpenMP
+// teams of the one-block path wait for descheduled threads, the shared block counter does not.
+// 4 x 1 x 256 x 256 real (1 MB) stays one block (0.30 ms against 0.45 ms split in blocks).
+constexpr int64_t kBlockedSpectrumBytes = int64_t(2) << 20;
 
 Tiling cpu_tiling(const DcGeometry& g, int64_t spec_element_bytes) {
   if (g.spec_numel() * spec_element_bytes <= kBlockedSpectrumBytes) {

@@ -1,13 +1,19 @@
 """Shared benchmark harness: timing, the copy-bandwidth yardstick, result rows and tables.
 
-Entry point: ``python -m kdhpc.bench`` runs every script in ``benchmarks/`` in turn (the same as
-``python benchmarks/<op>.py`` for each). Each script times its op with :func:`time_ms`, reports
-GB/s against the op's bytes-moved floor and against :func:`copy_gbps` measured in the same run,
-prints a table with :func:`print_table` and appends rows with :func:`write_results` to
-``benchmarks/results/<topic>.csv`` (plus ``<topic>_<device>.md``, the latest run as markdown).
+Entry point: ``python -m kdhpc.bench [NAME ...]`` runs the scripts in ``benchmarks/`` (all, or
+those named) in turn, the same as ``python benchmarks/<NAME>.py`` for each; ``--help`` lists the
+names. Each script times its forms with :func:`interleaved`, reports GB/s against the op's
+bytes-moved floor and against :func:`copy_gbps` measured in the same run, prints a table with
+:func:`print_table` and appends rows with :func:`write_results` to
+``benchmarks/results/<topic>.csv`` (plus ``<topic>_<device>.md``, the latest run as markdown;
+``KDHPC_RESULTS=DIR`` writes both under DIR instead).
 
-Rules (DESIGN.md, Measuring): never time zeros, warm up, take the median of many runs; ratios
-are meaningful within one run, absolute times only for the device they name.
+One timing method everywhere: the forms being compared run in the same process, interleaved
+round by round (each form once per round, so that a burst of load from other jobs hits all of
+them alike), after a warm-up; every row reports the minimum and the median of its rounds, and
+speed claims rest on the minimum (the median on a shared machine mostly measures the other
+jobs). Rows carry the thread count and the load average. This module imports torch and the
+standard library only, so kernel benchmarks run where the training stack is not installed.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -73,15 +79,27 @@ def _commit() -> str:
         return "-"
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none): other jobs on the machine."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return float("nan")
+
+
 def environment(device: torch.device | str) -> dict:
     """The columns every result row carries."""
+    device = torch.device(device)
     return {
         "device": device_name(device),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda or "-",
         "triton": _version("triton"),
         "deepspeed": _version("deepspeed") if "deepspeed" in sys.modules else "-",
         "commit": _commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "threads": torch.get_num_threads(),
+        "load": load_average(),
     }
 
 
@@ -94,7 +112,8 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
             repeats: int = 20, min_seconds: float = 0.0) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU).
 
-    Runs at least ``repeats`` times and, if ``min_seconds`` is set, until that much time passed.
+    For one form alone (a whole training step); forms that are compared with each other go
+    through :func:`interleaved`. Runs at least ``repeats`` times and, if ``min_seconds`` is set, until that much time passed.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -103,31 +122,72 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_call_ms(fn, device))
     return statistics.median(times)
+
+
+class Timing(NamedTuple):
+    """Milliseconds of one form over the rounds of :func:`interleaved`."""
+    min: float
+    median: float
+    samples: list
+
+
+def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(forms: dict[str, Callable[[], object]], device: torch.device | str, *,
+                rounds: int = 20, warmup: int = 3) -> dict[str, Timing]:
+    """Time each form once per round, ``rounds`` rounds, after ``warmup`` calls of each.
+
+    CUDA forms are timed with CUDA events around each call (the device is idle at each start),
+    CPU forms with perf_counter. Returns name -> :class:`Timing` (minimum, median, samples).
+    """
+    device = torch.device(device)
+    for fn in forms.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list] = {name: [] for name in forms}
+    for _ in range(rounds):
+        for name, fn in forms.items():
+            samples[name].append(_call_ms(fn, device))
+    return {name: Timing(min(v), statistics.median(v), v) for name, v in samples.items()}
+
+
+def failure(fn: Callable[[], object]) -> str | None:
+    """Call ``fn`` once: None if it works, else ``"skipped: <error>"`` (one line). Lets a
+    benchmark drop a form that cannot run on this machine (a torch.compile backend without a
+    compiler, a kernel the device lacks) and still time the others."""
+    try:
+        fn()
+    except Exception as exc:  # any failure of an optional form: report it in its row
+        return f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def copy_gbps(device: torch.device | str, nbytes: int = 256 << 20) -> float:
     """Bandwidth of a device-to-device copy (bytes read + bytes written per second, in GB/s).
 
     The yardstick for 'fraction of copy': a memory-bound op cannot beat the copy of its floor.
+    The fastest of 20 copies of ``nbytes`` (an op's own floor bytes where it passes them).
     """
     device = torch.device(device)
-    n = nbytes // 4
+    n = max(1, nbytes // 4)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, repeats=20)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    ms = interleaved({"copy": lambda: dst.copy_(src)}, device, rounds=20)["copy"].min
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
 def gbps(nbytes: float, ms: float) -> float:
@@ -170,7 +230,8 @@ def write_results(topic: str, rows: Sequence[dict], device: torch.device | str,
     results_dir = Path(results_dir or os.environ.get("KDHPC_RESULTS", RESULTS))
     results_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    full = [{**r, **env} for r in rows]
+    full = [{**r, **{k: v for k, v in env.items() if k not in r}} for r in rows]  # a row's own
+    # columns win (a benchmark that sweeps thread counts records each row's threads)
     path = results_dir / f"{topic}.csv"
     columns = list(full[0].keys())
     existing_header: list[str] | None = None
@@ -202,16 +263,40 @@ def write_results(topic: str, rows: Sequence[dict], device: torch.device | str,
     return path
 
 
-def main() -> None:
-    """Run every benchmark script in ``benchmarks/`` (python -m kdhpc.bench [NAME ...])."""
-    names = sys.argv[1:]
-    scripts = sorted((REPO / "benchmarks").glob("*.py"))
-    if names:
-        scripts = [s for s in scripts if s.stem in names]
-    for script in scripts:
-        print(f"== {script.name}", flush=True)
-        subprocess.run([sys.executable, str(script)], check=True)
+def benchmark_names() -> list[str]:
+    """The benchmarks ``python -m kdhpc.bench`` knows: the scripts in ``benchmarks/``."""
+    return sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark scripts in ``benchmarks/`` (all, or those named); exit status 2 and one
+    line on stderr for an unknown name."""
+    import argparse
+
+    names = benchmark_names()
+    parser = argparse.ArgumentParser(
+        prog="python -m kdhpc.bench",
+        description="Run kdhpc's benchmark scripts (benchmarks/NAME.py) in turn; each prints its "
+                    "table and appends its rows to benchmarks/results/NAME.csv "
+                    "(KDHPC_RESULTS=DIR writes under DIR).",
+        epilog="benchmarks: " + ", ".join(names))
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="benchmarks to run (default: all): " + ", ".join(names))
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        print(f"python -m kdhpc.bench: unknown benchmark {', '.join(map(repr, unknown))}; "
+              f"expected one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    for name in args.names or names:
+        print(f"== {name}", flush=True)
+        status = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py")]).returncode
+        if status:
+            print(f"python -m kdhpc.bench: benchmarks/{name}.py exited with status {status}",
+                  file=sys.stderr)
+            return status
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

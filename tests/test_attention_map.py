@@ -16,6 +16,9 @@ from kdhpc.ops.attention_map import (attention_map, attention_map_loss,
 
 at = importlib.import_module("kdhpc.ops.attention_map")  # the package exports a same-named op
 
+# The whole module runs on CUDA where there is one (benchmarks/gpu_check.sh: pytest -m gpu).
+pytestmark = pytest.mark.gpu
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(
     at.triton is None or not (torch.cuda.is_available() or at.INTERPRETED),

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from kdhpc.ops import dispatch
 from kdhpc.ops.softmax_kl import INTERPRETED, softmax_kl, softmax_kl_reference
 
+# The whole module runs on CUDA where there is one (benchmarks/gpu_check.sh: pytest -m gpu).
+pytestmark = pytest.mark.gpu
+
 needs_fast = pytest.mark.skipif(
     not (torch.cuda.is_available() or INTERPRETED),
     reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest.py on CPU)")

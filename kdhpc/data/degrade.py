@@ -34,24 +34,7 @@ import torch
 
 from kdhpc.config import DegradeConfig
 from kdhpc.data.masks import apply_mask, center_block, seed_from, to_layout
-
-_DIMS = (-2, -1)
-
-
-def fft2(image: torch.Tensor, centered: bool) -> torch.Tensor:
-    """Orthonormal 2-D FFT over the last two dims, centred (fastMRI) or unshifted (KD-MRI)."""
-    if centered:
-        image = torch.fft.ifftshift(image, dim=_DIMS)
-    k = torch.fft.fft2(image, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(k, dim=_DIMS) if centered else k
-
-
-def ifft2(kspace: torch.Tensor, centered: bool) -> torch.Tensor:
-    """Inverse of :func:`fft2` for the same ``centered`` flag."""
-    if centered:
-        kspace = torch.fft.ifftshift(kspace, dim=_DIMS)
-    x = torch.fft.ifft2(kspace, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(x, dim=_DIMS) if centered else x
+from kdhpc.ops.fft import fft2, ifft2  # noqa: F401  (the convention, defined with the ops)
 
 
 def undersample(kspace: torch.Tensor, mask, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:

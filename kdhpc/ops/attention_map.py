@@ -14,7 +14,7 @@ and ``q_T`` from the teacher's ``Q_T`` (``C_S != C_T`` is allowed: maps are comp
     mode="kdmri_code"  q[b, n] = Q[b, n] / max(sqrt(sum_b' Q[b', n]^2), eps)
                        L = (1/(B*N)) sum_{b,n} |q_S[b, n] - q_T[b, n]|
                        (the released KD-MRI code: F.normalize(dim=0) along the batch, then
-                       F.l1_loss; REFERENCE.md s.1)
+                       F.l1_loss)
 
 A list of pairs: "paper" sums the pair losses, "kdmri_code" averages them.
 ``eps = 1e-12`` as in ``F.normalize``: a norm below eps is replaced by eps, so all-zero

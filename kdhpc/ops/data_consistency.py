@@ -4,9 +4,9 @@
     x_dc = IFFT2( k + lam * M * (k0 - k) )          then the real part, the magnitude, or as is
 
 ``lam = 1`` is KD-MRI's hard DC (measured lines replace the estimate), ``lam = v / (1 + v)``
-Schlemper's noisy DC, a learned ``lam`` VarNet's soft DC (REFERENCE.md s.1). ``centered`` picks
+Schlemper's noisy DC, a learned ``lam`` VarNet's soft DC. ``centered`` picks
 fastMRI's centred FFT (ifftshift, FFT, fftshift) or KD-MRI's unshifted one (DC at index 0); see
-:mod:`kdhpc.data.degrade`. Masking writes +0.0, never -0.0.
+:mod:`kdhpc.ops.fft`. Masking writes +0.0, never -0.0.
 
 Shapes: ``x`` real or complex ``[..., H, W]`` (single-coil images ``[B, 1, H, W]``, or multi-coil
 coil images ``[B, C, H, W]`` whose coil dim is passed through), ``k0`` complex with the same shape,
@@ -48,6 +48,7 @@ time instead. Without either, ``impl="auto"`` says once why and uses the referen
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -56,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from kdhpc.data.degrade import fft2, ifft2
+from kdhpc.ops.fft import fft2, ifft2
 from kdhpc.ops.dispatch import resolve
 
 OUTPUTS = ("real", "magnitude", "complex")
@@ -151,8 +152,15 @@ class _Extension:
     lock = threading.Lock()
 
 
-def _torch_release() -> str:
-    return torch.__version__.split("+")[0]
+def _release(version: str | None) -> str | None:
+    """``major.minor.patch`` of a torch version string: ``2.13.0`` of ``2.13.0+cpu`` and of
+    ``2.13.0a0+git1234`` (source and vendor builds, whose C++ TORCH_VERSION drops the suffix)."""
+    match = re.match(r"\d+\.\d+\.\d+", version or "")
+    return match.group(0) if match else None
+
+
+def _torch_release() -> str | None:
+    return _release(torch.__version__)
 
 
 def _import_built():
@@ -161,7 +169,7 @@ def _import_built():
         from kdhpc import _C
     except ImportError as exc:
         return None, f"the C++ extension kdhpc._C is not built or does not load ({exc})"
-    if getattr(_C, "torch_version", None) != _torch_release():
+    if _release(getattr(_C, "torch_version", None)) != _torch_release():
         return None, (f"kdhpc._C was built against torch {getattr(_C, 'torch_version', '?')} but "
                       f"torch {torch.__version__} is running; rebuild it")
     return _C, None
@@ -353,8 +361,16 @@ def _data_consistency_fast(x, k0, mask_user, mask, lam, centered, output):
     else:
         mask3 = mask.expand(*lead, *mask.shape[-2:]).reshape(-1, *mask.shape[-2:])  # [N, Hm, Wm]
     hermitian = not x.is_complex() and output == "real"
-    q = _k0_term(k0, mask_user, mask3, centered, hermitian)        # [N, spec_h, spec_w]
-    out = torch.ops.kdhpc.data_consistency_apply(x3, q, mask3, lam, centered, hermitian)
+    if (torch.is_grad_enabled() and (x.requires_grad or k0.requires_grad or lam.requires_grad)
+            or torch.compiler.is_compiling()):
+        q = _k0_term(k0, mask_user, mask3, centered, hermitian)    # [N, spec_h, spec_w]
+        out = torch.ops.kdhpc.data_consistency_apply(x3, q, mask3, lam, centered, hermitian)
+    else:
+        # Nothing needs a gradient: skip the Python autograd kernels of torch.library, which
+        # cost as much as the whole op on small images (~10 us a call).
+        with torch._C._AutoDispatchBelowAutograd():
+            q = _k0_term(k0, mask_user, mask3, centered, hermitian)
+            out = torch.ops.kdhpc.data_consistency_apply(x3, q, mask3, lam, centered, hermitian)
     out = out.reshape(x.shape)
     if hermitian or output == "complex":
         return out

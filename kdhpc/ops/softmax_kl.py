@@ -6,7 +6,7 @@ dimension ``dim``, at every position (every index of the other dimensions)::
     kl[pos]     = T^2 * sum_k p_k * (log p_k - log q_k)           terms with p_k = 0 count 0
     d kl / d s_k = T * (q_k * sum_j p_j - p_k)                     (= T * (q_k - p_k) for logits)
 
-The T^2 factor (Hinton et al.) keeps the gradient's size independent of T (DESIGN.md).
+The T^2 factor (Hinton et al.) keeps the gradient's size independent of T.
 
 Reductions of the per-position ``kl``: ``"none"`` returns it (shape of ``student`` without
 ``dim``), ``"sum"`` its sum, ``"mean"`` its mean over positions and ``"batchmean"`` its sum
