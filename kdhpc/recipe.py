@@ -132,7 +132,12 @@ def preflight(cfg: Config) -> Recipe:
     from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 
     recipe = recipe_of(cfg)
-    recipe.check(cfg)
+    try:
+        recipe.check(cfg)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError) as err:  # a registry's own refusal (unknown model name)
+        raise ConfigError(str(err).strip("'\"")) from None
     if cfg.data.root and not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root: expected a dataset folder, found {cfg.data.root!r} "
                           f"(no such folder)")

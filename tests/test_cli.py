@@ -12,7 +12,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ["kdhpc.teacher.cache", "kdhpc.segment", "kdhpc.data.default", "kdhpc.distill",
-                "kdhpc.sweep"]
+                "kdhpc.sweep", "kdhpc.teacher.ship", "kdhpc.predict", "kdhpc.evaluate",
+                "kdhpc.export", "kdhpc.bench"]
 CACHE = [sys.executable, "-m", "kdhpc.teacher.cache"]
 
 
@@ -88,3 +89,34 @@ def test_teacher_cache_verify_of_no_cache_names_the_manifest(tmp_path, capsys):
     assert captured.err == "" and captured.out.splitlines()[0] == (
         f"{tmp_path / 'teacher_cache' / 'manifest.json'}: missing: no teacher cache here; fill it "
         f"with python -m kdhpc.teacher.cache CONFIG")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_recipe_mistakes_exit_2_in_one_line_and_leave_a_finished_run_as_it_was(tmp_path, capsys,
+                                                                                monkeypatch):
+    from kdhpc import distill
+
+    monkeypatch.setenv("KDHPC_DATA", str(tmp_path / "data"))
+    config = str(REPO / "configs" / "recon_tiny.yaml")
+    run_dir = tmp_path / "run"
+    assert distill.main([config, f"run_dir={run_dir}", "train.progress=false"]) == 0
+    finished = _tree(run_dir)
+    capsys.readouterr()
+    mistakes = {
+        "unknown model": (["model.student=dccnn_tiniest"], "model name: expected one of"),
+        "missing data.root": (["data.dataset=fastmri", f"data.root={tmp_path / 'none'}"],
+                              "data.root: expected a dataset folder"),
+        "wrong dataset kind": (["data.dataset=default_cardiac"], "data.dataset: expected"),
+        "missing teacher": ([f"model.teacher_checkpoint={tmp_path / 'no.pt'}"],
+                            "model.teacher_checkpoint: expected a weights file"),
+        "unknown recipe": (["recipe=nope"], "recipe: expected one of"),
+    }
+    for case, (overrides, message) in mistakes.items():
+        assert distill.main([config, f"run_dir={run_dir}", *overrides]) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (case, err)
+        assert _tree(run_dir) == finished, case
