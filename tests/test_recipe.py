@@ -83,15 +83,8 @@ def _toy_psnr(run_dir: Path, stage: str, split: str) -> list[float]:
             for s in volume]
 
 
-def fresh_process_env() -> dict[str, str]:
-    """os.environ without the rank variables an in-process run of this session exported: a
-    subprocess that inherited them would try to listen on the port that run's group holds."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**fresh_process_env(), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -17,7 +17,6 @@ import scipy.stats
 
 from kdhpc.config import ConfigError, digest, load_config, to_dict, write_atomic
 from kdhpc.recipe import Stages
-from test_recipe import fresh_process_env
 from kdhpc.sweep import (TRIAL_RECORD, SlurmOptions, SweepError, TrialStages, aggregate,
                          parse_grid, plan_sweep, read_sweep_file, check_recipe,
                          resolve_executor, safe_name, stage_key, trial_names)
@@ -334,7 +333,7 @@ def test_every_sweep_file_runs_locally_at_test_size(sweep_file, tmp_path):
             "--executor", "local", "--sweep-dir", str(tmp_path / "sweep")]
     out = subprocess.run([sys.executable, "-m", "kdhpc.sweep", *args], cwd=REPO,
                          capture_output=True, text=True, timeout=900,
-                         env={**fresh_process_env(), "KDHPC_DATA": str(tmp_path / "data")})
+                         env={**os.environ, "KDHPC_DATA": str(tmp_path / "data")})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "sweep" / "sweep.csv").open()))
     trials = {r["trial"] for r in rows} - {"teacher"}
