@@ -58,6 +58,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kdhpc", "kdhpc.*"]),
+    # The shipped default teachers and the manifest that pins them (kdhpc.teacher.pretrained).
+    package_data={"kdhpc.teacher": ["weights/*.pt", "weights/manifest.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
