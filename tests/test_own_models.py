@@ -1,0 +1,176 @@
+"""Your own models in the recipes: a teacher class kdhpc has never seen (a module file written
+here) distils into a registry student through ``kdhpc.distill``, with attention transfer through
+named layers; a Lightning-style checkpoint loads as ``model.teacher_checkpoint``; a wrong layer
+path stops the CLI before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from kdhpc import distill
+from kdhpc.config import ConfigError, load_config
+from kdhpc.recipe import Stages
+from kdhpc.recipes import reconstruction as R
+from kdhpc.teacher import CachedTeacher
+from kdhpc.train import load_weights
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "recon_tiny.yaml"
+AT_P = 2.0
+
+LAB_MODULE = textwrap.dedent('''
+    """A lab's own reconstruction network: residual CNN blocks with a k-space data step."""
+    import torch
+    from torch import nn
+
+    class LabRecon(nn.Module):
+        def __init__(self, width=6, blocks=2):
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(width, 1, 3, padding=1)) for _ in range(blocks))
+
+        def forward(self, image, kspace, mask):
+            x = image
+            for block in self.blocks:
+                x = x + block(x)
+                k = torch.fft.fft2(x.to(kspace.dtype), norm="ortho")
+                x = torch.fft.ifft2(mask * kspace + (1 - mask) * k, norm="ortho").real
+            return x
+
+    def lab_recon(width=6, blocks=2):
+        return LabRecon(width, blocks)
+''')
+TEACHER = "lab_nets:lab_recon"
+TEACHER_LAYERS = ["blocks.0.1", "blocks.1.1"]  # the ReLU of each block
+STUDENT_LAYERS = ["cascades.0.acts.1", "cascades.4.acts.1"]
+OVERRIDES = [f"model.teacher={TEACHER}", "model.teacher_kwargs={width: 6, blocks: 2}",
+             f"model.teacher_layers=[{','.join(TEACHER_LAYERS)}]",
+             f"model.student_layers=[{','.join(STUDENT_LAYERS)}]", f"loss.at_p={AT_P}"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """KDHPC_DATA in a fresh folder and the module ``lab_nets`` importable (as a user's
+    PYTHONPATH would make it)."""
+    folder = tmp_path_factory.mktemp("lab")
+    (folder / "lab_nets.py").write_text(LAB_MODULE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDHPC_DATA", str(tmp_path_factory.mktemp("kdhpc_data")))
+        mp.syspath_prepend(str(folder))
+        yield folder
+
+
+def _run(cfg) -> tuple[dict, Stages]:
+    stages = Stages(cfg.run_dir, log=lambda msg: None)
+    return distill.run(cfg, stages), stages
+
+
+def _own_attention(teacher: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+    """sum_c |A_c|^p of each named teacher layer, caught with this test's own hooks."""
+    caught = {}
+    handles = [teacher.get_submodule(path).register_forward_hook(
+        lambda module, args, out, path=path: caught.__setitem__(path, out.detach()))
+        for path in TEACHER_LAYERS]
+    with torch.no_grad():
+        teacher(batch["input"], batch["kspace"], batch["mask"])
+    for handle in handles:
+        handle.remove()
+    return [caught[p].abs().pow(AT_P).sum(1).flatten(1) for p in TEACHER_LAYERS]
+
+
+def test_user_teacher_distils_into_registry_student_with_named_layer_attention(lab, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY, [f"run_dir={run_dir}", *OVERRIDES])
+    results, stages = _run(cfg)
+    assert stages.ran[:6] == ["data", "teacher", "teacher_cache", "student", "student_at",
+                              "student_kd"]
+    import lab_nets
+
+    teacher = lab_nets.LabRecon(width=6, blocks=2)
+    teacher.load_state_dict(load_weights(run_dir / results["teacher"]["weights"]))
+    teacher.eval()
+    views = R.view_dataset(cfg, cfg.data.train_split)
+    batch = default_collate([{**views.get_view(i, 0), "index": torch.tensor(i),
+                              "view": torch.tensor(0)} for i in range(len(views))])
+    cached = CachedTeacher(run_dir / "teacher_cache").targets(batch)
+    own = _own_attention(teacher, batch)
+    for i, expected in enumerate(own):
+        assert expected.abs().sum() > 0  # a tap of zeros would compare equal to anything
+        torch.testing.assert_close(cached[f"attention_{i}"], expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        output = teacher(batch["input"], batch["kspace"], batch["mask"])
+    torch.testing.assert_close(cached["output"], output, rtol=1e-5, atol=1e-6)
+    # The AT stage trained the registry student on those maps: its weights moved.
+    at_weights = load_weights(run_dir / results["student_at"]["weights"])
+    assert results["student_at"]["steps"] > 0 and results["student_at"]["arch"] == "dccnn_student"
+    assert any(not torch.equal(at_weights[k], v)
+               for k, v in load_weights(run_dir / results["student"]["weights"]).items())
+    # Changing only the student's layers reruns the AT stage and what follows, not the teacher.
+    moved = load_config(TINY, [f"run_dir={run_dir}", *OVERRIDES,
+                               "model.student_layers=[cascades.1.acts.1,cascades.3.acts.1]"])
+    _, again = _run(moved)
+    assert again.ran[:2] == ["student_at", "student_kd"] and "teacher" not in again.ran
+
+
+def test_lightning_checkpoint_loads_as_teacher_checkpoint(lab, tmp_path):
+    import lab_nets
+
+    torch.manual_seed(3)
+    source = lab_nets.LabRecon(width=6, blocks=2)
+    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    checkpoint = tmp_path / "lab.ckpt"
+    torch.save({"state_dict": state, "epoch": 7, "global_step": 70}, checkpoint)
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", *OVERRIDES,
+                             f"model.teacher_checkpoint={checkpoint}"])
+    R.check_config(cfg)
+    loaded = R.load_network(cfg, cfg.model.teacher, checkpoint)
+    assert loaded.state_dict().keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # strict loading names what is missing; checkpoint_prefix="" keeps the prefix and fails.
+    with pytest.raises(ConfigError, match=r"model\.teacher_checkpoint: .*missing keys blocks"):
+        R.load_network(load_config(TINY, [*OVERRIDES, f"model.teacher_checkpoint={checkpoint}",
+                                          "model.checkpoint_prefix=''"]),
+                       TEACHER, checkpoint)
+    # The teacher stage loads it, records its SHA-256 and the loaded weights' fingerprint.
+    result = R._load_teacher(type("RunLike", (), {"cfg": cfg})(), tmp_path)
+    assert result["loaded"] and result["weights"] == str(checkpoint.resolve())
+
+
+def test_wrong_layer_path_exits_2_with_the_real_layers_and_writes_nothing(lab, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lab), str(REPO)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdhpc.distill", str(TINY), f"run_dir={run_dir}", *OVERRIDES,
+         "model.teacher_layers=[blocks.0.1,blocks.7.1]"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model.teacher_layers: "), proc.stderr
+    real = [name for name, _ in __import__("lab_nets").LabRecon().named_modules() if name]
+    assert "'blocks.7.1'" in lines[0] and all(name in lines[0] for name in real)
+    assert not run_dir.exists()
+
+
+def test_user_network_with_another_call_is_refused_naming_the_call(lab, tmp_path):
+    (lab / "lab_single.py").write_text(textwrap.dedent('''
+        from torch import nn
+        def image_only():
+            return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(4, 1, 3, padding=1))
+    '''))
+    cfg = load_config(TINY, [*OVERRIDES, "model.teacher=lab_single:image_only",
+                             "model.teacher_kwargs={}", "model.teacher_layers=['1','1']"])
+    with pytest.raises(ConfigError, match=r"model\.teacher: 'lab_single:image_only' failed on a "
+                                          r"probe batch \(this recipe calls model\(input, kspace"):
+        R.check_config(cfg)
