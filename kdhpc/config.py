@@ -41,15 +41,18 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
        lo_open: bool = False, hi_open: bool = False, factory: bool = False,
-       result: bool = True):
+       result: bool = True, omit_default: bool = False):
     """A documented field with an optional numeric range [lo, hi] (open ends where flagged).
 
     ``result=False`` marks a field that cannot change what a stage computes (logging, progress,
     checkpoint bookkeeping, where a cache lives): stage digests leave it out
     (:func:`result_values`), so changing it reruns nothing.
+    ``omit_default=True`` marks a field added after runs, caches and shipped teachers were
+    recorded whose default reproduces the earlier behaviour: digests leave it out while it
+    holds its default, so those records stay valid, and cover it once it is set.
     """
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-            "result": result}
+            "result": result, "omit_default": omit_default}
     if factory:
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -78,11 +81,12 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader workers per rank", lo=0, result=False)
     val_fraction: float = _f(0.2, "ACDC download (data.root holding training/ and testing/): "
                              "fraction of training/'s patients held out for validation",
-                             lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+                             lo=0.0, hi=1.0, lo_open=True, hi_open=True, omit_default=True)
     split_seed: int = _f(0, "ACDC download: seed of the patient-level train/val split of "
-                         "training/")
+                         "training/", omit_default=True)
     spacing: list[float] = _f([], "ACDC: in-plane spacing (mm) [row, column] that volumes are "
-                              "resampled to; empty = the files' own grid", factory=True)
+                              "resampled to; empty = the files' own grid",
+                              factory=True, omit_default=True)
 
 
 @dataclass
@@ -149,25 +153,29 @@ class ModelConfig:
     student: str = _f("dccnn_student", "student architecture: a registry name, or a factory "
                       "'package.module:callable' returning an nn.Module")
     teacher_kwargs: dict = _f({}, "keyword arguments of the teacher factory (or overrides of a "
-                              "registry network's constructor)", factory=True)
+                              "registry network's constructor)",
+                              factory=True, omit_default=True)
     student_kwargs: dict = _f({}, "keyword arguments of the student factory (or overrides of a "
-                              "registry network's constructor)", factory=True)
+                              "registry network's constructor)",
+                              factory=True, omit_default=True)
     teacher_checkpoint: str = _f("", "trained teacher weights: a state-dict file (plain, "
-                                 "Lightning or DDP), a TorchScript / torch.export (.pt2) program, "
-                                 "or pretrained:<name> for a teacher shipped with kdhpc "
+                                 "Lightning or DDP; model.checkpoint_prefix), or pretrained:<name> for a teacher shipped with kdhpc "
                                  "(python -m kdhpc.teacher.pretrained list); empty = the "
                                  "recipe trains one")
     checkpoint_strict: bool = _f(True, "teacher_checkpoint: refuse missing or unexpected keys "
-                                 "(false: load the matching ones and report the rest)")
+                                 "(false: load the matching ones and report the rest)",
+                                 omit_default=True)
     checkpoint_prefix: str = _f("auto", "teacher_checkpoint key prefix to strip: auto (model., "
                                 "module., _orig_mod. while every key has one), a prefix such as "
-                                "'net.' (keep only its keys), or '' (none)")
+                                "'net.' (keep only its keys), or '' (none)",
+                                omit_default=True)
     teacher_layers: list[str] = _f([], "attention transfer: teacher module paths to tap (e.g. "
                                    "cascades.0.acts.2), paired by position with student_layers; "
-                                   "empty = the registry network's feature_layers", factory=True)
+                                   "empty = the registry network's feature_layers",
+                                   factory=True, omit_default=True)
     student_layers: list[str] = _f([], "attention transfer: student module paths paired with "
                                    "teacher_layers; empty = the registry network's "
-                                   "feature_layers", factory=True)
+                                   "feature_layers", factory=True, omit_default=True)
     experts: list[str] = _f([], "task-based KD: one teacher checkpoint per task (enhancement)",
                             factory=True)
 
@@ -545,7 +553,12 @@ def result_values(node: Any) -> Any:
     if not dataclasses.is_dataclass(node):
         return node
     return {f.name: result_values(getattr(node, f.name)) for f in dataclasses.fields(node)
-            if f.metadata.get("result", True)}
+            if f.metadata.get("result", True)
+            and not (f.metadata.get("omit_default") and getattr(node, f.name) == _default(f))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict:
