@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import default_collate
 
 from kdhpc import distill
 from kdhpc.config import ConfigError, load_config
+from kdhpc.data.acdc import write_acdc_patient
 from kdhpc.recipe import Stages
 from kdhpc.recipes import reconstruction as R
+from kdhpc.recipes import segmentation as S_recipe
+from kdhpc.segment import main as segment_main
 from kdhpc.teacher import CachedTeacher
 from kdhpc.train import load_weights
 
@@ -174,3 +180,87 @@ def test_user_network_with_another_call_is_refused_naming_the_call(lab, tmp_path
     with pytest.raises(ConfigError, match=r"model\.teacher: 'lab_single:image_only' failed on a "
                                           r"probe batch \(this recipe calls model\(input, kspace"):
         R.check_config(cfg)
+
+
+# ---------------------------------------------------------------- ACDC as downloaded
+
+SEG_TINY = REPO / "configs" / "seg_tiny.yaml"
+
+
+def _heart(shape, radius: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A short-axis stack: LV disk (3), myocardial ring (2), RV crescent (1), noisy intensities."""
+    height, width, slices = shape
+    yy, xx = np.mgrid[:height, :width] - np.array([height / 2, width / 2])[:, None, None]
+    r = np.hypot(yy, xx)
+    label2d = np.where(r < radius, 3, np.where(r < radius + 4, 2, 0))
+    label2d[(np.hypot(yy, xx + radius + 6) < radius) & (label2d == 0)] = 1
+    label = np.repeat(label2d[:, :, None], slices, axis=2).astype(np.uint8)
+    image = np.array([0.1, 0.5, 0.3, 0.9])[label] + 0.05 * rng.standard_normal(shape)
+    return image.astype(np.float32), label
+
+
+def _write_download(root: Path, rng: np.random.Generator) -> Path:
+    """training/ with 4 patients (patient004 a symlink to a folder elsewhere), testing/ with 2
+    (patient102 on a finer in-plane grid, so data.spacing resamples it)."""
+    shape = (64, 64, 2)
+
+    def patient(folder: Path, number: int, spacing=(1.5, 1.5, 10.0)) -> Path:
+        radius = 8 + number % 5
+        frames = {1: _heart(shape, radius, rng), 2: _heart(shape, radius - 3, rng)}
+        return write_acdc_patient(folder, number, frames, {"ED": 1, "ES": 2, "Group": "NOR"},
+                                  spacing=spacing)
+
+    for number in (1, 2, 3):
+        patient(root / "download" / "training", number)
+    elsewhere = patient(root / "other_disk", 4)
+    (root / "download" / "training" / "patient004").symlink_to(elsewhere,
+                                                               target_is_directory=True)
+    patient(root / "download" / "testing", 101)
+    patient(root / "download" / "testing", 102, spacing=(1.25, 1.25, 10.0))
+    return root / "download"
+
+
+def test_acdc_download_trains_without_resplitting_and_predictions_keep_geometry(tmp_path):
+    download = _write_download(tmp_path, np.random.default_rng(11))
+    before = sorted(str(p.relative_to(download)) for p in download.rglob("*"))
+    run_dir = tmp_path / "run"
+    cfg = load_config(SEG_TINY, [f"run_dir={run_dir}", "data.dataset=acdc",
+                                 f"data.root={download}", "data.val_fraction=0.25",
+                                 "data.split_seed=3", "data.spacing=[1.5,1.5]"])
+    results, stages = _run(cfg)
+    assert "report" in stages.ran and sorted(str(p.relative_to(download))
+                                             for p in download.rglob("*")) == before
+    # The split, computed here by hand: one of the 4 name-sorted training patients, drawn by
+    # random.Random(split_seed), validates; testing/ is the test split.
+    names = ["patient001", "patient002", "patient003", "patient004"]
+    val = [names[i] for i in random.Random(3).sample(range(4), 1)]
+    assert results["data"]["val_patients"] == 1 and results["data"]["train_patients"] == 3
+    assert results["data"]["test_patients"] == 2
+    data = S_recipe.CardiacData(cfg, download)
+    assert sorted({v.split("_frame")[0] for v, _ in data.slices("val").volumes}) == val
+    assert sorted({v.split("_frame")[0] for v, _ in data.slices("train").volumes}) == sorted(
+        set(names) - set(val))
+    rows = json.loads((run_dir / "evaluate" / "volumes.json").read_text())
+    assert sorted({r["volume"] for r in rows}) == [f"patient10{p}_frame0{f}"
+                                                   for p in (1, 2) for f in (1, 2)]
+    # patient102 (1.25 mm) is read on the 1.5 mm grid: its LV spans 1.25 / 1.5 of the pixels.
+    sample = data.slices("test")
+    lv = {sample[i]["volume"]: int((sample[i]["label"] == 3).sum()) for i in range(len(sample))}
+    raw = int((nib.load(download / "testing" / "patient102" / "patient102_frame01_gt.nii.gz")
+               .get_fdata()[:, :, 0] == 3).sum())
+    assert lv["patient102_frame01"] == pytest.approx(raw * (1.25 / 1.5) ** 2, rel=0.15)
+    # kdhpc.segment on a test image: labels in the input's shape and affine, from the export.
+    image_file = download / "testing" / "patient101" / "patient101_frame01.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    assert segment_main([str(image_file), "--model", str(run_dir), "--out", str(out)]) == 0
+    image, labels = nib.load(image_file), nib.load(out)
+    assert labels.shape == image.shape and np.array_equal(labels.affine, image.affine)
+    student = S_recipe.load_network(cfg.model.student, run_dir / "student_kd" / "best_model.pt")
+    volume = image.get_fdata()
+    with torch.no_grad():
+        for s in range(volume.shape[2]):
+            x = volume[:, :, s]
+            x = (x - x.mean()) / x.std()  # the slice is already 64 x 64: no crop
+            logits = student(torch.from_numpy(x[None, None]).float())[0]
+            assert np.array_equal(np.asarray(labels.dataobj[:, :, s]),
+                                  logits.argmax(1)[0].numpy().astype(np.uint8))
