@@ -22,6 +22,7 @@ from torch.utils.data import default_collate
 from kdhpc import distill
 from kdhpc.config import ConfigError, load_config
 from kdhpc.data.acdc import write_acdc_patient
+from kdhpc.predict import load_run_model
 from kdhpc.recipe import Stages
 from kdhpc.recipes import reconstruction as R
 from kdhpc.recipes import segmentation as S_recipe
@@ -62,6 +63,22 @@ STUDENT_LAYERS = ["cascades.0.acts.1", "cascades.4.acts.1"]
 OVERRIDES = [f"model.teacher={TEACHER}", "model.teacher_kwargs={width: 6, blocks: 2}",
              f"model.teacher_layers=[{','.join(TEACHER_LAYERS)}]",
              f"model.student_layers=[{','.join(STUDENT_LAYERS)}]", f"loss.at_p={AT_P}"]
+
+
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _rank_environment():
+    """An in-process run exports the rank variables (its port stays bound): restore them, so a
+    later test's subprocess does not try to listen on that port."""
+    saved = {name: os.environ.get(name) for name in RANK_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +133,11 @@ def test_user_teacher_distils_into_registry_student_with_named_layer_attention(l
     with torch.no_grad():
         output = teacher(batch["input"], batch["kspace"], batch["mask"])
     torch.testing.assert_close(cached["output"], output, rtol=1e-5, atol=1e-6)
+    # kdhpc.predict / kdhpc.export rebuild the user's teacher from the run (its kwargs).
+    rebuilt, _ = load_run_model(run_dir, "teacher")
+    assert isinstance(rebuilt, lab_nets.LabRecon) and len(rebuilt.blocks) == 2
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
     # The AT stage trained the registry student on those maps: its weights moved.
     at_weights = load_weights(run_dir / results["student_at"]["weights"])
     assert results["student_at"]["steps"] > 0 and results["student_at"]["arch"] == "dccnn_student"
@@ -155,7 +177,8 @@ def test_lightning_checkpoint_loads_as_teacher_checkpoint(lab, tmp_path):
 
 def test_wrong_layer_path_exits_2_with_the_real_layers_and_writes_nothing(lab, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lab), str(REPO)])}
+    env = {**{k: v for k, v in os.environ.items() if k not in RANK_VARIABLES},
+           "PYTHONPATH": os.pathsep.join([str(lab), str(REPO)])}
     proc = subprocess.run(
         [sys.executable, "-m", "kdhpc.distill", str(TINY), f"run_dir={run_dir}", *OVERRIDES,
          "model.teacher_layers=[blocks.0.1,blocks.7.1]"],
