@@ -84,7 +84,6 @@ import dataclasses
 import json
 import math
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,7 +187,7 @@ def view_dataset(cfg: Config, split: str) -> SliceViews:
 
 ROLES = ("teacher", "student")
 PROBE_SIZE = 64  # largest side of the synthetic batch check_config runs the networks on
-_TAPS: "weakref.WeakKeyDictionary[nn.Module, LayerTaps]" = weakref.WeakKeyDictionary()
+TAPS_ATTRIBUTE = "_kdhpc_taps"  # where build_network keeps a network's LayerTaps
 
 
 def call_signature(cfg: Config) -> str:
@@ -237,9 +236,11 @@ def build_network(cfg: Config, arch: str) -> nn.Module:
     paths = tap_paths(cfg, role, model)
     if paths:
         try:
-            _TAPS[model] = LayerTaps(model, paths, detach=role == "teacher").attach()
+            taps = LayerTaps(model, paths, detach=role == "teacher").attach()
         except LayerPathError as err:
             raise ConfigError(f"model.{role}_layers: {err}") from None
+        # On the network itself (not in a registry keyed by it): both are freed together.
+        setattr(model, TAPS_ATTRIBUTE, taps)
     return model
 
 
@@ -252,8 +253,9 @@ def _taps_of(model: nn.Module) -> LayerTaps | None:
     """The taps :func:`build_network` attached to ``model`` (or to the module a training
     engine wraps)."""
     for candidate in (model, getattr(model, "module", None)):
-        if isinstance(candidate, nn.Module) and candidate in _TAPS:
-            return _TAPS[candidate]
+        taps = getattr(candidate, TAPS_ATTRIBUTE, None)
+        if isinstance(taps, LayerTaps):
+            return taps
     return None
 
 
