@@ -222,7 +222,9 @@ def build_network(cfg: Config, arch: str) -> nn.Module:
     role = role_of(cfg, arch)
     try:
         model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
-    except (ModelSpecError, ValueError, TypeError) as err:
+    except ModelSpecError as err:  # names the spec already
+        raise ConfigError(f"model.{role}: {_first_line(err)}") from None
+    except (ValueError, TypeError) as err:  # a registry name, or the factory's own check
         raise ConfigError(f"model.{role}: {arch!r}: {_first_line(err)}") from None
     if not is_factory_spec(arch):
         expected = VDSR if is_superres(cfg) else DCCNN
