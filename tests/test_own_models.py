@@ -57,7 +57,7 @@ LAB_MODULE = textwrap.dedent('''
     def lab_recon(width=6, blocks=2):
         return LabRecon(width, blocks)
 ''')
-TEACHER = "lab_nets:lab_recon"
+TEACHER = "own_models_lab:lab_recon"
 TEACHER_LAYERS = ["blocks.0.1", "blocks.1.1"]  # the ReLU of each block
 STUDENT_LAYERS = ["cascades.0.acts.1", "cascades.4.acts.1"]
 OVERRIDES = [f"model.teacher={TEACHER}", "model.teacher_kwargs={width: 6, blocks: 2}",
@@ -65,28 +65,16 @@ OVERRIDES = [f"model.teacher={TEACHER}", "model.teacher_kwargs={width: 6, blocks
              f"model.student_layers=[{','.join(STUDENT_LAYERS)}]", f"loss.at_p={AT_P}"]
 
 
+# An in-process run exports these (its port stays bound): a subprocess must pick its own.
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _rank_environment():
-    """An in-process run exports the rank variables (its port stays bound): restore them, so a
-    later test's subprocess does not try to listen on that port."""
-    saved = {name: os.environ.get(name) for name in RANK_VARIABLES}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """KDHPC_DATA in a fresh folder and the module ``lab_nets`` importable (as a user's
+    """KDHPC_DATA in a fresh folder and the module ``own_models_lab`` importable (as a user's
     PYTHONPATH would make it)."""
     folder = tmp_path_factory.mktemp("lab")
-    (folder / "lab_nets.py").write_text(LAB_MODULE)
+    (folder / "own_models_lab.py").write_text(LAB_MODULE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDHPC_DATA", str(tmp_path_factory.mktemp("kdhpc_data")))
         mp.syspath_prepend(str(folder))
@@ -117,9 +105,9 @@ def test_user_teacher_distils_into_registry_student_with_named_layer_attention(l
     results, stages = _run(cfg)
     assert stages.ran[:6] == ["data", "teacher", "teacher_cache", "student", "student_at",
                               "student_kd"]
-    import lab_nets
+    import own_models_lab
 
-    teacher = lab_nets.LabRecon(width=6, blocks=2)
+    teacher = own_models_lab.LabRecon(width=6, blocks=2)
     teacher.load_state_dict(load_weights(run_dir / results["teacher"]["weights"]))
     teacher.eval()
     views = R.view_dataset(cfg, cfg.data.train_split)
@@ -135,7 +123,7 @@ def test_user_teacher_distils_into_registry_student_with_named_layer_attention(l
     torch.testing.assert_close(cached["output"], output, rtol=1e-5, atol=1e-6)
     # kdhpc.predict / kdhpc.export rebuild the user's teacher from the run (its kwargs).
     rebuilt, _ = load_run_model(run_dir, "teacher")
-    assert isinstance(rebuilt, lab_nets.LabRecon) and len(rebuilt.blocks) == 2
+    assert isinstance(rebuilt, own_models_lab.LabRecon) and len(rebuilt.blocks) == 2
     for key, value in teacher.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
     # The AT stage trained the registry student on those maps: its weights moved.
@@ -151,10 +139,10 @@ def test_user_teacher_distils_into_registry_student_with_named_layer_attention(l
 
 
 def test_lightning_checkpoint_loads_as_teacher_checkpoint(lab, tmp_path):
-    import lab_nets
+    import own_models_lab
 
     torch.manual_seed(3)
-    source = lab_nets.LabRecon(width=6, blocks=2)
+    source = own_models_lab.LabRecon(width=6, blocks=2)
     state = {f"model.{k}": v for k, v in source.state_dict().items()}
     checkpoint = tmp_path / "lab.ckpt"
     torch.save({"state_dict": state, "epoch": 7, "global_step": 70}, checkpoint)
@@ -186,21 +174,21 @@ def test_wrong_layer_path_exits_2_with_the_real_layers_and_writes_nothing(lab, t
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: model.teacher_layers: "), proc.stderr
-    real = [name for name, _ in __import__("lab_nets").LabRecon().named_modules() if name]
+    real = [name for name, _ in __import__("own_models_lab").LabRecon().named_modules() if name]
     assert "'blocks.7.1'" in lines[0] and all(name in lines[0] for name in real)
     assert not run_dir.exists()
 
 
 def test_user_network_with_another_call_is_refused_naming_the_call(lab, tmp_path):
-    (lab / "lab_single.py").write_text(textwrap.dedent('''
+    (lab / "own_models_single.py").write_text(textwrap.dedent('''
         from torch import nn
         def image_only():
             return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(4, 1, 3, padding=1))
     '''))
-    cfg = load_config(TINY, [*OVERRIDES, "model.teacher=lab_single:image_only",
+    cfg = load_config(TINY, [*OVERRIDES, "model.teacher=own_models_single:image_only",
                              "model.teacher_kwargs={}", "model.teacher_layers=['1','1']"])
-    with pytest.raises(ConfigError, match=r"model\.teacher: 'lab_single:image_only' failed on a "
+    with pytest.raises(ConfigError, match=r"model\.teacher: 'own_models_single:image_only' failed on a "
                                           r"probe batch \(this recipe calls model\(input, kspace"):
         R.check_config(cfg)
 

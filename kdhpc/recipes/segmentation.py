@@ -597,6 +597,9 @@ def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
 
 
 EXPORT_FILES = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
+EXPORT_LATENCY_ROUNDS = 10
+"""Interleaved eager / exported latency rounds of the export stage (the speed stage's numbers,
+``eval.latency_repeats``, are the ones the report uses; these are recorded beside the files)."""
 """What the export stage writes into its folder (``python -m kdhpc.segment`` loads the first)."""
 
 
@@ -743,7 +746,7 @@ def _export(run: Run, stage_dir: Path) -> dict:
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
         kd = run.results["student_kd"]
         return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
-                              run.cfg.eval.latency_repeats, run.stages.log)
+                              EXPORT_LATENCY_ROUNDS, run.stages.log)
     return from_rank0(export)
 
 
@@ -787,8 +790,7 @@ def stages(cfg: Config) -> list[Stage]:
               consumes=trained, use="test"),
         Stage("speed", _speed, keys=("eval.latency_repeats",),
               consumes=("data", "teacher", "student_kd"), use="test"),
-        Stage(EXPORT_FOLDER, _export, keys=("eval.latency_repeats",),
-              consumes=("data", "student_kd"), use="test"),
+        Stage(EXPORT_FOLDER, _export, consumes=("data", "student_kd"), use="test"),
         Stage("report", _report, keys=("loss",),
               consumes=("evaluate", "speed", EXPORT_FOLDER, "teacher", "teacher_cache",
                         *STUDENTS), use="test"),
