@@ -238,7 +238,9 @@ def build_network(cfg: Config, arch: str) -> nn.Module:
     paths = tap_paths(cfg, role, model)
     if paths:
         try:
-            taps = LayerTaps(model, paths, detach=role == "teacher").attach()
+            # Not detached: what the returned features were before (a frozen teacher runs
+            # without gradients), and a student needs their graph.
+            taps = LayerTaps(model, paths).attach()
         except LayerPathError as err:
             raise ConfigError(f"model.{role}_layers: {err}") from None
         # On the network itself (not in a registry keyed by it): both are freed together.
