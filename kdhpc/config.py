@@ -41,17 +41,20 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
        lo_open: bool = False, hi_open: bool = False, factory: bool = False,
-       result: bool = True):
+       result: bool = True, omit_default: bool = False):
     """A documented field with an optional numeric range [lo, hi] (open ends where flagged).
 
     ``result=False`` marks a field that cannot change what a stage computes (logging, progress,
     checkpoint bookkeeping, where a cache lives): stage digests leave it out
     (:func:`result_values`), so changing it reruns nothing.
+    ``omit_default=True`` marks a field added after runs, caches and shipped teachers were
+    recorded whose default reproduces the earlier behaviour: digests leave it out while it
+    holds its default, so those records stay valid, and cover it once it is set.
     """
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-            "result": result}
+            "result": result, "omit_default": omit_default}
     if factory:
-        return field(default_factory=lambda: list(default), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -76,6 +79,14 @@ class DataConfig:
                                lo=0.0, hi=1.0, lo_open=True)
     max_volumes: int = _f(0, "cap on volumes per split (0 = all); for quick runs", lo=0)
     num_workers: int = _f(0, "DataLoader workers per rank", lo=0, result=False)
+    val_fraction: float = _f(0.2, "ACDC download (data.root holding training/ and testing/): "
+                             "fraction of training/'s patients held out for validation",
+                             lo=0.0, hi=1.0, lo_open=True, hi_open=True, omit_default=True)
+    split_seed: int = _f(0, "ACDC download: seed of the patient-level train/val split of "
+                         "training/", omit_default=True)
+    spacing: list[float] = _f([], "ACDC: in-plane spacing (mm) [row, column] that volumes are "
+                              "resampled to; empty = the files' own grid",
+                              factory=True, omit_default=True)
 
 
 @dataclass
@@ -137,12 +148,34 @@ class DefaultDataConfig:
 class ModelConfig:
     """Networks by registry name (kdhpc/models); named sizes live in the registry."""
 
-    teacher: str = _f("dccnn_teacher", "teacher architecture (registry name)")
-    student: str = _f("dccnn_student", "student architecture (registry name)")
-    teacher_checkpoint: str = _f("", "trained teacher weights: a state-dict file, or "
-                                 "pretrained:<name> for a teacher shipped with kdhpc "
+    teacher: str = _f("dccnn_teacher", "teacher architecture: a registry name, or a factory "
+                      "'package.module:callable' returning an nn.Module")
+    student: str = _f("dccnn_student", "student architecture: a registry name, or a factory "
+                      "'package.module:callable' returning an nn.Module")
+    teacher_kwargs: dict = _f({}, "keyword arguments of the teacher factory (or overrides of a "
+                              "registry network's constructor)",
+                              factory=True, omit_default=True)
+    student_kwargs: dict = _f({}, "keyword arguments of the student factory (or overrides of a "
+                              "registry network's constructor)",
+                              factory=True, omit_default=True)
+    teacher_checkpoint: str = _f("", "trained teacher weights: a state-dict file (plain, "
+                                 "Lightning or DDP; model.checkpoint_prefix), or pretrained:<name> for a teacher shipped with kdhpc "
                                  "(python -m kdhpc.teacher.pretrained list); empty = the "
                                  "recipe trains one")
+    checkpoint_strict: bool = _f(True, "teacher_checkpoint: refuse missing or unexpected keys "
+                                 "(false: load the matching ones and report the rest)",
+                                 omit_default=True)
+    checkpoint_prefix: str = _f("auto", "teacher_checkpoint key prefix to strip: auto (model., "
+                                "module., _orig_mod. while every key has one), a prefix such as "
+                                "'net.' (keep only its keys), or '' (none)",
+                                omit_default=True)
+    teacher_layers: list[str] = _f([], "attention transfer: teacher module paths to tap (e.g. "
+                                   "cascades.0.acts.2), paired by position with student_layers; "
+                                   "empty = the registry network's feature_layers",
+                                   factory=True, omit_default=True)
+    student_layers: list[str] = _f([], "attention transfer: student module paths paired with "
+                                   "teacher_layers; empty = the registry network's "
+                                   "feature_layers", factory=True, omit_default=True)
     experts: list[str] = _f([], "task-based KD: one teacher checkpoint per task (enhancement)",
                             factory=True)
 
@@ -323,6 +356,8 @@ def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
             fail(_type_name(tp))
         (inner,) = typing.get_args(tp)
         return [_check_value(v, inner, meta, key, source) for v in value]
+    if tp is dict:
+        return _check_mapping(value, key, source)
     if tp is bool:
         if not isinstance(value, bool):
             fail("true or false")
@@ -351,6 +386,25 @@ def _check_value(value: Any, tp: Any, meta: dict, key: str, source: str) -> Any:
             fail(f"a value in {left}{'-inf' if lo is None else lo}, "
                  f"{'inf' if hi is None else hi}{right}")
     return value
+
+
+MAPPING_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_mapping(value: Any, key: str, source: str) -> dict:
+    """A ``dict`` field: names (strings) to YAML scalars or lists of them (keyword arguments)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key}: expected a mapping of names to values (e.g. "
+                          f"{{channels: 16}}), found {value!r}")
+    for name, item in value.items():
+        items = item if isinstance(item, list) else [item]
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{source}: {key}: expected names that are Python identifiers, "
+                              f"found {name!r}")
+        if not all(isinstance(v, MAPPING_SCALARS) for v in items):
+            raise ConfigError(f"{source}: {key}.{name}: expected a number, string, boolean, "
+                              f"null or a list of them, found {item!r}")
+    return dict(value)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -387,6 +441,14 @@ def _check_cross(cfg: Config, source: str) -> None:
     if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 1:
         raise ConfigError(f"{source}: data.crop: expected [H, W] of positive integers, "
                           f"found {cfg.data.crop!r}")
+    if cfg.data.spacing and (len(cfg.data.spacing) != 2 or min(cfg.data.spacing) <= 0):
+        raise ConfigError(f"{source}: data.spacing: expected [] or two positive spacings in mm "
+                          f"[row, column], found {cfg.data.spacing!r}")
+    if (cfg.model.teacher_layers and cfg.model.student_layers
+            and len(cfg.model.teacher_layers) != len(cfg.model.student_layers)):
+        raise ConfigError(f"{source}: model.student_layers: expected as many layers as "
+                          f"model.teacher_layers ({len(cfg.model.teacher_layers)}, paired by "
+                          f"position), found {len(cfg.model.student_layers)}")
     split = cfg.default_data.split
     if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
         raise ConfigError(f"{source}: default_data.split: expected three non-negative fractions "
@@ -491,7 +553,12 @@ def result_values(node: Any) -> Any:
     if not dataclasses.is_dataclass(node):
         return node
     return {f.name: result_values(getattr(node, f.name)) for f in dataclasses.fields(node)
-            if f.metadata.get("result", True)}
+            if f.metadata.get("result", True)
+            and not (f.metadata.get("omit_default") and getattr(node, f.name) == _default(f))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict:

@@ -79,7 +79,9 @@ def load_run_model(run_dir: str | Path, which: str = "student_kd") -> tuple[nn.M
     """(network in eval mode with the weights of stage ``which``, the run's resolved config).
 
     Reads ``RUN_DIR/config.yaml`` and ``RUN_DIR/<which>/stage.json`` (``result.arch``: the
-    model spec; ``result.weights``: relative to ``RUN_DIR`` or absolute).
+    model spec, built with ``model.teacher_kwargs`` or ``model.student_kwargs``; a factory's
+    module must be importable, e.g. on ``PYTHONPATH``; ``result.weights``: relative to
+    ``RUN_DIR`` or absolute).
     """
     run_dir = Path(run_dir)
     config_file, stage_file = run_dir / "config.yaml", run_dir / which / "stage.json"
@@ -99,9 +101,14 @@ def load_run_model(run_dir: str | Path, which: str = "student_kd") -> tuple[nn.M
         raise PredictError(f"{stage_file}: expected result.arch and result.weights: "
                            f"{err}") from None
     weights = weights if weights.is_absolute() else run_dir / weights
+    role = "teacher" if which == "teacher" else "student"
+    # A loaded teacher's weights are the user's checkpoint (Lightning / DDP layouts); weights a
+    # stage trained are plain state dicts.
+    foreign = role == "teacher" and bool(cfg.model.teacher_checkpoint)
     try:
-        model = build_from_spec(arch)
-        load_state_dict_file(model, weights, prefix="")
+        model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
+        load_state_dict_file(model, weights, strict=not foreign or cfg.model.checkpoint_strict,
+                             prefix=cfg.model.checkpoint_prefix if foreign else "")
     except ModelSpecError as err:
         raise PredictError(str(err)) from None
     return model.eval(), cfg

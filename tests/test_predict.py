@@ -32,7 +32,10 @@ METRICS = ("nmse", "psnr", "ssim")
 def recon_run(tmp_path_factory):
     """A finished tiny reconstruction run and its data, made by the real command line."""
     base = tmp_path_factory.mktemp("recon_run")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KDHPC_DATA": str(base / "data")}
+    # Without the rank variables an earlier in-process run exported (its port is still bound).
+    env = {**{k: v for k, v in os.environ.items() if k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+           "PYTHONPATH": str(REPO), "KDHPC_DATA": str(base / "data")}
     run_dir = base / "run"
     proc = subprocess.run([sys.executable, "-m", "kdhpc.distill", "configs/recon_tiny.yaml",
                            f"run_dir={run_dir}"], cwd=REPO, env=env, capture_output=True,

@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     torch.save(student.state_dict(), folder / "student_kd" / "best_model.pt")
     (folder / "export").mkdir()
     inputs = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    export_student(student.eval(), inputs, folder / "export", log=lambda msg: None)
+    export_student(student.eval(), inputs, folder / "export", 2, log=lambda msg: None)
     return folder, student.eval()
 
 

@@ -101,10 +101,13 @@ from kdhpc.data.views import SliceViews, describe_views
 from kdhpc.losses import attention_transfer_loss, imitation_loss
 from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_slice_sums,
                            summarize, volume_metrics_from_sums)
-from kdhpc.models import DCCNN, VDSR, build_model, count_parameters, feature_layers
+from kdhpc.models import DCCNN, VDSR, count_parameters, feature_layers
+from kdhpc.models.external import (PROGRAM_KINDS, ModelSpecError, build_from_spec,
+                                   checkpoint_kind, is_factory_spec, load_state_dict_file)
+from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
-                          latency_rows, longer_training_config, teacher_stage,
+                          key_value, latency_rows, longer_training_config, teacher_stage,
                           teacher_training_config)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import rank, world_size
@@ -142,11 +145,7 @@ def check_config(cfg: Config) -> None:
     if cfg.data.patch_size:
         raise ConfigError(f"data.patch_size: expected 0 (whole slices: a DC step needs the "
                           f"whole k-space; use data.crop), found {cfg.data.patch_size}")
-    taps = {name: feature_layers(build_network(cfg, name))
-            for name in (cfg.model.teacher, cfg.model.student)}
-    if not all(taps.values()) or len(set(map(len, taps.values()))) != 1:
-        raise ConfigError(f"model: expected a teacher and a student with the same number of "
-                          f"feature taps (attention-transfer pairs), found {taps}")
+    check_models(cfg)
 
 
 def split_folder(cfg: Config, root: Path, split: str) -> Path:
@@ -186,24 +185,94 @@ def view_dataset(cfg: Config, split: str) -> SliceViews:
 # ---------------------------------------------------------------------------------------------
 # networks, losses, evaluation values
 
+ROLES = ("teacher", "student")
+PROBE_SIZE = 64  # largest side of the synthetic batch check_config runs the networks on
+TAPS_ATTRIBUTE = "_kdhpc_taps"  # where build_network keeps a network's LayerTaps
+
+
+def call_signature(cfg: Config) -> str:
+    """How this recipe calls every network, registry or user-defined."""
+    if is_superres(cfg):
+        return "model(input) with input [B, 1, H, W] real, returning [B, 1, H, W]"
+    return ("model(input, kspace, mask) with input [B, 1, H, W] real (zero-filled image), kspace "
+            "[B, 1, H, W] complex (unshifted layout) and mask [B, 1, 1, W] or [B, 1, H, W] (1 = "
+            "sampled), returning "
+            "[B, 1, H, W]")
+
+
+def role_of(cfg: Config, arch: str) -> str:
+    """Which ``model.*`` fields configure the network ``arch``: ``teacher`` or ``student``
+    (check_config refuses a teacher and student of one spec configured differently)."""
+    return "teacher" if arch == cfg.model.teacher else "student"
+
+
+def tap_paths(cfg: Config, role: str, model: nn.Module) -> list[str]:
+    """The module paths whose outputs feed attention transfer: ``model.<role>_layers``, else
+    the registry network's ``feature_layers``."""
+    return list(getattr(cfg.model, f"{role}_layers")) or list(feature_layers(model))
+
+
 def build_network(cfg: Config, arch: str) -> nn.Module:
-    """A registry network for this recipe: DC-CNN in the unshifted layout, or VDSR."""
-    model = build_model(arch)
-    expected = VDSR if is_superres(cfg) else DCCNN
-    if not isinstance(model, expected):
-        raise ConfigError(f"model: expected a {expected.__name__} (e.g. "
-                          f"{'vdsr' if is_superres(cfg) else 'dccnn'}_teacher) for recipe "
-                          f"{cfg.recipe!r}, found {arch!r} ({type(model).__name__})")
-    if isinstance(model, DCCNN) and model.centered:
-        raise ConfigError(f"model {arch!r}: expected the unshifted k-space layout of the views")
+    """The network ``arch`` for this recipe, with forward hooks on its attention-transfer taps.
+
+    ``arch`` is a registry name (a DC-CNN in the unshifted layout, or a VDSR for superres) or
+    a factory ``package.module:callable``, called with ``model.<role>_kwargs``; a user network
+    must take this recipe's call (:func:`call_signature`).
+    """
+    role = role_of(cfg, arch)
+    try:
+        model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
+    except ModelSpecError as err:  # names the spec already
+        raise ConfigError(f"model.{role}: {_first_line(err)}") from None
+    except (ValueError, TypeError) as err:  # a registry name, or the factory's own check
+        raise ConfigError(f"model.{role}: {arch!r}: {_first_line(err)}") from None
+    if not is_factory_spec(arch):
+        expected = VDSR if is_superres(cfg) else DCCNN
+        if not isinstance(model, expected):
+            raise ConfigError(f"model: expected a {expected.__name__} (e.g. "
+                              f"{'vdsr' if is_superres(cfg) else 'dccnn'}_teacher) for recipe "
+                              f"{cfg.recipe!r}, found {arch!r} ({type(model).__name__})")
+        if isinstance(model, DCCNN) and model.centered:
+            raise ConfigError(f"model {arch!r}: expected the unshifted k-space layout of the "
+                              f"views")
+    paths = tap_paths(cfg, role, model)
+    if paths:
+        try:
+            # Not detached: what the returned features were before (a frozen teacher runs
+            # without gradients), and a student needs their graph.
+            taps = LayerTaps(model, paths).attach()
+        except LayerPathError as err:
+            raise ConfigError(f"model.{role}_layers: {err}") from None
+        # On the network itself (not in a registry keyed by it): both are freed together.
+        setattr(model, TAPS_ATTRIBUTE, taps)
     return model
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _taps_of(model: nn.Module) -> LayerTaps | None:
+    """The taps :func:`build_network` attached to ``model`` (or to the module a training
+    engine wraps)."""
+    for candidate in (model, getattr(model, "module", None)):
+        taps = getattr(candidate, TAPS_ATTRIBUTE, None)
+        if isinstance(taps, LayerTaps):
+            return taps
+    return None
+
+
 def forward(model: nn.Module, batch: dict, features: bool = False):
-    """``model`` on a batch of views: DC-CNN(input, k0, mask) or VDSR(input)."""
-    if "mask" in batch:
-        return model(batch["input"], batch["kspace"], batch["mask"], return_features=features)
-    return model(batch["input"], return_features=features)
+    """``model`` on a batch of views: ``model(input, kspace, mask)`` (reconstruction) or
+    ``model(input)`` (superres); with ``features`` also the outputs of its tapped layers."""
+    args = ((batch["input"], batch["kspace"], batch["mask"]) if "mask" in batch
+            else (batch["input"],))
+    taps = _taps_of(model)
+    if features and taps is None:  # a registry network built without build_network
+        return model(*args, return_features=True)
+    output = model(*args)
+    return (output, taps.outputs()) if features else output
 
 
 def make_extract(p: float) -> Callable[[nn.Module, dict], dict]:
@@ -216,6 +285,70 @@ def make_extract(p: float) -> Callable[[nn.Module, dict], dict]:
             targets[f"attention_{i}"] = attention_map(tap, p, normalize=False)
         return targets
     return extract
+
+
+def probe_batch(cfg: Config) -> dict:
+    """A small synthetic batch shaped like this recipe's views (check_config's trial call)."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = (min(n, PROBE_SIZE) for n in cfg.data.crop)
+    image = torch.rand(1, 1, height, width, generator=generator)
+    if is_superres(cfg):
+        return {"input": image}
+    mask = (torch.arange(width) % 2 == 0).float().reshape(1, 1, 1, width)
+    kspace = torch.fft.fft2(image.to(torch.complex64), norm="ortho") * mask
+    return {"input": torch.fft.ifft2(kspace, norm="ortho").real, "kspace": kspace, "mask": mask}
+
+
+def check_models(cfg: Config) -> None:
+    """Teacher and student build, their layer paths exist, they take this recipe's call on a
+    probe batch, and their taps pair up (same count; same spatial size per pair, as attention
+    maps are compared pixel by pixel over channel sums, so channel counts may differ)."""
+    model = cfg.model
+    if model.teacher == model.student and (model.teacher_kwargs != model.student_kwargs
+                                           or model.teacher_layers != model.student_layers):
+        raise ConfigError(f"model.student: expected a spec other than model.teacher when their "
+                          f"kwargs or layers differ, found {model.student!r} for both (name a "
+                          f"second factory, e.g. a function returning the smaller network)")
+    checkpoint = model.teacher_checkpoint
+    if (checkpoint and not checkpoint.startswith("pretrained:") and Path(checkpoint).is_file()
+            and checkpoint_kind(checkpoint) in PROGRAM_KINDS):
+        raise ConfigError(f"model.teacher_checkpoint: expected a state dict for recipe "
+                          f"{cfg.recipe!r}, found a {checkpoint_kind(checkpoint)} program "
+                          f"{checkpoint!r}: attention transfer taps the teacher's layers with "
+                          f"forward hooks, which need the eager module (give model.teacher and "
+                          f"its weights instead)")
+    nets = {role: build_network(cfg, getattr(model, role)) for role in ROLES}
+    taps = {role: tap_paths(cfg, role, net) for role, net in nets.items()}
+    if not all(taps.values()) or len(taps["teacher"]) != len(taps["student"]):
+        raise ConfigError(f"model: expected a teacher and a student with the same number of "
+                          f"feature taps (attention-transfer pairs; set model.teacher_layers "
+                          f"and model.student_layers for a network without feature_layers), "
+                          f"found {taps}")
+    custom = any(is_factory_spec(getattr(model, r)) or getattr(model, f"{r}_layers")
+                 for r in ROLES)
+    if not custom:  # the registry networks' calls and taps are tested with the package
+        return
+    batch = probe_batch(cfg)
+    shapes = {}
+    for role, net in nets.items():
+        try:
+            with torch.no_grad():
+                output, outputs = forward(net.eval(), batch, features=True)
+        except Exception as err:  # any failure of a user network's call: name the contract
+            raise ConfigError(f"model.{role}: {getattr(model, role)!r} failed on a probe batch "
+                              f"(this recipe calls {call_signature(cfg)}): "
+                              f"{type(err).__name__}: {_first_line(err)}") from None
+        if not isinstance(output, torch.Tensor) or output.shape != batch["input"].shape:
+            found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
+            raise ConfigError(f"model.{role}: expected {getattr(model, role)!r} to return a "
+                              f"tensor of shape {tuple(batch['input'].shape)} (this recipe "
+                              f"calls {call_signature(cfg)}), found {found}")
+        shapes[role] = [tuple(t.shape[-2:]) if t.dim() == 4 else tuple(t.shape) for t in outputs]
+    for i, (t, s) in enumerate(zip(shapes["teacher"], shapes["student"])):
+        if t != s or len(t) != 2:
+            raise ConfigError(f"model.student_layers: expected tap pair {i} ({taps['teacher'][i]}"
+                              f" / {taps['student'][i]}) to be [B, C, H, W] maps of one spatial "
+                              f"size, found {shapes['teacher'][i]} and {shapes['student'][i]}")
 
 
 def l1_loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
@@ -279,8 +412,18 @@ def zero_filled(batch: dict) -> torch.Tensor:
 # stage helpers
 
 def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Module:
-    """``arch`` with the weights file ``weights`` (a state dict, ``weights_only`` load)."""
+    """``arch`` with the weights file ``weights`` (``weights_only`` load). The teacher's
+    ``model.teacher_checkpoint`` may be a Lightning / DDP checkpoint: it is read with
+    ``model.checkpoint_strict`` and ``model.checkpoint_prefix``; weights a stage trained are
+    plain state dicts."""
     model = build_network(cfg, arch)
+    if role_of(cfg, arch) == "teacher" and cfg.model.teacher_checkpoint:
+        try:
+            load_state_dict_file(model, weights, strict=cfg.model.checkpoint_strict,
+                                 prefix=cfg.model.checkpoint_prefix)
+        except ModelSpecError as err:
+            raise ConfigError(f"model.teacher_checkpoint: {err}") from None
+        return model
     state = load_weights(weights)
     try:
         model.load_state_dict(state)
@@ -599,22 +742,36 @@ def _report(run: Run, stage_dir: Path) -> dict:
                               params, steps, panel)
 
 
+def configured(cfg: Config, *keys: str) -> tuple[str, ...]:
+    """Those of ``keys`` set away from their defaults. A stage digest covers them once set, so
+    the digests of runs that leave them alone (every run before they existed) do not change."""
+    default = Config()
+    return tuple(k for k in keys if key_value(cfg, k) != key_value(default, k))
+
+
 def stages(cfg: Config) -> list[Stage]:
     cache = ("teacher_cache",) if cfg.teacher.mode == "precompute" else ()
-    student_keys = ("model.student", *TRAIN_KEYS)
-    kd_keys = (*student_keys, "loss.at_p", "teacher")
+    teacher_keys = configured(cfg, "model.teacher_kwargs")
+    loaded_keys = configured(cfg, "model.checkpoint_strict", "model.checkpoint_prefix")
+    teacher_taps = configured(cfg, "model.teacher_kwargs", "model.teacher_layers")
+    student_keys = ("model.student", *configured(cfg, "model.student_kwargs"), *TRAIN_KEYS)
+    kd_keys = (*student_keys, "loss.at_p", "teacher", *teacher_taps)
     trained = ("data", *TRAINED.values())
+    teacher = teacher_stage(_train_teacher, ("model.teacher", *teacher_keys), cfg, _load_teacher)
+    if cfg.model.teacher_checkpoint:  # how the file is read and the network it fills
+        teacher = dataclasses.replace(teacher, keys=(*teacher.keys, *teacher_keys, *loaded_keys))
     return [
         Stage("data", _data, keys=("recipe", "data", "mask", "degrade", "default_data")),
-        teacher_stage(_train_teacher, ("model.teacher",), cfg, _load_teacher),
-        *([Stage("teacher_cache", _fill_cache, keys=("loss.at_p", "teacher"),
+        teacher,
+        *([Stage("teacher_cache", _fill_cache, keys=("loss.at_p", "teacher", *teacher_taps),
                  consumes=("data", "teacher"))] if cache else []),
         # train.equal_budget: the no-KD student gets the steps of attention transfer + imitation.
         Stage("student", _student_stage(lambda c: l1_loss_fn, False, True,
                                         factor=2 if cfg.train.equal_budget else 1),
               keys=(*student_keys, "train.equal_budget"), consumes=("data",)),
         Stage("student_at", _student_stage(make_at_loss, True, False),
-              keys=(*kd_keys, "loss.at_mode"), consumes=("data", "teacher", *cache)),
+              keys=(*kd_keys, "loss.at_mode", *configured(cfg, "model.student_layers")),
+              consumes=("data", "teacher", *cache)),
         Stage("student_kd", _student_stage(make_kd_loss, True, True, init="student_at"),
               keys=(*kd_keys, "loss.alpha"), consumes=("data", "teacher", *cache, "student_at")),
         Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,

@@ -34,8 +34,9 @@ Stages (each resumable, :class:`kdhpc.distill.Stages`)::
   calls after warm-up, on a real test slice; the 1-thread rows also give the rate from the
   thread's CPU time, which a shared machine's load does not inflate.
 - ``export``: the KD student (full-resolution logits) as TorchScript, and as ONNX when ``onnx``
-  imports, each checked against the eager model on test slices (max |logit difference| and
-  label agreement); a failed parity check stops the run.
+  and ``onnxscript`` are installed (:func:`kdhpc.export.export_model`: parity on a random input
+  and CPU latency beside eager), each reloaded and checked against the eager model on test
+  slices (max |logit difference| and label agreement); a failed parity check stops the run.
 - ``report``: ``<run_dir>/report.md``, ``metrics.json`` and ``panel.png`` (image, ground truth,
   teacher, no-KD student and KD student contours on one test slice). Paired t-test of KD vs
   no-KD per-volume Dice (and teacher vs KD), and the goals: KD >= no-KD, teacher - KD <= 0.01.
@@ -52,8 +53,11 @@ checkpoint with the best validation mean Dice (``train.best_metric`` left at its
 :func:`volume_dice` may be named).
 
 Data (:class:`CardiacViews`): ACDC / M&Ms layout (``data.dataset: acdc`` with ``data.root``
-holding ``<split>/patientNNN/``; M&Ms converted to it, :mod:`kdhpc.data.acdc`), or the default
-cardiac set (``default_cardiac``). ED and ES frames; every short-axis slice is centre cropped or
+holding ``<split>/patientNNN/``; M&Ms converted to it, :mod:`kdhpc.data.acdc`), the ACDC
+download as unpacked (``data.root`` holding ``training/`` and ``testing/``: train / val a
+seeded patient-level split of ``training/`` by ``data.val_fraction`` and ``data.split_seed``,
+test ``testing/``; symlinked patient folders followed), or the default cardiac set
+(``default_cardiac``). ``data.spacing`` resamples every slice in-plane to that spacing first. ED and ES frames; every short-axis slice is centre cropped or
 zero padded to ``S x S`` with ``S = data.crop`` (square; 192 for the published setting), then
 z-scored (:func:`kdhpc.segment.prepare_slice`, which ``python -m kdhpc.segment`` applies too).
 
@@ -94,7 +98,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -104,9 +107,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
-from kdhpc.data.acdc import ACDCSliceDataset, LABELS
+from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, download_split,
+                             is_acdc_download)
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
+from kdhpc.export import LOADERS, ExportError, FullResolution, export_model
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
                           latency_rows, teacher_stage, teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
@@ -166,17 +171,35 @@ def split_folder(cfg: Config, root: Path, split: str) -> Path:
     folder = root / split
     if not folder.is_dir():
         raise ConfigError(f"data.root: expected a folder {folder} for split {split!r} (ACDC "
-                          f"layout <root>/<split>/patientNNN/), found none")
+                          f"layout <root>/<split>/patientNNN/, or the ACDC download with "
+                          f"training/ and testing/), found none")
     return folder
 
 
+def split_patients(cfg: Config, root: Path, split: str) -> Path | list[Path]:
+    """Where the patients of ``split`` (a split name from ``cfg.data``) are: the folder
+    ``<root>/<split>``, or, for the ACDC download (``training/`` and ``testing/``), the patient
+    folders of :func:`kdhpc.data.acdc.download_split`: train and val a seeded patient-level
+    split of ``training/`` (``data.val_fraction``, ``data.split_seed``), test ``testing/``."""
+    if not (cfg.data.dataset == "acdc" and is_acdc_download(root)):
+        return split_folder(cfg, root, split)
+    role = next((name for name in DOWNLOAD_SPLITS
+                 if getattr(cfg.data, f"{name}_split") == split), split)
+    try:
+        return download_split(root, role, cfg.data.val_fraction, cfg.data.split_seed)
+    except ValueError as err:  # too few patients for the fraction, or an unknown split
+        raise ConfigError(f"data.val_fraction: {err} (ACDC download {root})") from None
+
+
 def slice_dataset(cfg: Config, root: Path, split: str) -> ACDCSliceDataset:
-    """Raw (un-normalised) S x S slices of the ED and ES frames of one split."""
+    """Raw (un-normalised) S x S slices of the ED and ES frames of one split, resampled
+    in-plane to ``data.spacing`` when it is set."""
     if cfg.data.dataset not in ("acdc", "default_cardiac"):
         raise ConfigError(f"data.dataset: the segmentation recipe expected 'acdc' or "
                           f"'default_cardiac', found {cfg.data.dataset!r}")
-    return ACDCSliceDataset(split_folder(cfg, root, split), size=image_size(cfg),
-                            frames="ED+ES", normalize=False, max_volumes=cfg.data.max_volumes)
+    return ACDCSliceDataset(split_patients(cfg, root, split), size=image_size(cfg),
+                            frames="ED+ES", normalize=False, max_volumes=cfg.data.max_volumes,
+                            spacing=cfg.data.spacing or None)
 
 
 def selection_config(cfg: Config) -> Config:
@@ -573,78 +596,58 @@ def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
     return rows
 
 
-class FullResolution(nn.Module):
-    """Deployment wrapper: ``x`` [B, 1, S, S] -> full-resolution logits [B, K, S, S] only."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+EXPORT_FILES = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
+EXPORT_LATENCY_ROUNDS = 10
+"""Interleaved eager / exported latency rounds of the export stage (the speed stage's numbers,
+``eval.latency_repeats``, are the ones the report uses; these are recorded beside the files)."""
+"""What the export stage writes into its folder (``python -m kdhpc.segment`` loads the first)."""
 
 
-def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict:
-    """Max |logit difference| and the fraction of pixels with the same argmax label."""
-    return {"max_abs_diff": float((reference - exported).abs().max()),
-            "label_agreement": float((reference.argmax(1) == exported.argmax(1)).float().mean())}
+def onnx_missing() -> str | None:
+    """Why ONNX export cannot run here (its optional packages are absent), or None."""
+    import importlib.util
+
+    absent = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    return (f"{' and '.join(absent)} not installed (pip install kdhpc[export]); TorchScript only"
+            if absent else None)
 
 
-def export_student(model: nn.Module, inputs: torch.Tensor, out_dir: Path,
+def export_student(model: nn.Module, slices: torch.Tensor, out_dir: Path, repeats: int,
                    log: Callable[[str], None] = print) -> dict:
-    """TorchScript (always) and ONNX (when ``onnx`` imports) of ``model``'s full-resolution
-    logits, each reloaded and compared with the eager model on ``inputs`` [N, 1, S, S]."""
-    wrapper = FullResolution(model).eval()
-    with torch.inference_mode():
-        reference = wrapper(inputs)                              # [N, K, S, S]
+    """The KD student's full-resolution logits exported by :func:`kdhpc.export.export_model`
+    to TorchScript (always) and ONNX (when its packages are installed) in ``out_dir``, each
+    checked on a seeded random input (and timed beside eager), then reloaded and run on the
+    real test ``slices`` [N, 1, S, S] one at a time: max |logit difference| (at most
+    :data:`PARITY_TOLERANCE`, else the run stops) and the fraction of pixels with the same
+    label."""
+    size = int(slices.shape[-1])
+    eager = FullResolution(model).eval()
     result: dict[str, Any] = {}
-    scripted_path = out_dir / TORCHSCRIPT_FILE
-    with torch.no_grad(), warnings.catch_warnings():
-        # The models' input checks read shapes in Python; tracing drops them (the graph
-        # itself is size-agnostic), which is what the TracerWarning is about.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(wrapper, inputs[:1], check_trace=False)
-    with atomic_output(scripted_path) as tmp:
-        torch.jit.save(traced, str(tmp))
-    loaded = torch.jit.load(str(scripted_path)).eval()
-    with torch.inference_mode():
-        check = parity(reference, loaded(inputs))
-    result["torchscript"] = {"file": str(scripted_path), **check}
-    try:
-        import onnx  # noqa: F401  (optional; absent on the CPU default machine)
-    except ImportError as err:
-        reason = f"onnx is not installed ({err}); TorchScript only"
-        log(f"export: ONNX skipped: {reason}")
-        result["onnx"] = {"skipped": reason}
-    else:
-        result["onnx"] = export_onnx(wrapper, inputs, reference, out_dir / ONNX_FILE, log)
-    for kind, check in result.items():
-        if "max_abs_diff" in check and not check["max_abs_diff"] <= PARITY_TOLERANCE:
-            raise RuntimeError(f"export: {kind} output differs from the eager model by "
-                               f"{check['max_abs_diff']:.3g} > {PARITY_TOLERANCE} "
-                               f"({check.get('file')})")
+    for fmt, name in EXPORT_FILES.items():
+        skipped = onnx_missing() if fmt == "onnx" else None
+        if skipped:
+            log(f"export: ONNX skipped: {skipped}")
+            result[fmt] = {"skipped": skipped}
+            continue
+        exported = export_model(model, fmt, out_dir / name, (size, size), rounds=repeats,
+                                name=f"student_kd ({type(model).__name__})")
+        run = LOADERS[fmt](out_dir / name)
+        if run is None:  # onnxruntime absent: checked by onnx.checker only
+            result[fmt] = {"file": exported["file"], "parity": exported["parity"]["skipped"]}
+            continue
+        with torch.inference_mode():
+            reference = eager(slices)                                      # [N, K, S, S]
+            outputs = torch.cat([run(x[None]) for x in slices])
+        difference = float((reference - outputs).abs().max())
+        if not difference <= PARITY_TOLERANCE:
+            raise ExportError(f"export: {fmt} output differs from the eager student by "
+                              f"{difference:.3g} > {PARITY_TOLERANCE} on test slices "
+                              f"({exported['file']})")
+        result[fmt] = {"file": exported["file"], "max_abs_diff": difference,
+                       "label_agreement": float((reference.argmax(1) == outputs.argmax(1))
+                                                .float().mean()),
+                       "random_input": exported["parity"], "latency_ms": exported["latency_ms"]}
     return result
-
-
-def export_onnx(wrapper: nn.Module, inputs: torch.Tensor, reference: torch.Tensor,
-                path: Path, log: Callable[[str], None]) -> dict:
-    """ONNX export with a dynamic batch; parity through onnxruntime when it imports."""
-    import onnx
-
-    with atomic_output(path) as tmp:
-        torch.onnx.export(wrapper, (inputs[:1],), str(tmp), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"},
-                                                                 "logits": {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)))
-    try:
-        import onnxruntime
-    except ImportError as err:
-        reason = f"onnxruntime is not installed ({err}); model checked, outputs not compared"
-        log(f"export: ONNX parity skipped: {reason}")
-        return {"file": str(path), "parity": reason}
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(["logits"], {"image": inputs.numpy()})
-    return {"file": str(path), **parity(reference, torch.from_numpy(output))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,7 +746,7 @@ def _export(run: Run, stage_dir: Path) -> dict:
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
         kd = run.results["student_kd"]
         return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
-                              run.stages.log)
+                              EXPORT_LATENCY_ROUNDS, run.stages.log)
     return from_rank0(export)
 
 

@@ -62,8 +62,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
-from kdhpc.config import (Config, ConfigError, describe_changes, digest, sha256_file,
-                          write_atomic)
+from kdhpc.config import (Config, ConfigError, describe_changes, digest, result_values,
+                          sha256_file, write_atomic)
 from kdhpc.teacher.stream import Extract, StreamTeacher
 
 log = logging.getLogger("kdhpc.teacher.cache")
@@ -96,9 +96,9 @@ def teacher_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> 
 
 def cache_config(cfg: Config) -> dict:
     """The part of the config a teacher cache depends on: data, mask, degradation and views
-    (worker count excluded: it does not change a single value)."""
-    data = dataclasses.asdict(cfg.data)
-    data.pop("num_workers")
+    (worker count excluded: it does not change a single value; so are fields added since, while
+    at their defaults: :func:`kdhpc.config.result_values`)."""
+    data = result_values(cfg.data)
     return {"recipe": cfg.recipe, "data": data, "mask": dataclasses.asdict(cfg.mask),
             "degrade": dataclasses.asdict(cfg.degrade),
             "default_data": dataclasses.asdict(cfg.default_data)}
