@@ -2,7 +2,7 @@
 per-item latency.
 
 A recipe's final stage writes ``<run_dir>/report.md``, ``metrics.json`` and PNG figures with
-these, and prints the main table. Tables show ``mean +- std`` over volumes (DESIGN.md); the
+these, and prints the main table. Tables show ``mean +- std`` over volumes (docs/methods.md); the
 paired tests compare per-volume (or per-slice) values of two models on the same data.
 """
 

@@ -322,7 +322,7 @@ def shared_stage_names(cfg: Config, swept_keys: Sequence[str]) -> list[str]:
 
 
 def stage_key(name: str, depends: dict) -> str:
-    """The digest :class:`kdhpc.distill.Stages` keys a stage by (``Stages.key`` when the engine
+    """The digest :class:`kdhpc.recipe.Stages` keys a stage by (``Stages.key`` when the engine
     offers it; else the same formula)."""
     key_fn = getattr(Stages, "key", None)
     if callable(key_fn):
@@ -497,7 +497,7 @@ class SweepJob(submitit.helpers.Checkpointable):
 
 
 def check_trial_result(result: Any, source: str) -> None:
-    """Refuse a ``sweep_trial`` result that the aggregation cannot read, saying what is wrong."""
+    """Refuse a trial result (``Recipe.trial_result``) that the aggregation cannot read, saying what is wrong."""
     if not isinstance(result, dict):
         raise SweepError(f"{source}: expected a dict, found {type(result).__name__}")
     for key in ("volumes", "metrics", "per_volume"):

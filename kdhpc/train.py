@@ -165,7 +165,7 @@ def install_preemption_handlers() -> None:
 
     Installed once for the whole run (training, evaluation, cache fills and reports alike), so
     a signal that arrives between two training loops is not lost: the engine honours it at its
-    next step, :class:`kdhpc.distill.Stages` at the next stage boundary.
+    next step, :class:`kdhpc.recipe.Stages` at the next stage boundary.
     """
     if threading_is_main():
         for sig in PREEMPT_SIGNALS:

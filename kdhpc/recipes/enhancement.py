@@ -7,7 +7,7 @@ Run::
     torchrun --nproc-per-node=2 -m kdhpc.distill configs/enh_default.yaml
     python -m kdhpc.teacher.cache configs/enh_default.yaml      # fill the SwinIR cache by itself
 
-Stages (each resumable, :class:`kdhpc.distill.Stages`)::
+Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each resumable)::
 
     data -> teacher (SwinIR on degrade.task) -> teacher_cache -> student_a<alpha> for each alpha
          -> expert_denoise, expert_superres (EDSR) -> expert_cache

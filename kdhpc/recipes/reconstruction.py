@@ -11,9 +11,11 @@ Run::
 Published settings: ``configs/recon_kdmri_{brain,cardiac,knee}.yaml``, one per dataset at 4x;
 the acceleration is an override (``mask.acceleration=5`` or ``8``, with its own ``run_dir``).
 
-Stages (each resumable and digest-keyed, :class:`kdhpc.distill.Stages`)::
+Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each resumable and
+digest-keyed on the config keys it declares)::
 
     data -> teacher -> teacher_cache -> student -> student_at -> student_kd -> evaluate -> report
+                                                                          (sweeps: evaluate_val)
 
 - ``teacher`` (KD-MRI step 1): ``model.teacher`` trained on L1, or ``model.teacher_checkpoint``
   loaded. ``teacher_cache``: for every view of every training slice, the frozen teacher's output
@@ -28,7 +30,7 @@ Stages (each resumable and digest-keyed, :class:`kdhpc.distill.Stages`)::
   validation image metric cannot select among its checkpoints).
 - ``student_kd`` (step 3): from ``student_at``'s weights, ``alpha * L1(S, T) + (1 - alpha) *
   L1(S, Y)`` (:func:`kdhpc.losses.imitation_loss`; ``alpha = loss.alpha`` weighs the
-  distillation term, DESIGN.md; KD-MRI's paper writes alpha on the data term: its alpha = 0.5
+  distillation term, docs/methods.md; KD-MRI's paper writes alpha on the data term: its alpha = 0.5
   maps onto ours unchanged). As in KD-MRI every stage runs ``train.epochs`` epochs, so the KD
   student sees twice the baseline's optimiser steps (AT pre-training, then fine-tuning): the
   report says so beside the gap it closes.

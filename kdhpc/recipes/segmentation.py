@@ -8,7 +8,7 @@ Run::
     python -m kdhpc.teacher.cache configs/seg_default.yaml          # fill the cache by itself
     python -m kdhpc.segment IMAGE.nii.gz --model RUN_DIR             # use the KD student
 
-Stages (each resumable, :class:`kdhpc.distill.Stages`)::
+Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each resumable)::
 
     data -> teacher -> teacher_cache -> student_nokd -> student_kd -> evaluate -> speed
          -> export -> report

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # slurm-local.sh -- kdhpc's test fixture: a real SLURM cluster on localhost (no systemd; cgroups
 # optional), used by tests/test_slurm.py and tests/test_sweep.py through .ci/slurm.sh.
-# Derived from the tested recipe in ../shared/notes/slurm-local.md (Debian 12 bookworm:
-# slurm-wlm 22.05.8, munge 0.5.15, MariaDB 10.11), run as root on a 2-core machine.
+# Derived from a recipe tested on Debian 12 bookworm (slurm-wlm 22.05.8, munge 0.5.15,
+# MariaDB 10.11), run as root on a 2-core machine.
 #
 #   slurm-local.sh install          # apt-get the packages (idempotent)
 #   slurm-local.sh start            # start the daemons; prints: export SLURM_CONF=$DIR/slurm.conf
