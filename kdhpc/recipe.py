@@ -125,6 +125,13 @@ def recipe_of(cfg: Config) -> Recipe:
     return recipe
 
 
+def expect_dataset(cfg: Config, kinds: Sequence[str]) -> None:
+    """Refuse a ``data.dataset`` the recipe cannot read, naming the ones it can."""
+    if cfg.data.dataset not in kinds:
+        raise ConfigError(f"data.dataset: expected {', '.join(kinds[:-1])} or {kinds[-1]} for "
+                          f"recipe {cfg.recipe!r}, found {cfg.data.dataset!r}")
+
+
 def preflight(cfg: Config) -> Recipe:
     """Every check that can fail before anything is written: the recipe exists and accepts the
     config (model names, dataset kind, sizes), ``data.root`` exists, the teacher checkpoint

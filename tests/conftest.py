@@ -6,6 +6,7 @@ Imports torch only, so the kernel tests (``pytest -m gpu``) run where the traini
 
 import os
 
+import pytest
 import torch
 
 # Set before anything imports deepspeed or triton.
@@ -20,25 +21,32 @@ def pytest_configure(config):
                    "CUDA data-consistency op); benchmarks/gpu_check.sh runs `pytest -m gpu`")
 
 
-RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _forget_single_process_rendezvous() -> None:
+def _forget_single_process_port() -> None:
     """An in-process run (kdhpc.distill.run, kdhpc.train.train) opens a one-rank process group
     and exports its rendezvous variables; the group stays open for the rest of the session. A
-    later test that starts kdhpc in a subprocess would inherit them and try to listen on the
-    port that group holds (EADDRINUSE). Once the group is up the variables are not read again,
-    so each test starts without them."""
+    later test that starts kdhpc in a subprocess would inherit MASTER_PORT and try to listen on
+    the port that group holds (EADDRINUSE). The port is not read again once the group is up (the
+    rest, LOCAL_RANK above all, DeepSpeed still reads), and a one-rank child picks a free port
+    without it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
-        for name in RANK_VARIABLES:
-            os.environ.pop(name, None)
+        os.environ.pop("MASTER_PORT", None)
 
 
 def pytest_runtest_setup(item):
-    _forget_single_process_rendezvous()
+    _forget_single_process_port()
 
 
 def pytest_runtest_call(item):
-    _forget_single_process_rendezvous()
+    _forget_single_process_port()
+
+
+@pytest.fixture(scope="module")
+def single_intra_op_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a busy shared machine a second
+    thread only adds synchronisation, which costs more than the work itself."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -28,12 +28,7 @@ STUDENTS = [("dccnn_student", {"n_cascades": 2}, (16, 16)),
             ("mobilenet_unet_student_small", {}, (32, 32))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 def _independent_reference(name: str, model: nn.Module, inputs: tuple) -> torch.Tensor:

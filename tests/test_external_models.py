@@ -40,13 +40,7 @@ USER_MODULE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared machine: a second intra-op thread only adds synchronisation.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 @pytest.fixture

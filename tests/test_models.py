@@ -18,14 +18,7 @@ from kdhpc.models.swinir import (WindowAttention, attention_mask, relative_posit
 from kdhpc.models.vdsr import VDSR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, which on a busy shared
-    # machine costs more than the work itself.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 def _seed(seed: int = 0) -> torch.Generator:

@@ -82,8 +82,8 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError, write_atomic
 from kdhpc.data.degrade import dihedral
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
-                          teacher_stage, teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
+                          fill_verified_cache, teacher_stage, teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.data.views import center_crop
@@ -933,9 +933,7 @@ def _report(run: Run, stage_dir: Path) -> dict:
 
 def check_config(cfg: Config) -> None:
     """Refuse what this recipe cannot run, before anything is written."""
-    if cfg.data.dataset not in ("default_brain", "fastmri"):
-        raise ConfigError(f"data.dataset: expected default_brain or fastmri for recipe "
-                          f"'enhancement', found {cfg.data.dataset!r}")
+    expect_dataset(cfg, ("default_brain", "fastmri"))
     model_task(cfg)
     alpha_grid(cfg)
     multitask_arch(cfg.model.student)

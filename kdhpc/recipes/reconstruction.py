@@ -108,9 +108,9 @@ from kdhpc.models.external import (PROGRAM_KINDS, ModelSpecError, build_from_spe
                                    checkpoint_kind, is_factory_spec, load_state_dict_file)
 from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
-                          key_value, latency_rows, longer_training_config, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
+                          fill_verified_cache, key_value, latency_rows, longer_training_config,
+                          teacher_stage, teacher_training_config)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import rank, world_size
 from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
@@ -141,9 +141,7 @@ def check_config(cfg: Config) -> None:
     if cfg.degrade.task != task:
         raise ConfigError(f"degrade.task: expected {task!r} for recipe {cfg.recipe!r}, found "
                           f"{cfg.degrade.task!r}")
-    if cfg.data.dataset not in ("default_brain", "fastmri", "kdmri"):
-        raise ConfigError(f"data.dataset: expected default_brain, fastmri or kdmri for recipe "
-                          f"{cfg.recipe!r}, found {cfg.data.dataset!r}")
+    expect_dataset(cfg, ("default_brain", "fastmri", "kdmri"))
     if cfg.data.patch_size:
         raise ConfigError(f"data.patch_size: expected 0 (whole slices: a DC step needs the "
                           f"whole k-space; use data.crop), found {cfg.data.patch_size}")

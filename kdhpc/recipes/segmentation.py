@@ -112,8 +112,8 @@ from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, download
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
 from kdhpc.export import LOADERS, ExportError, FullResolution, export_model
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, fill_verified_cache,
-                          latency_rows, teacher_stage, teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
+                          fill_verified_cache, latency_rows, teacher_stage, teacher_training_config)
 from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
@@ -761,9 +761,7 @@ def _report(run: Run, stage_dir: Path) -> dict:
 
 def check_config(cfg: Config) -> None:
     """Refuse what this recipe cannot run, before anything is written."""
-    if cfg.data.dataset not in ("default_cardiac", "acdc"):
-        raise ConfigError(f"data.dataset: expected default_cardiac or acdc for recipe "
-                          f"'segmentation', found {cfg.data.dataset!r}")
+    expect_dataset(cfg, ("default_cardiac", "acdc"))
     image_size(cfg)
     patch_size(cfg)
     for key in ("teacher", "student"):

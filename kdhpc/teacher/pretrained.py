@@ -43,7 +43,8 @@ def read_manifest() -> dict:
     try:
         return json.loads(MANIFEST.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{MANIFEST}: unreadable manifest of the shipped teachers: {err}") from None
+        raise ConfigError(f"{MANIFEST}: unreadable manifest of the shipped teachers: "
+                          f"{err}") from None
 
 
 def resolve_teacher_checkpoint(cfg: Config) -> tuple[Path, str]:
