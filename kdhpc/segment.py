@@ -4,6 +4,14 @@ Run::
 
     python -m kdhpc.segment IMAGE.nii.gz --model RUN_DIR [--out OUT.nii.gz] [--eager]
                             [--device cpu|cuda]
+    python -m kdhpc.segment FOLDER --model RUN_DIR [--out OUT_FOLDER]     # every image in it
+
+Folder mode segments every ``*.nii.gz`` / ``*.nii`` image of FOLDER and its sub-folders (an ACDC
+patient or the whole ``testing/`` tree; files ending in ``_gt`` or ``_seg`` are labels, not
+images) into OUT_FOLDER (default: beside each image), keeping the sub-folder layout. When an
+image has its labels beside it (``<stem>_gt.nii.gz``, ACDC's naming), Dice per class (RV,
+myocardium, LV; ``kdhpc.metrics.dice``) is printed per image and as the mean over images, and
+written to ``OUT_FOLDER/dice.json``.
 
 ``RUN_DIR`` is a finished segmentation run (``python -m kdhpc.distill configs/seg_default.yaml``).
 The model is the exported TorchScript KD student ``RUN_DIR/export/student_kd.torchscript.pt``
@@ -212,18 +220,77 @@ def default_output(image: str | Path) -> Path:
     return image.with_name(f"{name}_seg.nii.gz")
 
 
+LABEL_SUFFIXES = ("_gt", "_seg")
+CLASS_NAMES = {1: "RV", 2: "myocardium", 3: "LV"}
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The images of ``folder`` (recursively, symlinks followed), labels left out."""
+    found = sorted(p for pattern in ("*.nii.gz", "*.nii") for p in folder.rglob(pattern)
+                   if not _stem(p).endswith(LABEL_SUFFIXES))
+    if not found:
+        raise SegmentError(f"{folder}: expected NIfTI images (*.nii.gz, *.nii), found none")
+    return found
+
+
+def label_dice(labels: np.ndarray, truth_path: Path) -> dict[str, float]:
+    """Dice per class of ``labels`` against the label file ``truth_path`` (same grid)."""
+    from kdhpc.metrics import dice
+
+    truth = np.rint(image_array(read_image(truth_path), truth_path)).astype(np.int64)
+    if truth.shape != labels.shape:
+        raise SegmentError(f"{truth_path}: expected labels of the image's shape "
+                           f"{tuple(labels.shape)}, found {tuple(truth.shape)}")
+    scores = dice(labels, truth, len(CLASS_NAMES) + 1)  # the whole volume, |P| + |G| = 0 -> 1
+    row = {CLASS_NAMES[k]: float(scores[k]) for k in CLASS_NAMES}
+    row["mean"] = float(np.mean(list(row.values())))
+    return row
+
+
+def segment_folder(folder: Path, out_folder: Path | None, segmenter: Segmenter, size: int,
+                   device: str) -> dict[str, dict[str, float]]:
+    """Segment every image of ``folder``; returns Dice per image that has ``_gt`` labels."""
+    scores = {}
+    for path in folder_images(folder):
+        image = read_image(path)
+        labels = segment_volume(segmenter, image_array(image, path), size, device=device)
+        target = (default_output(path) if out_folder is None
+                  else out_folder / path.relative_to(folder).parent / f"{_stem(path)}_seg.nii.gz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_labels(labels, image, target)
+        truth = path.with_name(f"{_stem(path)}_gt{path.name[len(_stem(path)):]}")
+        line = f"{target}: labels {tuple(labels.shape)}"
+        if truth.is_file():
+            scores[str(path.relative_to(folder))] = row = label_dice(labels, truth)
+            line += "; Dice " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+        print(line, flush=True)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdhpc.segment",
                                      description="Label RV, myocardium and LV in a short-axis "
                                                  "NIfTI with a distilled student.")
-    parser.add_argument("image", help="2-D (H, W) or 3-D (H, W, S) NIfTI image")
+    parser.add_argument("image", help="2-D (H, W) or 3-D (H, W, S) NIfTI image, or a folder of "
+                                      "them (every image in it; Dice where _gt labels exist)")
     parser.add_argument("--model", required=True, help="segmentation run folder (RUN_DIR)")
-    parser.add_argument("--out", help="output label NIfTI (default: <image stem>_seg.nii.gz)")
+    parser.add_argument("--out", help="output label NIfTI, or folder in folder mode (default: "
+                                      "<image stem>_seg.nii.gz beside each image)")
     parser.add_argument("--eager", action="store_true",
                         help="use the student weights even when a TorchScript export exists")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args(argv)
     try:
+        if Path(args.image).is_dir():
+            return _main_folder(args)
         image = read_image(args.image)
         data = image_array(image, args.image)
         segmenter, size, source = load_segmenter(args.model, args.eager, args.device)
@@ -235,6 +302,25 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.bincount(labels.ravel(), minlength=4)
     print(f"{out}: labels {tuple(labels.shape)} from {source}; voxels RV {counts[1]}, "
           f"myocardium {counts[2]}, LV {counts[3]}")
+    return 0
+
+
+
+def _main_folder(args: argparse.Namespace) -> int:
+    import json
+
+    segmenter, size, source = load_segmenter(args.model, args.eager, args.device)
+    out_folder = Path(args.out) if args.out else None
+    scores = segment_folder(Path(args.image), out_folder, segmenter, size, args.device)
+    print(f"segmented with {source}")
+    if scores:
+        mean = {k: float(np.mean([row[k] for row in scores.values()]))
+                for k in next(iter(scores.values()))}
+        print(f"mean Dice over {len(scores)} labelled images: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
+        report = (out_folder or Path(args.image)) / "dice.json"
+        with atomic_output(report) as tmp:
+            Path(tmp).write_text(json.dumps({"per_image": scores, "mean": mean}, indent=1))
     return 0
 
 

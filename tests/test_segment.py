@@ -141,3 +141,47 @@ def test_fit_to_inverts_crop_or_pad_offsets():
         assert inside.sum() == min(height, SIZE) * min(width, SIZE)
         top, left = max(0, (height - SIZE) // 2), max(0, (width - SIZE) // 2)
         assert back[top, left] == x[top, left]
+
+
+def _own_dice(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
+    p, g = pred == k, truth == k
+    return 1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum())
+
+
+def test_folder_mode_segments_every_image_and_scores_those_with_labels(run_dir, tmp_path,
+                                                                       capsys):
+    import json
+
+    folder, student = run_dir
+    rng = np.random.default_rng(5)
+    data = tmp_path / "testing"
+    volumes = {}
+    for patient in ("patient101", "patient102"):
+        (data / patient).mkdir(parents=True)
+        volume = rng.gamma(2.0, 50.0, (50, 80, 2)).astype(np.float32)  # H < S, W > S
+        write_image(data / patient / f"{patient}_frame01.nii.gz", volume)
+        volumes[patient] = volume
+    truth = np.zeros((50, 80, 2), np.uint8)
+    truth[20:40, 25:45] = 3
+    truth[25:30, 50:60] = 1
+    write_image(data / "patient101" / "patient101_frame01_gt.nii.gz", truth)  # labels: scored
+    out = tmp_path / "out"
+    assert S.main([str(data), "--model", str(folder), "--out", str(out)]) == 0
+    written = {}
+    for patient, volume in volumes.items():
+        written[patient] = np.asarray(nib.load(out / patient /
+                                               f"{patient}_frame01_seg.nii.gz").dataobj)
+        assert (written[patient] == expected_labels(student, volume)).mean() > 0.999
+    labels = written["patient101"]
+    report = json.loads((out / "dice.json").read_text())
+    assert list(report["per_image"]) == ["patient101/patient101_frame01.nii.gz"]
+    row = report["per_image"]["patient101/patient101_frame01.nii.gz"]
+    for k, name in ((1, "RV"), (2, "myocardium"), (3, "LV")):
+        assert row[name] == pytest.approx(_own_dice(labels, truth, k))
+    assert report["mean"]["mean"] == pytest.approx(np.mean([row["RV"], row["myocardium"],
+                                                             row["LV"]]))
+    assert "mean Dice over 1 labelled images" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert S.main([str(empty), "--model", str(folder)]) == 2
+    assert "expected NIfTI images" in capsys.readouterr().err
