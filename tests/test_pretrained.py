@@ -17,7 +17,8 @@ from kdhpc.models import build_model
 from kdhpc.teacher import pretrained
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULTS = {"recon_default": "recon_default.yaml", "recon_default_8x": "recon_default_8x.yaml"}
+DEFAULTS = {"recon_default": "recon_default.yaml", "recon_default_8x": "recon_default_8x.yaml",
+            "seg_default": "seg_default.yaml"}
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
@@ -75,6 +76,7 @@ def test_a_run_on_other_data_is_refused_saying_what_changed_and_what_to_do():
                                           r"recon_default\.yaml"):
         pretrained.resolve_teacher_checkpoint(cfg)
     with pytest.raises(ConfigError, match=r"expected one of the shipped teachers "
-                                          r"pretrained:recon_default, pretrained:recon_default_8x"):
+                                          r"pretrained:recon_default, pretrained:recon_default_8x, "
+                                          r"pretrained:seg_default"):
         pretrained.resolve_teacher_checkpoint(load_config(
             REPO / "configs" / "recon_default.yaml", ["model.teacher_checkpoint=pretrained:nope"]))
