@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -380,7 +380,7 @@ def teacher_checkpoint_extra(cfg: Config) -> dict:
 def teacher_stage(train: Callable[[Run, Path], dict], keys: Sequence[str],
                   cfg: Config, load: Callable[[Run, Path], dict]) -> Stage:
     """The teacher: trained by ``train`` (on ``TEACHER_TRAIN_KEYS`` and ``keys``), or, when
-    ``model.teacher_checkpoint`` names weights (a file, or ``default`` for the shipped one),
+    ``model.teacher_checkpoint`` names weights (a file, or ``pretrained:<name>`` for a shipped one),
     loaded and checked by ``load``."""
     if cfg.model.teacher_checkpoint:
         return Stage("teacher", load, keys=("model.teacher",), consumes=("data",),
@@ -401,15 +401,6 @@ def timed_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
             call()
             times[name].append(1e3 * (clock() - start))
     return times
-
-
-@dataclass
-class LatencyRow:
-    """One device/thread setting of a latency comparison."""
-
-    device: str
-    threads: int | str
-    ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def latency_rows(models: dict[str, Callable[[], Any]], repeats: int,
