@@ -327,6 +327,18 @@ def teacher_training_config(cfg: Config) -> Config:
     return longer_training_config(cfg, cfg.train.teacher_epochs_factor)
 
 
+def save_gathered(rows: list, path: Path) -> int:
+    """Every rank's evaluation ``rows`` gathered in rank order, written once (rank 0) as JSON at
+    ``path``; every rank waits for the file and gets the number of rows."""
+    from kdhpc.runtime import gather
+
+    rows = gather(rows)
+    if rank() == 0:
+        write_atomic(path, json.dumps(rows, indent=0))
+    barrier()
+    return len(rows)
+
+
 def data_root(cfg: Config) -> Path:
     """The dataset folder; the embedded default set is generated once, by rank 0, while the
     other ranks wait, then every rank reuses it."""

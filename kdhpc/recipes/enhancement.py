@@ -80,12 +80,12 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from kdhpc.config import Config, ConfigError, write_atomic
+from kdhpc.config import Config, ConfigError
 from kdhpc.data.degrade import dihedral
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, teacher_stage, teacher_training_config,
-                          timed_interleaved)
-from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
+                          fill_verified_cache, save_gathered, teacher_stage,
+                          teacher_training_config, timed_interleaved)
+from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.data.views import center_crop
 from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
@@ -882,12 +882,8 @@ def _evaluate(run: Run, stage_dir: Path) -> dict:
 
 
 def _save_rows(rows: list[dict], stage_dir: Path) -> dict:
-    rows = gather(rows)
-    if rank() == 0:
-        write_atomic(stage_dir / "slices.json", json.dumps(rows, indent=0))
-    barrier()
-    return {"slices": str(stage_dir / "slices.json"), "rows": len(rows),
-            "world_size": world_size()}
+    count = save_gathered(rows, stage_dir / "slices.json")
+    return {"slices": str(stage_dir / "slices.json"), "rows": count, "world_size": world_size()}
 
 
 SWEEP_MODELS = {"teacher": "teacher", "no_kd": alpha_name(0.0), "student": "student_kd"}

@@ -106,15 +106,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdhpc.config import Config, ConfigError, DegradeConfig, write_atomic
+from kdhpc.config import Config, ConfigError, DegradeConfig
 from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, download_split,
                              is_acdc_download)
 from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import atomic_output
 from kdhpc.export import LOADERS, ExportError, FullResolution, export_model
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, latency_rows, teacher_stage, teacher_training_config)
-from kdhpc.runtime import barrier, from_rank0, gather, rank, world_size
+                          fill_verified_cache, latency_rows, save_gathered, teacher_stage,
+                          teacher_training_config)
+from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
@@ -718,11 +719,8 @@ def _evaluate(split: str) -> Callable[[Run, Path], dict]:
             del nets["teacher_tta"]
         rows = evaluate_models(_recipe(run).views(split), nets, run.cfg.eval.batch_size,
                                stage_dir / f"predictions-rank{rank():05d}.npz")
-        rows = gather(rows)
-        if rank() == 0:
-            write_atomic(stage_dir / "volumes.json", json.dumps(rows, indent=1))
-        barrier()
-        return {"volumes_file": str(stage_dir / "volumes.json"), "rows": len(rows),
+        count = save_gathered(rows, stage_dir / "volumes.json")
+        return {"volumes_file": str(stage_dir / "volumes.json"), "rows": count,
                 "world_size": world_size()}
     return run_stage
 
@@ -803,11 +801,11 @@ def summary(run: Run) -> str:
 
 def trial_result(run: Run) -> dict:
     """A sweep trial: per-volume validation Dice of the KD student, teacher and no-KD student."""
-    values = per_model(json.loads(Path(run.results["evaluate_val"]["volumes_file"]).read_text()))
+    evaluated = json.loads(Path(run.results["evaluate_val"]["volumes_file"]).read_text())
+    values = per_model(evaluated)
     rows = {"student": "student_kd", "no_kd": "student_nokd",
             "teacher": "teacher_tta" if "teacher_tta" in values else "teacher"}
-    volumes = sorted({patient_of(r["volume"]) for r in json.loads(Path(
-        run.results["evaluate_val"]["volumes_file"]).read_text())})
+    volumes = sorted({patient_of(r["volume"]) for r in evaluated})
     metrics = ["dice_mean", *DICE_KEYS[:-1]]
     return {"volumes": volumes, "metrics": metrics,
             "per_volume": {key: {m: values[model][m] for m in metrics}
