@@ -87,6 +87,11 @@ class DataConfig:
     spacing: list[float] = _f([], "ACDC: in-plane spacing (mm) [row, column] that volumes are "
                               "resampled to; empty = the files' own grid",
                               factory=True, omit_default=True)
+    unlabelled_split: str = _f("", "reconstruction: a split of extra training volumes used "
+                               "WITHOUT their targets (undersampled k-space only): extra KD "
+                               "stages train the student on them with the teacher's output as "
+                               "the only target, beside the labelled training split; empty = "
+                               "none. Never the val or test split", omit_default=True)
 
 
 @dataclass
@@ -142,6 +147,10 @@ class DefaultDataConfig:
     cardiac_size: int = _f(192, "cardiac image size (square, pixels)", lo=64)
     split: list[float] = _f([0.6, 0.2, 0.2], "train/val/test fractions, split by subject",
                             factory=True)
+    brain_unlabelled_subjects: int = _f(0, "extra brain subjects written as the split "
+                                        "'unlabelled' ({challenge}_unlabelled/); the train/val/"
+                                        "test subjects stay the same files", lo=0,
+                                        omit_default=True)
 
 
 @dataclass

@@ -130,6 +130,23 @@ def imitation_loss(pred: torch.Tensor, target: torch.Tensor, teacher: torch.Tens
     return _total(terms, {"imitation": alpha, "l1": 1.0 - alpha})
 
 
+def imitation_loss_with_unlabelled(pred: torch.Tensor, target: torch.Tensor,
+                                   teacher: torch.Tensor, alpha: float,
+                                   labelled: torch.Tensor) -> Terms:
+    """:func:`imitation_loss` over a batch where some samples have no target (``labelled`` [B]
+    is 0 there): per sample ``alpha L1(S, T) + (1 - alpha) L1(S, Y)`` when labelled, ``L1(S, T)``
+    (the teacher, the only target) when not; the loss is the mean over samples, so an all-
+    labelled batch gives :func:`imitation_loss` exactly. ``l1`` is logged over the labelled
+    samples (0 without any)."""
+    per_sample = lambda x: x.abs().flatten(1).mean(1)  # noqa: E731
+    weight = labelled.to(pred.dtype).reshape(-1)
+    imitation = per_sample(pred - teacher)
+    data = per_sample(pred - target)
+    loss = ((alpha * weight + (1.0 - weight)) * imitation + (1.0 - alpha) * weight * data).mean()
+    return {"imitation": imitation.mean(), "l1": (weight * data).sum() / weight.sum().clamp_min(1),
+            "unlabelled_share": (1.0 - weight).mean().detach(), "loss": loss}
+
+
 def attention_transfer_loss(student_features: Sequence[torch.Tensor],
                             teacher: Sequence[torch.Tensor], p: float = 2.0,
                             mode: str = "paper") -> Terms:

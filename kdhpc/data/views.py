@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from kdhpc.config import DegradeConfig, MaskConfig
-from kdhpc.data.degrade import ViewKey, make_view, view_key
+from kdhpc.data.degrade import ViewKey, ifft2, make_view, view_key
 from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset
 from kdhpc.data.masks import make_mask, to_layout
 
@@ -250,3 +250,92 @@ def describe_views(views: SliceViews) -> dict[str, Any]:
             "num_views": views.num_views, "task": views.degrade.task,
             "centered": views.centered, "crop": views.crop, "normalize": views.normalize,
             "input_kind": views.input_kind}
+
+
+class TargetFreeViews:
+    """Views of volumes used without their targets (undersampled k-space only).
+
+    The view is simulated as :class:`SliceViews` makes it (the measured k-space of the recipe's
+    data model), then everything a target gave away is taken back: the volume is re-normalised by
+    the maximum of its own zero-filled magnitude (a scan without a target has no other scale),
+    and ``target`` is zeros with ``labelled = 0``. Nothing of the target reaches a loss but the
+    measured lines themselves.
+    """
+
+    def __init__(self, views: SliceViews):
+        if views.degrade.task != "undersample":
+            raise ValueError(f"TargetFreeViews: expected undersampled views, found task "
+                             f"{views.degrade.task!r}")
+        self.views = views
+        self.num_views = views.num_views
+        self._zero_filled_max: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def volume_of(self, index: int) -> int:
+        return self.views.volume_of(index)
+
+    def view_key(self, index: int, view: int) -> ViewKey:
+        return self.views.view_key(index, view)
+
+    def zero_filled_max(self, volume: int) -> float:
+        """The volume's maximum zero-filled magnitude over its slices (view 0), original units."""
+        if volume not in self._zero_filled_max:
+            peak = 0.0
+            for index in self.views.slices.volume_indices(volume):
+                item = self.views.get_view(index, 0)
+                zero_filled = ifft2(item["kspace"], self.views.centered).abs()
+                peak = max(peak, float(zero_filled.max()) * float(item["scale"]))
+            self._zero_filled_max[volume] = peak
+        return self._zero_filled_max[volume]
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        item = self.views.get_view(index, view)
+        scale = self.zero_filled_max(int(item["volume"]))
+        ratio = float(item["scale"]) / scale
+        item["input"] = item["input"] * ratio
+        item["kspace"] = item["kspace"] * ratio
+        item["target"] = torch.zeros_like(item["target"])
+        item["scale"] = item["volume_max"] = torch.tensor(scale, dtype=torch.float32)
+        item["labelled"] = torch.tensor(0.0)
+        return item
+
+
+class WithUnlabelledViews:
+    """A labelled view dataset whose extra views are target-free slices of other volumes.
+
+    Item ``index`` keeps its length and its labelled views ``0..L-1`` (``L`` its ``num_views``);
+    views ``L..L+R-1`` are view 0 of unlabelled slice ``((view - L) * len + index) % U``, with
+    ``R = ceil(U / len)`` so every unlabelled slice is some item's view. The engine draws one view
+    per item and epoch, so a run keeps its steps per epoch and its schedule while a share
+    ``R / (L + R)`` of its samples are unlabelled; the teacher cache stores one record per view.
+    """
+
+    def __init__(self, labelled, unlabelled: TargetFreeViews):
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.rounds = -(-len(unlabelled) // len(labelled))
+        self.num_views = labelled.num_views + self.rounds
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def volume_of(self, index: int) -> int:
+        return self.labelled.volume_of(index)
+
+    def _unlabelled_index(self, index: int, view: int) -> int | None:
+        extra = view - self.labelled.num_views
+        return None if extra < 0 else (extra * len(self.labelled) + index) % len(self.unlabelled)
+
+    def view_key(self, index: int, view: int) -> ViewKey:
+        other = self._unlabelled_index(index, view)
+        return (self.labelled.view_key(index, view) if other is None
+                else self.unlabelled.view_key(other, 0))
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        other = self._unlabelled_index(index, view)
+        if other is not None:
+            return self.unlabelled.get_view(other, 0)
+        item = self.labelled.get_view(index, view)
+        item["labelled"] = torch.tensor(1.0)
+        return item

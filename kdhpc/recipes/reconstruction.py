@@ -99,8 +99,9 @@ from kdhpc.config import Config, ConfigError, digest, write_atomic
 from kdhpc.data.default import dataset_root
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.kdmri import KDMRISliceDataset
-from kdhpc.data.views import SliceViews, describe_views
-from kdhpc.losses import attention_transfer_loss, imitation_loss
+from kdhpc.data.views import SliceViews, TargetFreeViews, WithUnlabelledViews, describe_views
+from kdhpc.losses import (attention_transfer_loss, imitation_loss,
+                          imitation_loss_with_unlabelled)
 from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_slice_sums,
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, count_parameters, feature_layers
@@ -117,7 +118,6 @@ from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, 
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
 
-ROWS = ("ZF", "Teacher", "Student", "KD-Student")
 TABLE_METRICS = ("psnr", "ssim", "nmse", "hfen")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "HFEN"}
 METRIC_FORMATS = {"psnr": ".2f", "ssim": ".4f", "nmse": ".4f", "hfen": ".4f"}
@@ -145,6 +145,16 @@ def check_config(cfg: Config) -> None:
     if cfg.data.patch_size:
         raise ConfigError(f"data.patch_size: expected 0 (whole slices: a DC step needs the "
                           f"whole k-space; use data.crop), found {cfg.data.patch_size}")
+    unlabelled = cfg.data.unlabelled_split
+    if unlabelled:
+        if is_superres(cfg):
+            raise ConfigError(f"data.unlabelled_split: expected '' for recipe 'superres' "
+                              f"(target-free volumes are undersampled k-space), found "
+                              f"{unlabelled!r}")
+        labelled = {cfg.data.train_split, cfg.data.val_split, cfg.data.test_split}
+        if unlabelled in labelled:
+            raise ConfigError(f"data.unlabelled_split: expected a split other than the train, "
+                              f"val and test splits {sorted(labelled)}, found {unlabelled!r}")
     check_models(cfg)
 
 
@@ -364,16 +374,22 @@ def make_at_loss(cfg: Config) -> Callable:
             return imitation_loss(output, batch["target"], None, 0.0)
         maps = [targets[f"attention_{i}"] for i in range(len(taps))]
         terms = attention_transfer_loss(taps, maps, p=cfg.loss.at_p, mode=cfg.loss.at_mode)
-        terms["l1"] = F.l1_loss(output.detach(), batch["target"])
+        if "labelled" not in batch:  # target-free samples have no data term to log
+            terms["l1"] = F.l1_loss(output.detach(), batch["target"])
         return terms
     return loss_fn
 
 
 def make_kd_loss(cfg: Config) -> Callable:
-    """Step 3: ``alpha * L1(S, T) + (1 - alpha) * L1(S, Y)``."""
+    """Step 3: ``alpha * L1(S, T) + (1 - alpha) * L1(S, Y)``; a target-free sample (``labelled``
+    0, data.unlabelled_split) learns ``L1(S, T)`` alone."""
     def loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
+        output = forward(model, batch)
+        if targets is not None and "labelled" in batch:
+            return imitation_loss_with_unlabelled(output, batch["target"], targets["output"],
+                                                  cfg.loss.alpha, batch["labelled"])
         teacher = None if targets is None else targets["output"]
-        return imitation_loss(forward(model, batch), batch["target"], teacher, cfg.loss.alpha)
+        return imitation_loss(output, batch["target"], teacher, cfg.loss.alpha)
     return loss_fn
 
 
@@ -530,7 +546,7 @@ def per_metric(per_volume: dict[str, dict[str, dict[str, float]]]
 def results_table(values: dict[str, dict[str, list[float]]]) -> list[dict]:
     """KD-MRI's table: one row per model, ``mean +- std`` over volumes per metric."""
     rows = []
-    for row in ROWS:
+    for row in values:  # ZF, Teacher, Student, KD-Student (, KD-Student+U)
         line: dict[str, Any] = {"model": row}
         for metric in TABLE_METRICS:
             stats = summarize(values[row][metric])
@@ -543,7 +559,7 @@ def results_table(values: dict[str, dict[str, list[float]]]) -> list[dict]:
 
 def gap_summary(values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Fraction of the teacher-student PSNR gap that KD closes and the paired tests."""
-    mean = {row: float(np.mean(values[row]["psnr"])) for row in ROWS}
+    mean = {row: float(np.mean(values[row]["psnr"])) for row in values}
     gap = mean["Teacher"] - mean["Student"]
     # A fraction of a gap that is not there (teacher no better than student) means nothing.
     out: dict[str, Any] = {"psnr_mean": mean, "teacher_student_gap_db": gap,
@@ -551,7 +567,11 @@ def gap_summary(values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
                            "gap_fraction_closed": (mean["KD-Student"] - mean["Student"]) / gap
                            if gap > 0 else None, "tests": {}}
     n = len(values["Student"]["psnr"])
-    for a, b in (("KD-Student", "Student"), ("Teacher", "Student")):
+    pairs = [("KD-Student", "Student"), ("Teacher", "Student")]
+    if UNLABELLED_ROW in values:  # does learning from target-free volumes beat KD without?
+        pairs += [(UNLABELLED_ROW, "KD-Student"), (UNLABELLED_ROW, "Student")]
+        out["unlabelled_gain_db"] = mean[UNLABELLED_ROW] - mean["KD-Student"]
+    for a, b in pairs:
         for metric in ("psnr", "ssim"):
             key = f"{a} vs {b} {metric}"
             out["tests"][key] = (paired_test(values[a][metric], values[b][metric])
@@ -582,6 +602,18 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
                 f"KD-Student vs Student on per-volume PSNR: "
                 f"p = {'n/a' if p_value is None else f'{p_value:.3g}'} (n = {test['n']} "
                 f"volumes).")
+    if UNLABELLED_ROW in values:
+        extra = gaps["tests"][f"{UNLABELLED_ROW} vs KD-Student psnr"]
+        extra_ci = extra.get("ci95")
+        gap_text += (
+            f"\n\nTarget-free volumes (data.unlabelled_split {cfg.data.unlabelled_split!r}): the "
+            f"{UNLABELLED_ROW} student, trained the same steps with a share of them on the "
+            f"teacher's output alone, gains {gaps['unlabelled_gain_db']:+.3f} dB over KD on the "
+            f"labelled set alone"
+            + ("" if extra_ci is None else
+               f" (95% CI [{extra_ci[0]:+.3f}, {extra_ci[1]:+.3f}] dB")
+            + f", p = {'n/a' if extra.get('p_value') is None else format(extra['p_value'], '.3g')}"
+            + ("" if extra_ci is None else ")") + ".")
     protocol = (f"Optimiser steps: teacher {steps['teacher']}, student {steps['student']}, KD "
                 f"student {steps['student_at']} (attention transfer) + {steps['student_kd']} "
                 f"(alpha = {cfg.loss.alpha:g} imitation); "
@@ -623,7 +655,7 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
     ]
     metrics = {"recipe": cfg.recipe, "table": rows, "per_volume": evaluation,
                "summary": {row: {m: summarize(values[row][m]) for m in (*TABLE_METRICS, "mse")}
-                           for row in ROWS},
+                           for row in values},
                "gap": gaps, "parameters": params, "steps": steps, "latency": latency,
                "config_digest": digest(dataclasses.asdict(cfg))}
     write_report(run_dir, f"KD-MRI {cfg.recipe} report", sections, metrics)
@@ -633,7 +665,7 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
 
 def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
     """Row 1: input, target, teacher, student, KD; row 2: their residuals x5 (target: blank)."""
-    order = ["input", "target", *ROWS[1:]]
+    order = list(images)  # input, target, then the models
     titles = ["ZF input" if name == "input" else name for name in order]
     target = images["target"]
     residuals = [np.abs(images[name] - target) * RESIDUAL_GAIN if name != "target"
@@ -653,12 +685,20 @@ def _views(run: Run, split: str) -> SliceViews:
         run.cfg.data, f"{split}_split")))
 
 
+def _training_views(run: Run, unlabelled: bool):
+    """The training split, or (data.unlabelled_split) it with target-free extra views."""
+    if not unlabelled:
+        return _views(run, "train")
+    return run.memo(("views", "with_unlabelled"), lambda: WithUnlabelledViews(
+        _views(run, "train"), TargetFreeViews(_views(run, "unlabelled"))))
+
+
 def _data(run: Run, stage_dir: Path) -> dict:
     cfg = run.cfg
     root = data_root(cfg)
     identity = root.name if not cfg.data.root else str(root.resolve())
-    return {"dataset": identity,
-            **{split: describe_views(_views(run, split)) for split in ("train", "val", "test")}}
+    splits = ("train", "val", "test", *(("unlabelled",) if cfg.data.unlabelled_split else ()))
+    return {"dataset": identity, **{split: describe_views(_views(run, split)) for split in splits}}
 
 
 def _frozen_teacher(run: Run) -> nn.Module:
@@ -680,35 +720,60 @@ def _load_teacher(run: Run, stage_dir: Path) -> dict:
             "steps": 0, "loaded": True}
 
 
-def _fill_cache(run: Run, stage_dir: Path) -> dict:
-    cfg = run.cfg
-    train_set = _views(run, "train")
-    # The stage folder is the default cache: a rerun with new inputs starts from an empty
-    # folder. A teacher.cache_dir elsewhere is reused when it matches and verifies.
-    path = fill_verified_cache(default_cache_dir(cfg), _frozen_teacher(run),
-                               make_extract(cfg.loss.at_p), train_set, cache_config(cfg), cfg)
-    return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+UNLABELLED = "_unlabelled"  # suffix of the stages and cache that add data.unlabelled_split
+
+
+def cache_config_for(cfg: Config, unlabelled: bool) -> Config:
+    """``cfg`` whose teacher cache is the one of the labelled training views, or that of the
+    views with target-free extras (``<cache dir>_unlabelled``: the stage's own folder)."""
+    if not unlabelled:
+        return cfg
+    folder = default_cache_dir(cfg)
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(
+        cfg.teacher, cache_dir=str(folder.with_name(folder.name + UNLABELLED))))
+
+
+def _fill_cache(unlabelled: bool) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        cfg = cache_config_for(run.cfg, unlabelled)
+        train_set = _training_views(run, unlabelled)
+        # The stage folder is the default cache: a rerun with new inputs starts from an empty
+        # folder. A teacher.cache_dir elsewhere is reused when it matches and verifies.
+        path = fill_verified_cache(default_cache_dir(cfg), _frozen_teacher(run),
+                                   make_extract(cfg.loss.at_p), train_set, cache_config(cfg), cfg)
+        return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+    return run_stage
 
 
 def _student_stage(loss: Callable[[Config], Callable], with_teacher: bool, validate: bool,
-                   init: str | None = None, factor: int = 1) -> Callable[[Run, Path], dict]:
+                   init: str | None = None, factor: int = 1,
+                   unlabelled: bool = False) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        cfg = longer_training_config(run.cfg, factor)
+        cfg = cache_config_for(longer_training_config(run.cfg, factor), unlabelled)
         factory = ((lambda: teacher_source(cfg, _frozen_teacher(run), make_extract(cfg.loss.at_p)))
                    if with_teacher else None)
-        return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg), _views(run, "train"),
+        return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg),
+                           _training_views(run, unlabelled),
                            _views(run, "val") if validate else None, teacher_factory=factory,
                            init=run.results[init]["weights"] if init else None)
     return run_stage
 
 
 TRAINED = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
+UNLABELLED_ROW = "KD-Student+U"  # the KD student that also learnt from target-free volumes
+
+
+def trained_rows(cfg: Config) -> dict[str, str]:
+    """Report row -> the stage whose network it evaluates."""
+    if not cfg.data.unlabelled_split:
+        return TRAINED
+    return {**TRAINED, UNLABELLED_ROW: "student_kd" + UNLABELLED}
 
 
 def _networks(run: Run) -> dict[str, nn.Module]:
     return {row: load_network(run.cfg, run.results[stage]["arch"],
                               run.path(run.results[stage]["weights"]))
-            for row, stage in TRAINED.items()}
+            for row, stage in trained_rows(run.cfg).items()}
 
 
 def _evaluate(split: str) -> Callable[[Run, Path], dict]:
@@ -736,8 +801,7 @@ def _report(run: Run, stage_dir: Path) -> dict:
                            cfg.eval.latency_repeats,
                            to_device=lambda device: [m.to(device) for m in timed.values()])
     params = {row: count_parameters(net) for row, net in nets.items()}
-    steps = {name: run.results[name]["steps"]
-             for name in ("teacher", "student", "student_at", "student_kd")}
+    steps = {name: run.results[name]["steps"] for name in training_stages(cfg)}
     return write_recon_report(cfg, run.run_dir, run.results["evaluate"]["per_volume"], latency,
                               params, steps, panel)
 
@@ -749,36 +813,61 @@ def configured(cfg: Config, *keys: str) -> tuple[str, ...]:
     return tuple(k for k in keys if key_value(cfg, k) != key_value(default, k))
 
 
+def training_stages(cfg: Config) -> tuple[str, ...]:
+    extra = (("student_at" + UNLABELLED, "student_kd" + UNLABELLED)
+             if cfg.data.unlabelled_split else ())
+    return ("teacher", "student", "student_at", "student_kd", *extra)
+
+
+def kd_stages(cfg: Config, unlabelled: bool, cache_keys: tuple, kd_keys: tuple
+              ) -> tuple[list[Stage], list[Stage]]:
+    """(the teacher cache stage (precompute), attention transfer and imitation: KD-MRI's steps 2
+    and 3), on the labelled training views or on them with target-free extras."""
+    suffix = UNLABELLED if unlabelled else ""
+    cache = ("teacher_cache" + suffix,) if cfg.teacher.mode == "precompute" else ()
+    return [Stage(name, _fill_cache(unlabelled), keys=cache_keys, consumes=("data", "teacher"))
+            for name in cache], [
+        Stage("student_at" + suffix, _student_stage(make_at_loss, True, False,
+                                                    unlabelled=unlabelled),
+              keys=(*kd_keys, "loss.at_mode", *configured(cfg, "model.student_layers")),
+              consumes=("data", "teacher", *cache)),
+        Stage("student_kd" + suffix, _student_stage(make_kd_loss, True, True,
+                                                    init="student_at" + suffix,
+                                                    unlabelled=unlabelled),
+              keys=(*kd_keys, "loss.alpha"),
+              consumes=("data", "teacher", *cache, "student_at" + suffix)),
+    ]
+
+
 def stages(cfg: Config) -> list[Stage]:
-    cache = ("teacher_cache",) if cfg.teacher.mode == "precompute" else ()
     teacher_keys = configured(cfg, "model.teacher_kwargs")
     loaded_keys = configured(cfg, "model.checkpoint_strict", "model.checkpoint_prefix")
     teacher_taps = configured(cfg, "model.teacher_kwargs", "model.teacher_layers")
     student_keys = ("model.student", *configured(cfg, "model.student_kwargs"), *TRAIN_KEYS)
     kd_keys = (*student_keys, "loss.at_p", "teacher", *teacher_taps)
-    trained = ("data", *TRAINED.values())
+    cache_keys = ("loss.at_p", "teacher", *teacher_taps)
+    trained = ("data", *trained_rows(cfg).values())
+    cache, kd = kd_stages(cfg, False, cache_keys, kd_keys)
+    extra_cache, extra_kd = (kd_stages(cfg, True, cache_keys, kd_keys)
+                             if cfg.data.unlabelled_split else ([], []))
     teacher = teacher_stage(_train_teacher, ("model.teacher", *teacher_keys), cfg, _load_teacher)
     if cfg.model.teacher_checkpoint:  # how the file is read and the network it fills
         teacher = dataclasses.replace(teacher, keys=(*teacher.keys, *teacher_keys, *loaded_keys))
     return [
         Stage("data", _data, keys=("recipe", "data", "mask", "degrade", "default_data")),
         teacher,
-        *([Stage("teacher_cache", _fill_cache, keys=("loss.at_p", "teacher", *teacher_taps),
-                 consumes=("data", "teacher"))] if cache else []),
+        *cache,
         # train.equal_budget: the no-KD student gets the steps of attention transfer + imitation.
         Stage("student", _student_stage(lambda c: l1_loss_fn, False, True,
                                         factor=2 if cfg.train.equal_budget else 1),
               keys=(*student_keys, "train.equal_budget"), consumes=("data",)),
-        Stage("student_at", _student_stage(make_at_loss, True, False),
-              keys=(*kd_keys, "loss.at_mode", *configured(cfg, "model.student_layers")),
-              consumes=("data", "teacher", *cache)),
-        Stage("student_kd", _student_stage(make_kd_loss, True, True, init="student_at"),
-              keys=(*kd_keys, "loss.alpha"), consumes=("data", "teacher", *cache, "student_at")),
+        *kd,
+        *extra_cache,
+        *extra_kd,
         Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
               use="test"),
         Stage("report", _report, keys=("eval", "loss"),
-              consumes=("evaluate", "teacher", "student", "student_at", "student_kd"),
-              use="test"),
+              consumes=("evaluate", *training_stages(cfg)), use="test"),
         Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]

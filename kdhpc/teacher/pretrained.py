@@ -34,6 +34,9 @@ def data_identity(cfg: Config) -> dict:
     """The data config a teacher is trained on (splits, crop, mask, degradation, generator)."""
     values = {name: result_values(getattr(cfg, name)) for name in DATA_SECTIONS}
     values["data"].pop("root", None)  # the same files may live elsewhere on another machine
+    # Extra target-free volumes: the teacher's train/val/test files stay the same ones.
+    values["data"].pop("unlabelled_split", None)
+    values["default_data"].pop("brain_unlabelled_subjects", None)
     return values
 
 

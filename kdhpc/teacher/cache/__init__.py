@@ -101,7 +101,7 @@ def cache_config(cfg: Config) -> dict:
     data = result_values(cfg.data)
     return {"recipe": cfg.recipe, "data": data, "mask": dataclasses.asdict(cfg.mask),
             "degrade": dataclasses.asdict(cfg.degrade),
-            "default_data": dataclasses.asdict(cfg.default_data)}
+            "default_data": result_values(cfg.default_data)}
 
 
 def default_cache_dir(cfg: Config) -> Path:
