@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -279,25 +278,40 @@ def test_report_numbers_equal_recomputation_from_saved_predictions(tiny_run):
             assert row["ssim"] == pytest.approx(structural_similarity(
                 target[j], pred[j], win_size=7, data_range=peak, gaussian_weights=False,
                 use_sample_covariance=True), abs=1e-4)
-    # The volume PSNR of the table is the whole-volume one.
-    volume = [v for v in metrics["volumes"] if v["task"] == "denoise" and v["model"] == "input"]
-    assert len(volume) == 1
-    assert volume[0]["psnr"] == pytest.approx(peak_signal_noise_ratio(
-        target, preds["input"], data_range=rows[0]["volume_max"]), rel=1e-4)
-    # The alpha table's paired test, recomputed from the (slice, ROI) units.
+    # The volume PSNR of the table is the whole-volume one; every paired test is over volumes.
+    volume_of = {r["index"]: r["volume"] for r in rows if r["task"] == "denoise"}
+    volumes = sorted(set(volume_of.values()))
+    assert len(volumes) >= 2
+    peak = {r["volume"]: r["volume_max"] for r in rows}
+
+    def per_volume(model):
+        """{volume: (whole-volume PSNR, mean SNR over its (slice, ROI) units)}, recomputed."""
+        out = {}
+        for v in volumes:
+            js = [j for j, i in enumerate(index) if volume_of[int(i)] == v]
+            snr = [val for r in rows if r["model"] == model and r["task"] == "denoise"
+                   and r["volume"] == v for k, val in r.items() if k.startswith("snr_")]
+            out[v] = (peak_signal_noise_ratio(target[js], preds[model][js], data_range=peak[v]),
+                      float(np.mean(snr)))
+        return out
+
+    recomputed = {v["volume"]: v["psnr"] for v in metrics["volumes"]
+                  if v["task"] == "denoise" and v["model"] == "input"}
+    for v, (psnr_v, _) in per_volume("input").items():
+        assert recomputed[v] == pytest.approx(psnr_v, rel=1e-4)
     table = {e["model"]: e for e in metrics["alpha_table"]}
     kd, nokd = names[0.5], names[0.0]
-
-    def units(model):
-        return {(r["slice"], k): v for r in rows if r["model"] == model and r["task"] == "denoise"
-                for k, v in r.items() if k.startswith("snr_")}
-
-    a, b = units(kd), units(nokd)
-    keys = sorted(a)
-    expected = scipy.stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys],
-                                     alternative="greater").pvalue
-    assert table[kd]["vs_nokd_snr"]["p_greater"] == pytest.approx(expected)
-    assert table[kd]["snr"] == pytest.approx(np.mean(list(a.values())))
+    a, b = per_volume(kd), per_volume(nokd)
+    for position, key in ((1, "vs_nokd_snr"), (0, "vs_nokd_psnr")):
+        x, y = [a[v][position] for v in volumes], [b[v][position] for v in volumes]
+        test = table[kd][key]
+        assert test["n"] == len(volumes)
+        assert test["p_value"] == pytest.approx(scipy.stats.ttest_rel(x, y).pvalue, rel=1e-6)
+        assert test["mean_difference"] == pytest.approx(np.mean(x) - np.mean(y), rel=1e-6)
+    x, y = [a[v][1] for v in volumes], [b[v][1] for v in volumes]
+    assert table[kd]["vs_nokd_snr"]["p_greater"] == pytest.approx(
+        scipy.stats.ttest_rel(x, y, alternative="greater").pvalue, rel=1e-6)
+    assert table[kd]["snr"] == pytest.approx(np.mean(x))
 
 
 def test_superres_inputs_equal_an_independent_phase_encode_truncation(tiny_run):

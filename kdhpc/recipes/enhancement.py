@@ -57,9 +57,11 @@ mean over a tissue ROI / sample std over the background ROI of the same slice. R
 the ``tissue`` label map in the files (default data: 0 background, 1 CSF, 2 GM, 3 WM; a user's
 fastMRI files may carry the same dataset): tissue ROIs GM and WM, background = label 0 farther
 than :data:`ROI_MARGIN` pixels from the head. Without a label map, ROIs are automatic
-(:func:`roi_labels`). Comparisons are paired over the same (slice, ROI) units (SNR) or slices
-(PSNR, SSIM); "KD >= no-KD" is tested one-sided. A linear mixed model (SNR ~ model, random
-intercept per ROI unit; the paper's random-effects model) is added when statsmodels imports.
+(:func:`roi_labels`). Comparisons are paired over test volumes (:func:`volume_values`: PSNR
+of the whole volume, mean SSIM and mean SNR over its slices and ROIs), with the 95% CI of the
+mean difference; "KD >= no-KD" is also tested one-sided; the p-values of the several alphas are
+not corrected for multiple comparisons. A linear mixed model (SNR ~ model, random intercept per
+(slice, ROI) unit; the paper's random-effects model) is added when statsmodels imports.
 Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES` test inputs,
 ``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
 
@@ -693,19 +695,31 @@ def snr_units(rows: list[dict], task: str, model: str) -> dict[tuple, float]:
     return out
 
 
-def slice_values(rows: list[dict], task: str, model: str, metric: str) -> dict[str, float]:
-    return {r["slice"]: r[metric] for r in rows if r["task"] == task and r["model"] == model}
+def volume_values(rows: list[dict], task: str, model: str, metric: str) -> dict[str, float]:
+    """``{volume: value}`` of one model, the units of every paired test: PSNR of the whole
+    volume and mean SSIM over its slices (:func:`volume_table`), or the mean SNR over the
+    volume's (slice, ROI) units (slices of one volume are not independent samples)."""
+    mine = [r for r in rows if r["task"] == task and r["model"] == model]
+    if metric != "snr":
+        return {v["volume"]: v[metric] for v in volume_table(mine)}
+    units: dict[str, list[float]] = {}
+    for row in mine:
+        units.setdefault(row["volume"], []).extend(
+            value for key, value in row.items() if key.startswith("snr_"))
+    return {volume: float(np.mean(values)) for volume, values in units.items() if values}
 
 
 def paired(a: dict, b: dict) -> dict:
-    """Paired t-test of a against b on their common units, with the one-sided p of a > b."""
+    """Paired t-test of a against b on their common units (volumes), with the 95% CI of the
+    mean difference and the one-sided p of a > b."""
     keys = sorted(set(a) & set(b))
     if len(keys) < 2:
         return {"n": len(keys), "mean_difference": math.nan, "p_value": math.nan,
-                "p_greater": math.nan}
+                "p_greater": math.nan, "ci95": None}
     x, y = [a[k] for k in keys], [b[k] for k in keys]
     if np.allclose(x, y, rtol=0, atol=0):
-        return {"n": len(keys), "mean_difference": 0.0, "p_value": 1.0, "p_greater": 1.0}
+        return {"n": len(keys), "mean_difference": 0.0, "p_value": 1.0, "p_greater": 1.0,
+                "ci95": [0.0, 0.0]}
     test = paired_test(x, y)
     t, p = test["statistic"], test["p_value"]
     return {**test, "p_greater": p / 2 if t > 0 else 1 - p / 2}
@@ -739,6 +753,13 @@ def mixed_model(rows: list[dict], task: str, models: Sequence[str], reference: s
 def _fmt(value: float, spec: str = ".3g") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else format(value, spec)
+
+
+def _with_ci(test: dict, spec: str) -> str:
+    """A paired test's mean difference with its 95% CI: ``+0.123 [+0.01, +0.24]``."""
+    ci = test.get("ci95")
+    text = _fmt(test["mean_difference"], spec)
+    return text if not ci else f"{text} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
 
 
 def mean_std(values: Sequence[float], spec: str = ".3f") -> str:
@@ -984,16 +1005,9 @@ def trial_result(run: Run) -> dict:
     the volume's slice-ROI units) of the KD student, the teacher and the no-KD student."""
     rows = json.loads(Path(run.results["evaluate_val"]["slices"]).read_text())
     volumes = sorted({r["volume"] for r in rows})
-    by_volume = {(r["model"], r["volume"]): r for r in volume_table(rows)}
-    snr: dict[tuple, list[float]] = {}
-    for row in rows:
-        snr.setdefault((row["model"], row["volume"]), []).extend(
-            v for k, v in row.items() if k.startswith("snr_"))
-    per_volume = {key: {"psnr": [by_volume[(key, v)]["psnr"] for v in volumes],
-                        "ssim": [by_volume[(key, v)]["ssim"] for v in volumes],
-                        "snr": [float(np.mean(snr[(key, v)])) if snr.get((key, v)) else math.nan
-                                for v in volumes]}
-                  for key in SWEEP_MODELS}
+    task = rows[0]["task"] if rows else model_task(run.cfg)
+    per_volume = {key: {m: [volume_values(rows, task, key, m).get(v, math.nan) for v in volumes]
+                        for m in ("psnr", "ssim", "snr")} for key in SWEEP_MODELS}
     return {"volumes": volumes, "metrics": ["psnr", "ssim", "snr"], "per_volume": per_volume}
 
 
@@ -1019,11 +1033,11 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
     names = model_names(grid)
     volumes = volume_table(rows)
     nokd = names[0.0]
-    nokd_snr = snr_units(rows, task, nokd)
-    teacher_snr = snr_units(rows, task, names["teacher"])
+    nokd_snr = volume_values(rows, task, nokd, "snr")
+    teacher_snr = volume_values(rows, task, names["teacher"], "snr")
 
     def summary_row(t: str, model: str) -> dict:
-        snr = list(snr_units(rows, t, model).values())
+        snr = list(volume_values(rows, t, model, "snr").values())
         vol = [v for v in volumes if v["task"] == t and v["model"] == model]
         return {"snr": float(np.mean(snr)) if snr else math.nan, "snr_n": len(snr),
                 "snr_std": float(np.std(snr, ddof=1)) if len(snr) > 1 else math.nan,
@@ -1042,13 +1056,13 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
                "SSIM (vol)": s["ssim_text"]}
         entry = {"model": model, "alpha": key if isinstance(key, float) else None, **s}
         if isinstance(key, float) and key > 0:
-            vs = paired(snr_units(rows, task, model), nokd_snr)
-            vs_psnr = paired(slice_values(rows, task, model, "psnr"),
-                             slice_values(rows, task, nokd, "psnr"))
-            vs_teacher = paired(snr_units(rows, task, model), teacher_snr)
-            row.update({"dSNR vs no-KD": _fmt(vs["mean_difference"], "+.3f"),
+            vs = paired(volume_values(rows, task, model, "snr"), nokd_snr)
+            vs_psnr = paired(volume_values(rows, task, model, "psnr"),
+                             volume_values(rows, task, nokd, "psnr"))
+            vs_teacher = paired(volume_values(rows, task, model, "snr"), teacher_snr)
+            row.update({"dSNR vs no-KD": _with_ci(vs, "+.3f"),
                         "p (KD > no-KD)": _fmt(vs["p_greater"]),
-                        "dPSNR vs no-KD": _fmt(vs_psnr["mean_difference"], "+.3f"),
+                        "dPSNR vs no-KD": _with_ci(vs_psnr, "+.3f"),
                         "p (PSNR, 2-sided)": _fmt(vs_psnr["p_value"]),
                         "p (SNR vs teacher, 2-sided)": _fmt(vs_teacher["p_value"])})
             entry.update({"vs_nokd_snr": vs, "vs_nokd_psnr": vs_psnr, "vs_teacher_snr": vs_teacher})
@@ -1068,13 +1082,11 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
                               "PSNR (vol)": s["psnr_text"], "SSIM (vol)": s["ssim_text"]})
             task_summary.append({"task": t, "model": model, **s})
         for other in ("multi-task EDSR no KD", expert):
-            test = {m: paired(slice_values(rows, t, "multi-task EDSR KD", m),
-                              slice_values(rows, t, other, m)) for m in ("psnr", "ssim")}
-            test["snr"] = paired(snr_units(rows, t, "multi-task EDSR KD"),
-                                 snr_units(rows, t, other))
+            test = {m: paired(volume_values(rows, t, "multi-task EDSR KD", m),
+                              volume_values(rows, t, other, m)) for m in ("psnr", "ssim", "snr")}
             task_tests.append({"task": t, "against": other, **test})
     test_rows = [{"task": TASK_LABELS[x["task"]], "comparison": f"multi-task KD vs {x['against']}",
-                  **{f"d{m.upper()}": _fmt(x[m]["mean_difference"], "+.4f") for m in
+                  **{f"d{m.upper()} (95% CI)": _with_ci(x[m], "+.4f") for m in
                      ("psnr", "ssim", "snr")},
                   **{f"p {m.upper()} (2-sided)": _fmt(x[m]["p_value"]) for m in
                      ("psnr", "ssim", "snr")}} for x in task_tests]
@@ -1101,8 +1113,10 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
             vs = entry["vs_nokd_snr"]
             verdict = ">=" if vs["mean_difference"] >= 0 else "<"
             findings.append(f"- alpha {entry['alpha']:g}: KD SNR {verdict} no-KD (mean difference "
-                            f"{_fmt(vs['mean_difference'], '+.3f')} over {vs['n']} (slice, ROI) "
-                            f"units, one-sided p(KD > no-KD) = {_fmt(vs['p_greater'])}).")
+                            f"{_with_ci(vs, '+.3f')} over {vs['n']} test volumes, one-sided "
+                            f"p(KD > no-KD) = {_fmt(vs['p_greater'])}; PSNR "
+                            f"{_with_ci(entry['vs_nokd_psnr'], '+.3f')} dB, two-sided p = "
+                            f"{_fmt(entry['vs_nokd_psnr']['p_value'])}).")
     for x in task_tests:
         if x["against"] == "multi-task EDSR no KD":
             findings.append(f"- {TASK_LABELS[x['task']]}: multi-task KD vs mixed-data no-KD: "
@@ -1117,16 +1131,16 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
         f"This schedule trains each EDSR student and expert for {students[0.0].get('steps', '?')} "
         f"optimiser steps (the multi-task EDSRs for "
         f"{results['multitask']['nokd'].get('steps', '?')} on both tasks' pairs, the SwinIR "
-        f"teacher for {teacher_res.get('steps', '?')}) of batch {cfg.train.batch_size} "
+        f"teacher for {teacher_res.get('steps', '?') if teacher_res.get('trained', True) else 'its shipped steps'}) of batch {cfg.train.batch_size} "
         f"({cfg.data.patch_size}-pixel patches) on "
         f"{results['data']['train_slices']} training slices and tests on {n_slices} slices of "
         f"{n_test} volume(s): far from convergence and from the paper's data, so it shows the "
         f"machinery and the direction of effects at this budget, not the published sizes of "
         f"effects. The SwinIR teacher at this budget need not be better than the EDSR student "
         f"(see the table), in which case distilling it cannot be expected to help. Paired tests "
-        f"treat (slice, ROI) units as independent although slices share volumes, so p-values "
-        f"are optimistic; one training seed per model means seed-to-seed variation is not "
-        f"measured. Timing is for the CPU sizes here, on a shared machine.")
+        f"are over the {n_test} test volumes; the p-values of the several alphas and tests are "
+        f"not corrected for multiple comparisons; one training seed per model means "
+        f"seed-to-seed variation is not measured within a run. Timing is for the CPU sizes here, on a shared machine.")
     if not teacher_res.get("perceptual") and teacher_res.get("trained"):
         limits += (" The SwinIR teacher was trained without the perceptual term (no feature "
                    "network exists before it is trained; set loss.perceptual_checkpoint).")
@@ -1149,7 +1163,8 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
                   f"{'user checkpoint' if cfg.loss.perceptual_checkpoint else 'SwinIR teacher early layers'}); "
                   f"teacher targets: {results['cache'].get('mode')}. SNR = mean(tissue ROI) / "
                   f"std(background ROI) per slice; PSNR/SSIM per volume (mean +- std over "
-                  f"volumes); SNR mean +- std over (slice, ROI) units."),
+                  f"volumes); SNR mean +- std over volumes (each the mean of its slices' "
+                  f"ROIs); differences with the 95% CI of the paired mean difference."),
         ("Model-based KD (alpha table)", table(alpha_rows, ALPHA_COLUMNS)),
         ("Alpha curve", f"![SNR vs alpha]({curve.name})"),
         ("Mixed-effects model (SNR)", mixed_model(
