@@ -555,11 +555,24 @@ class EnhancementData:
             if len(cfg.model.experts) != len(TASKS):
                 raise ConfigError(f"model.experts: expected {len(TASKS)} checkpoints "
                                   f"({', '.join(TASKS)}), found {cfg.model.experts}")
-            weights = cfg.model.experts[TASKS.index(task)]
+            weights = expert_weights(cfg, task)
             load_network(cfg.model.student, weights)
             return {"arch": cfg.model.student, "weights": weights, "trained": False}
         return self.train_network(stage_dir, cfg.model.student, self.views("train", task),
                                   self.views("val", task), make_loss(cfg, 0.0, perceptual))
+
+
+def expert_weights(cfg: Config, task: str) -> str:
+    """The weights file of ``task``'s expert in ``model.experts``: a path, or
+    ``pretrained:<name>`` for an expert shipped with kdhpc, checked like a shipped teacher (file
+    hash, and data trained on: this run's data with ``degrade.task`` = the expert's task)."""
+    spec = cfg.model.experts[TASKS.index(task)]
+    if not spec.startswith("pretrained:"):
+        return spec
+    as_teacher = task_config(cfg, task)
+    as_teacher = dataclasses.replace(as_teacher, model=dataclasses.replace(
+        cfg.model, teacher=cfg.model.student, teacher_checkpoint=spec))
+    return str(resolve_teacher_checkpoint(as_teacher)[0])
 
 
 def teacher_cache_parts(cfg: Config):
