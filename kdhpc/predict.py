@@ -61,7 +61,7 @@ from kdhpc.data.fastmri import (DataFormatError, FastMRISliceDataset, atomic_out
 from kdhpc.data.kdmri import KDMRISliceDataset
 from kdhpc.data.masks import make_mask, to_layout
 from kdhpc.data.views import SliceViews, center_crop
-from kdhpc.models.external import ModelSpecError, build_from_spec, load_state_dict_file
+from kdhpc.models.external import load_run_network
 
 RECON_RECIPES = ("reconstruction", "superres")
 INPUTS = ("target", "kspace")
@@ -101,15 +101,12 @@ def load_run_model(run_dir: str | Path, which: str = "student_kd") -> tuple[nn.M
         raise PredictError(f"{stage_file}: expected result.arch and result.weights: "
                            f"{err}") from None
     weights = weights if weights.is_absolute() else run_dir / weights
-    role = "teacher" if which == "teacher" else "student"
-    # A loaded teacher's weights are the user's checkpoint (Lightning / DDP layouts); weights a
-    # stage trained are plain state dicts.
-    foreign = role == "teacher" and bool(cfg.model.teacher_checkpoint)
+    # A loaded teacher's weights are the user's checkpoint (Lightning / DDP layouts, or a
+    # TorchScript / torch.export program); weights a stage trained are plain state dicts.
+    foreign = which == "teacher" and bool(cfg.model.teacher_checkpoint)
     try:
-        model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
-        load_state_dict_file(model, weights, strict=not foreign or cfg.model.checkpoint_strict,
-                             prefix=cfg.model.checkpoint_prefix if foreign else "")
-    except ModelSpecError as err:
+        model = load_run_network(cfg.model, arch, weights, foreign=foreign)
+    except ConfigError as err:
         raise PredictError(str(err)) from None
     return model.eval(), cfg
 

@@ -195,18 +195,17 @@ def load_segmenter(run_dir: str | Path, eager: bool = False,
         except Exception as err:  # torch raises several types for damaged archives
             raise SegmentError(f"{scripted}: cannot load the TorchScript model: {err}") from None
         return module, size, f"TorchScript {scripted}"
-    from kdhpc.models import build_model, segment
-    from kdhpc.train import load_weights
+    from kdhpc.models.external import full_resolution_logits, load_run_network
 
     weights = _student_weights(run_dir)
-    model = build_model(cfg.model.student)
-    try:
-        model.load_state_dict(load_weights(weights))
-    except (RuntimeError, FileNotFoundError) as err:
+    try:  # the run's model section: a factory student is rebuilt with its keyword arguments
+        model = load_run_network(cfg.model, cfg.model.student, weights, foreign=False)
+    except ConfigError as err:
         raise SegmentError(f"{weights}: does not hold {cfg.model.student} weights: "
                            f"{err}") from None
     model.to(device).eval()
-    return (lambda x: segment(model, x)), size, f"{cfg.model.student} weights {weights}"
+    return ((lambda x: full_resolution_logits(model, x)), size,
+            f"{cfg.model.student} weights {weights}")
 
 
 def default_output(image: str | Path) -> Path:
