@@ -259,6 +259,11 @@ class EnhancementViews:
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def slices(self) -> FastMRISliceDataset:
+        """The slice dataset the views are made from."""
+        return self.base.slices
+
     def volume_of(self, index: int) -> int:
         return self.base.volume_of(index)
 
@@ -610,7 +615,7 @@ class Evaluated:
     volumes: list[dict]
 
 
-def _slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
+def slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
                    data_range: float) -> dict:
     """PSNR, SSIM (range = the volume maximum) and SNR per ROI of one slice ``[h, w]``."""
     row = {"psnr": psnr(target[None], pred[None], data_range=data_range),
@@ -666,7 +671,7 @@ def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None]
                 row = {"task": views.task, "model": name, "index": index,
                        "volume": views.volume_name(index), "slice": views.sample_name(index),
                        "volume_max": volume_max,
-                       **_slice_metrics(target[j], pred[j], rois[j], volume_max)}
+                       **slice_metrics(target[j], pred[j], rois[j], volume_max)}
                 rows.append(row)
             stored[name].append(pred.astype(np.float32))
         stored["target"].append(target.astype(np.float32))
