@@ -45,7 +45,8 @@ LAB_MODULE = textwrap.dedent('''
 
         def forward(self, image):
             logits = self.body(image)
-            return [logits] + [F.avg_pool2d(logits, 2 ** i) for i in (1, 2, 3)]
+            return [logits, F.avg_pool2d(logits, 2), F.avg_pool2d(logits, 4),
+                    F.avg_pool2d(logits, 8)]
 
 
     class SegStudent(nn.Module):
@@ -129,16 +130,28 @@ SEG_MODELS = ["model.teacher=own_recipes_lab:SegTeacher", "model.teacher_kwargs=
               "teacher.cache_dtype=float32"]
 
 
-def test_user_networks_train_as_segmentation_teacher_and_student(lab, tmp_path):
+@pytest.mark.parametrize("teacher_kind", ["factory", "torchscript"])
+def test_user_networks_train_as_segmentation_teacher_and_student(lab, tmp_path, teacher_kind):
+    """The teacher is the user's factory, trained by the run, or that module scripted to a
+    TorchScript file and only run (model.teacher_checkpoint)."""
     import own_recipes_lab
 
     run_dir = tmp_path / "run"
-    cfg = load_config(SEG_TINY, [f"run_dir={run_dir}", *SEG_MODELS])
+    overrides = [f"run_dir={run_dir}", *SEG_MODELS]
+    if teacher_kind == "torchscript":
+        torch.manual_seed(7)
+        scripted = own_recipes_lab.SegTeacher(width=8).eval()
+        torch.jit.save(torch.jit.script(scripted), str(tmp_path / "seg_teacher.pt"))
+        overrides.append(f"model.teacher_checkpoint={tmp_path / 'seg_teacher.pt'}")
+    cfg = load_config(SEG_TINY, overrides)
     results, stages = _run(cfg)
     assert {"teacher", "teacher_cache", "student_nokd", "student_kd", "evaluate",
             "report"} <= set(stages.ran)
     teacher, _ = load_run_model(run_dir, "teacher")
     student, _ = load_run_model(run_dir, "student_kd")
+    if teacher_kind == "torchscript":
+        assert not results["teacher"]["trained"]
+        teacher = scripted  # the cache must hold what the user's own module computes
     assert type(teacher) is own_recipes_lab.SegTeacher and teacher.body[0].out_channels == 8
     assert type(student) is own_recipes_lab.SegStudent and student.body[0].out_channels == 4
     # The cache holds the user's teacher on each whole view, every level centre-cropped to the
