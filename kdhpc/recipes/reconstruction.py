@@ -326,18 +326,20 @@ def check_models(cfg: Config) -> None:
         return
     batch = probe_batch(cfg, whole=program is not None)
     shapes = {}
+    names = {role: str(program) if role == "teacher" and program is not None
+             else getattr(model, role) for role in ROLES}
     for role, net in nets.items():
         try:
             with torch.no_grad():
                 output, outputs = (forward(net.eval(), batch, features=True) if attention
                                    else (forward(net.eval(), batch), []))
         except Exception as err:  # any failure of a user network's call: name the contract
-            raise ConfigError(f"model.{role}: {getattr(model, role)!r} failed on a probe batch "
+            raise ConfigError(f"model.{role}: {names[role]!r} failed on a probe batch "
                               f"(this recipe calls {call_signature(cfg)}): "
                               f"{type(err).__name__}: {_first_line(err)}") from None
         if not isinstance(output, torch.Tensor) or output.shape != batch["input"].shape:
             found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
-            raise ConfigError(f"model.{role}: expected {getattr(model, role)!r} to return a "
+            raise ConfigError(f"model.{role}: expected {names[role]!r} to return a "
                               f"tensor of shape {tuple(batch['input'].shape)} (this recipe "
                               f"calls {call_signature(cfg)}), found {found}")
         shapes[role] = [tuple(t.shape[-2:]) if t.dim() == 4 else tuple(t.shape) for t in outputs]
