@@ -168,7 +168,10 @@ class ModelConfig:
                               "registry network's constructor)",
                               factory=True, omit_default=True)
     teacher_checkpoint: str = _f("", "trained teacher weights: a state-dict file (plain, "
-                                 "Lightning or DDP; model.checkpoint_prefix), or pretrained:<name> for a teacher shipped with kdhpc "
+                                 "Lightning or DDP; model.checkpoint_prefix), a TorchScript or "
+                                 "torch.export (.pt2) file of a teacher that is only run "
+                                 "(recognised by its content; model.teacher is then not built), "
+                                 "or pretrained:<name> for a teacher shipped with kdhpc "
                                  "(python -m kdhpc.teacher.pretrained list); empty = the "
                                  "recipe trains one")
     checkpoint_strict: bool = _f(True, "teacher_checkpoint: refuse missing or unexpected keys "
@@ -187,6 +190,10 @@ class ModelConfig:
                                    "feature_layers", factory=True, omit_default=True)
     experts: list[str] = _f([], "task-based KD: one teacher checkpoint per task (enhancement)",
                             factory=True)
+    multitask_student: str = _f("", "enhancement: the multi-task student of task-based KD, a "
+                                "registry name or factory whose forward takes (input, task); "
+                                "empty = the multi-task sibling of an EDSR model.student",
+                                omit_default=True)
 
 
 @dataclass
@@ -201,6 +208,11 @@ class LossConfig:
         "paper", "attention transfer: per-sample L2 norm and L2 distance (paper) or batch-dim "
         "normalisation and L1 mean (released KD-MRI code)")
     at_p: float = _f(2.0, "attention map exponent: Q = sum_c |A_c|^p", lo=0.0, lo_open=True)
+    attention_transfer: bool = _f(True, "reconstruction: run the student_at stage (attention "
+                                  "transfer) before output imitation; false: student_kd starts "
+                                  "from fresh weights and the teacher cache holds outputs only "
+                                  "(required for a TorchScript / torch.export teacher, whose "
+                                  "layers cannot be tapped)", omit_default=True)
     l1_weight: float = _f(1.0, "weight of L1 inside the data term", lo=0.0)
     ssim_weight: float = _f(0.0, "weight of (1 - SSIM) inside the data term", lo=0.0)
     perceptual_weight: float = _f(0.0, "weight of the perceptual term inside the data term", lo=0.0)

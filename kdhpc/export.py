@@ -59,6 +59,7 @@ from torch import nn
 
 from kdhpc.data.fastmri import atomic_output
 from kdhpc.models import DCCNN, MobileNetUNet, MultiTaskEDSR, UNet
+from kdhpc.models.external import full_resolution_logits
 from kdhpc.ops.dispatch import force_impl
 
 FORMATS = ("onnx", "torchscript", "exported")
@@ -161,7 +162,7 @@ class FullResolution(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+        return full_resolution_logits(self.model, x)
 
 
 def deployable(model: nn.Module, height: int, width: int, seed: int = 0, dft: str = "fft"
@@ -181,8 +182,9 @@ def deployable(model: nn.Module, height: int, width: int, seed: int = 0, dft: st
         k0 = k0 * mask[..., None]
         module = DCCNNDeploy(model) if dft == "fft" else DCCNNMatmulDeploy(model, height, width)
         return module.eval(), (image, k0, mask), ["x_zf", "k0", "mask"], ["image"]
-    if isinstance(model, (UNet, MobileNetUNet)):
-        return FullResolution(model).eval(), (image,), ["image"], ["logits"]
+    if isinstance(model, (UNet, MobileNetUNet, FullResolution)):
+        module = model if isinstance(model, FullResolution) else FullResolution(model)
+        return module.eval(), (image,), ["image"], ["logits"]
     if isinstance(model, MultiTaskEDSR):
         return model.eval(), (image, torch.zeros(1, dtype=torch.int64)), ["image", "task"], [
             "image_out"]
@@ -400,6 +402,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     size = tuple(size) if size else tuple(cfg.data.crop)
     if cfg.recipe == "segmentation":  # kdhpc.segment feeds S x S with S = data.crop[0]
         size = (size[0], size[0]) if not size[1:] else size
+        model = FullResolution(model)  # full-resolution logits of any segmentation network
     path = Path(out) if out else Path(run_dir) / EXPORT_FOLDER / f"{which}{SUFFIXES[fmt]}"
     return export_model(model, fmt, path, size, rounds, name=f"{which} ({type(model).__name__})",
                         threads=threads, dft=dft)

@@ -1,9 +1,9 @@
-"""Reconstruct files with a trained reconstruction run: ``python -m kdhpc.predict``.
+"""Reconstruct or enhance files with a trained run: ``python -m kdhpc.predict``.
 
 Run::
 
     python -m kdhpc.predict RUN_DIR --data PATH --out DIR [--model student_kd|student|teacher]
-                            [--input target|kspace]
+                            [--input target|kspace] [--task denoise|superres]
 
 ``RUN_DIR`` is a finished ``reconstruction`` (DC-CNN) or ``superres`` (VDSR) run of
 ``python -m kdhpc.distill``; ``PATH`` a folder of ``.h5`` volumes (or one file) in the layout of
@@ -14,7 +14,20 @@ target's scale (original units, not the [0, 1] training scale) and shape: the ru
 ``data.crop`` centre crop, as its evaluation and fastMRI's ``evaluate.py`` compare. Files are
 written under a temporary name and renamed when complete.
 
-Inputs (``--input``):
+Enhancement runs (``recipe: enhancement``): ``PATH`` holds fastMRI-layout ``.h5`` volumes with
+target images; each slice's input is made as the run's evaluation makes it (the test split's
+view 0: the target centre cropped to ``data.crop``, divided by the volume maximum ``R``, degraded
+by the run's ``degrade.*`` for ``--task``, default ``degrade.task``, with the noise seeded by the
+file name and slice, so the same file gets the same input), and the file ``DIR/<input name>``
+holds the enhanced image as dataset ``reconstruction`` float32 ``(S, h, w)`` on the target's
+scale (multiplied by ``R``), every slice. The file attribute ``kdhpc_metrics = "enhancement"``
+tells ``python -m kdhpc.evaluate`` to score it with the enhancement metrics (PSNR, SSIM, SNR in
+ROIs) the run's own evaluation reports. ``--model`` defaults to ``student_kd`` where the run has
+it (sweep trials), else the KD student at ``loss.alpha`` (stage ``student_a<alpha>``); any
+trained network of the run may be named (``student_a0.00``, ``teacher``, ``expert_superres``,
+``multitask_kd``: a multi-task network gets ``--task``'s id).
+
+Inputs of reconstruction runs (``--input``):
 
 - ``target`` (default): the run's own convention, so the predictions score exactly what the
   run's ``evaluate`` stage reports for the same files. A run is trained and evaluated on
@@ -46,7 +59,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -61,11 +74,14 @@ from kdhpc.data.fastmri import (DataFormatError, FastMRISliceDataset, atomic_out
 from kdhpc.data.kdmri import KDMRISliceDataset
 from kdhpc.data.masks import make_mask, to_layout
 from kdhpc.data.views import SliceViews, center_crop
-from kdhpc.models.external import ModelSpecError, build_from_spec, load_state_dict_file
+from kdhpc.models.external import load_run_network
 
 RECON_RECIPES = ("reconstruction", "superres")
+ENHANCEMENT = "enhancement"
 INPUTS = ("target", "kspace")
 OUTPUT_KEY = "reconstruction"
+METRICS_ATTRIBUTE = "kdhpc_metrics"
+"""File attribute naming the metrics kdhpc.evaluate scores a prediction with (enhancement)."""
 
 
 class PredictError(ValueError):
@@ -101,23 +117,38 @@ def load_run_model(run_dir: str | Path, which: str = "student_kd") -> tuple[nn.M
         raise PredictError(f"{stage_file}: expected result.arch and result.weights: "
                            f"{err}") from None
     weights = weights if weights.is_absolute() else run_dir / weights
-    role = "teacher" if which == "teacher" else "student"
-    # A loaded teacher's weights are the user's checkpoint (Lightning / DDP layouts); weights a
-    # stage trained are plain state dicts.
-    foreign = role == "teacher" and bool(cfg.model.teacher_checkpoint)
+    # A loaded teacher's weights are the user's checkpoint (Lightning / DDP layouts, or a
+    # TorchScript / torch.export program); weights a stage trained are plain state dicts.
+    foreign = which == "teacher" and bool(cfg.model.teacher_checkpoint)
     try:
-        model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
-        load_state_dict_file(model, weights, strict=not foreign or cfg.model.checkpoint_strict,
-                             prefix=cfg.model.checkpoint_prefix if foreign else "")
-    except ModelSpecError as err:
+        model = load_run_network(cfg.model, arch, weights, foreign=foreign)
+    except ConfigError as err:
         raise PredictError(str(err)) from None
     return model.eval(), cfg
 
 
-def check_recon_run(cfg: Config) -> None:
-    if cfg.recipe not in RECON_RECIPES:
-        raise PredictError(f"recipe: expected one of {RECON_RECIPES} (a reconstruction run), "
-                           f"found {cfg.recipe!r}")
+def check_predict_run(cfg: Config) -> None:
+    if cfg.recipe not in (*RECON_RECIPES, ENHANCEMENT):
+        raise PredictError(f"recipe: expected one of {(*RECON_RECIPES, ENHANCEMENT)} (a "
+                           f"reconstruction or enhancement run; segmentation: python -m "
+                           f"kdhpc.segment), found {cfg.recipe!r}")
+
+
+def default_network(run_dir: str | Path) -> str:
+    """The network ``--model`` names by default: ``student_kd``, or for an enhancement run
+    without that stage the KD student at ``loss.alpha`` (``student_a<alpha>``)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "student_kd" / "stage.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return "student_kd"
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as err:
+        raise PredictError(str(err)) from None
+    if cfg.recipe != ENHANCEMENT:
+        return "student_kd"
+    from kdhpc.recipes.enhancement import alpha_name
+
+    return alpha_name(cfg.loss.alpha)
 
 
 def network_call(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -149,9 +180,12 @@ def run_views(cfg: Config, data: str | Path) -> SliceViews:
                       base_seed=cfg.mask.seed)
 
 
-def predict_views(model: nn.Module, views: SliceViews, batch_size: int
+def predict_views(model: nn.Module, views, batch_size: int,
+                  call: Callable[[nn.Module, dict], torch.Tensor] = network_call
                   ) -> Iterator[tuple[str, np.ndarray]]:
-    """(file name, reconstruction ``(S, h, w)`` float32 on the target's scale) per volume."""
+    """(file name, prediction ``(S, h, w)`` float32 on the target's scale) per volume of
+    ``views`` (view 0 of every slice; ``views.slices`` the slice dataset), the network called
+    as ``call(model, batch)``."""
     for volume, (name, _) in enumerate(views.slices.volumes):
         indices = views.slices.volume_indices(volume)
         slices = []
@@ -159,9 +193,19 @@ def predict_views(model: nn.Module, views: SliceViews, batch_size: int
             part = indices[start:start + batch_size]
             batch = default_collate([views.get_view(i, 0) for i in part])
             with torch.inference_mode():
-                pred = network_call(model, batch).float()  # [B, 1, h, w], normalised scale
+                pred = call(model, batch).float()  # [B, 1, h, w], normalised scale
             slices.append((pred * batch["scale"].reshape(-1, 1, 1, 1))[:, 0].numpy())
         yield Path(name).name, np.concatenate(slices).astype(np.float32)
+
+
+def enhancement_views(cfg: Config, data: str | Path, task: str):
+    """The enhancement run's test views (whole slices, view 0) of every slice at ``data``."""
+    from kdhpc.recipes.enhancement import TASKS, EnhancementViews
+
+    if task not in TASKS:
+        raise PredictError(f"--task: expected one of {TASKS}, found {task!r}")
+    return EnhancementViews(FastMRISliceDataset(list_files(data, "*.h5"), cfg.data.challenge),
+                            cfg, task, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,25 +266,43 @@ def predict_measured(model: nn.Module, cfg: Config, path: Path, batch_size: int)
 # ---------------------------------------------------------------------------------------------
 # output
 
-def write_reconstruction(path: Path, reconstruction: np.ndarray) -> Path:
-    """``path`` with dataset ``reconstruction`` (fastMRI submission layout), atomically."""
+def write_reconstruction(path: Path, reconstruction: np.ndarray,
+                         attrs: dict | None = None) -> Path:
+    """``path`` with dataset ``reconstruction`` (fastMRI submission layout) and file
+    attributes ``attrs``, atomically."""
     with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(OUTPUT_KEY, data=reconstruction.astype(np.float32))
+            f.attrs.update(attrs or {})
     return path
 
 
 def predict(run_dir: str | Path, data: str | Path, out_dir: str | Path,
-            which: str = "student_kd", input_kind: str = "target") -> list[Path]:
-    """Write one reconstruction file per ``.h5`` file of ``data`` into ``out_dir`` (module
-    docstring); returns the written paths."""
+            which: str | None = None, input_kind: str = "target",
+            task: str | None = None) -> list[Path]:
+    """Write one prediction file per ``.h5`` file of ``data`` into ``out_dir`` (module
+    docstring); returns the written paths. ``which`` defaults to :func:`default_network`."""
     if input_kind not in INPUTS:
         raise PredictError(f"--input: expected one of {INPUTS}, found {input_kind!r}")
-    model, cfg = load_run_model(run_dir, which)
-    check_recon_run(cfg)
+    model, cfg = load_run_model(run_dir, which or default_network(run_dir))
+    check_predict_run(cfg)
     out_dir = Path(out_dir)
     batch_size = max(1, cfg.eval.batch_size)
     written = []
+    if cfg.recipe == ENHANCEMENT:
+        if input_kind != "target":
+            raise PredictError(f"--input {input_kind}: an enhancement run makes its inputs from "
+                               f"the files' targets (--input target)")
+        from kdhpc.recipes.enhancement import enhance
+
+        views = enhancement_views(cfg, data, task or cfg.degrade.task)
+        for name, enhanced in predict_views(model, views, batch_size, enhance):
+            written.append(write_reconstruction(out_dir / name, enhanced,
+                                                {METRICS_ATTRIBUTE: ENHANCEMENT}))
+        return written
+    if task is not None:
+        raise PredictError(f"--task: only enhancement runs take a task, found recipe "
+                           f"{cfg.recipe!r}")
     if input_kind == "target":
         try:
             for name, reconstruction in predict_views(model, run_views(cfg, data), batch_size):
@@ -260,24 +322,29 @@ def predict(run_dir: str | Path, data: str | Path, out_dir: str | Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdhpc.predict",
-                                     description="Reconstruct .h5 volumes with a trained run; "
-                                                 "writes fastMRI submission files.")
-    parser.add_argument("run_dir", help="finished reconstruction run folder (RUN_DIR)")
+                                     description="Reconstruct or enhance .h5 volumes with a "
+                                                 "trained run; writes fastMRI submission files.")
+    parser.add_argument("run_dir", help="finished reconstruction or enhancement run folder "
+                                        "(RUN_DIR)")
     parser.add_argument("--data", required=True, help="folder of .h5 volumes, or one file")
     parser.add_argument("--out", required=True, help="output folder (one .h5 per input)")
-    parser.add_argument("--model", default="student_kd",
+    parser.add_argument("--model", default=None,
                         help="which trained network (stage folder) of the run: student_kd "
-                             "(default), student, teacher, ...")
+                             "(default; enhancement: the KD student at loss.alpha), student, "
+                             "teacher, ...")
     parser.add_argument("--input", default="target", choices=INPUTS,
                         help="target: simulate from the file's target as the run does "
                              "(default); kspace: the file's measured single-coil k-space")
+    parser.add_argument("--task", choices=("denoise", "superres"),
+                        help="enhancement runs: the degradation of the inputs (default: the "
+                             "run's degrade.task)")
     args = parser.parse_args(argv)
     try:
-        written = predict(args.run_dir, args.data, args.out, args.model, args.input)
+        written = predict(args.run_dir, args.data, args.out, args.model, args.input, args.task)
     except (PredictError, DataFormatError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(written)} reconstruction(s) written to {args.out}")
+    print(f"{len(written)} prediction file(s) written to {args.out}")
     return 0
 
 

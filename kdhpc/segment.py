@@ -26,8 +26,16 @@ centre crop or zero pad the in-plane dims to ``S x S`` (``S`` = the run's ``data
 the published setting; :func:`kdhpc.data.acdc.crop_or_pad`), then z-score the slice
 (:func:`normalize_slice`). Labels are predicted by the argmax of the full-resolution logits and
 put back on the original grid by the inverse crop/pad (:func:`fit_to`): pixels outside the
-``S x S`` window of a larger slice are labelled background. No resampling: images whose pixel
-spacing differs much from the training data's should be resampled first.
+``S x S`` window of a larger slice are labelled background.
+
+Resampling: a run trained with ``data.spacing`` (in-plane mm; the ACDC recipe resamples every
+slice to it) predicts through the same resampling (:func:`segment_image`): the image is
+resampled in-plane from its own spacing (the lengths of its affine's first two columns,
+:func:`kdhpc.data.acdc.voxel_spacing`) to the run's with
+:func:`kdhpc.data.acdc.resample_inplane` (bilinear), segmented there, and the labels are
+brought back onto the image's grid with :func:`kdhpc.data.acdc.restore_inplane` (nearest
+neighbour), so the output keeps the input's shape and affine. A run without ``data.spacing``
+predicts on the image's own grid.
 
 Accepted images: 2-D ``(H, W)`` (one slice) or 3-D ``(H, W, S)`` (ACDC's layout, slices last).
 A 1-D or 4-D array (e.g. a whole cine ``(H, W, S, T)``: pass one frame) is refused with a message
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +54,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from kdhpc.data.acdc import crop_or_pad
+from kdhpc.data.acdc import crop_or_pad, resample_inplane, restore_inplane, voxel_spacing
 from kdhpc.data.fastmri import atomic_output
 
 EXPORT_FOLDER = "export"
@@ -56,6 +65,18 @@ WEIGHT_FILES = ("best_model.pt", "final_model.pt")
 
 Segmenter = Callable[[torch.Tensor], torch.Tensor]
 """``x`` [B, 1, S, S] normalised slices -> full-resolution logits [B, K, S, S]."""
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """A run's KD student ready to segment: the network, its input size ``S`` (``data.crop``),
+    the in-plane spacing it was trained at (``data.spacing``, mm; None: the images' own) and
+    where it came from."""
+
+    segment: Segmenter
+    size: int
+    spacing: tuple[float, float] | None
+    source: str
 
 
 class SegmentError(ValueError):
@@ -121,6 +142,19 @@ def segment_volume(segmenter: Segmenter, volume: np.ndarray, size: int,
     return out[..., 0] if volume.ndim == 2 else out
 
 
+def segment_image(model: RunModel, image: nib.Nifti1Image, path: str | Path,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """uint8 labels of a NIfTI image on its own grid (its shape): resampled in-plane to the
+    run's ``data.spacing`` and back when the run was trained with one (module docstring)."""
+    data = image_array(image, path)
+    if model.spacing is None:
+        return segment_volume(model.segment, data, model.size, device=device)
+    spacing = voxel_spacing(image.affine)
+    resampled = resample_inplane(data, spacing, model.spacing)
+    labels = segment_volume(model.segment, resampled, model.size, device=device)
+    return restore_inplane(labels, data.shape, spacing, model.spacing, label=True)
+
+
 def read_image(path: str | Path) -> nib.Nifti1Image:
     """Load a NIfTI image and check it is a finite 2-D or 3-D array."""
     path = Path(path)
@@ -172,8 +206,8 @@ def _student_weights(run_dir: Path) -> Path:
 
 
 def load_segmenter(run_dir: str | Path, eager: bool = False,
-                   device: torch.device | str = "cpu") -> tuple[Segmenter, int, str]:
-    """(segmenter, input size S, description) of the KD student of the run in ``run_dir``."""
+                   device: torch.device | str = "cpu") -> RunModel:
+    """The KD student of the run in ``run_dir`` with its input size and training spacing."""
     from kdhpc.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
@@ -188,25 +222,25 @@ def load_segmenter(run_dir: str | Path, eager: bool = False,
     if cfg.recipe != "segmentation":
         raise SegmentError(f"{config_file}: recipe: expected 'segmentation', found {cfg.recipe!r}")
     size = cfg.data.crop[0]
+    spacing = tuple(float(v) for v in cfg.data.spacing) if cfg.data.spacing else None
     scripted = run_dir / EXPORT_FOLDER / TORCHSCRIPT_FILE
     if scripted.is_file() and not eager:
         try:
             module = torch.jit.load(str(scripted), map_location=device).eval()
         except Exception as err:  # torch raises several types for damaged archives
             raise SegmentError(f"{scripted}: cannot load the TorchScript model: {err}") from None
-        return module, size, f"TorchScript {scripted}"
-    from kdhpc.models import build_model, segment
-    from kdhpc.train import load_weights
+        return RunModel(module, size, spacing, f"TorchScript {scripted}")
+    from kdhpc.models.external import full_resolution_logits, load_run_network
 
     weights = _student_weights(run_dir)
-    model = build_model(cfg.model.student)
-    try:
-        model.load_state_dict(load_weights(weights))
-    except (RuntimeError, FileNotFoundError) as err:
+    try:  # the run's model section: a factory student is rebuilt with its keyword arguments
+        model = load_run_network(cfg.model, cfg.model.student, weights, foreign=False)
+    except ConfigError as err:
         raise SegmentError(f"{weights}: does not hold {cfg.model.student} weights: "
                            f"{err}") from None
     model.to(device).eval()
-    return (lambda x: segment(model, x)), size, f"{cfg.model.student} weights {weights}"
+    return RunModel(lambda x: full_resolution_logits(model, x), size, spacing,
+                    f"{cfg.model.student} weights {weights}")
 
 
 def default_output(image: str | Path) -> Path:
@@ -255,13 +289,13 @@ def label_dice(labels: np.ndarray, truth_path: Path) -> dict[str, float]:
     return row
 
 
-def segment_folder(folder: Path, out_folder: Path | None, segmenter: Segmenter, size: int,
+def segment_folder(folder: Path, out_folder: Path | None, model: RunModel,
                    device: str) -> dict[str, dict[str, float]]:
     """Segment every image of ``folder``; returns Dice per image that has ``_gt`` labels."""
     scores = {}
     for path in folder_images(folder):
         image = read_image(path)
-        labels = segment_volume(segmenter, image_array(image, path), size, device=device)
+        labels = segment_image(model, image, path, device)
         target = (default_output(path) if out_folder is None
                   else out_folder / path.relative_to(folder).parent / f"{_stem(path)}_seg.nii.gz")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -292,15 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.image).is_dir():
             return _main_folder(args)
         image = read_image(args.image)
-        data = image_array(image, args.image)
-        segmenter, size, source = load_segmenter(args.model, args.eager, args.device)
-        labels = segment_volume(segmenter, data, size, device=args.device)
+        model = load_segmenter(args.model, args.eager, args.device)
+        labels = segment_image(model, image, args.image, args.device)
         out = write_labels(labels, image, args.out or default_output(args.image))
     except SegmentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = np.bincount(labels.ravel(), minlength=4)
-    print(f"{out}: labels {tuple(labels.shape)} from {source}; voxels RV {counts[1]}, "
+    print(f"{out}: labels {tuple(labels.shape)} from {model.source}; voxels RV {counts[1]}, "
           f"myocardium {counts[2]}, LV {counts[3]}")
     return 0
 
@@ -309,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main_folder(args: argparse.Namespace) -> int:
     import json
 
-    segmenter, size, source = load_segmenter(args.model, args.eager, args.device)
+    model = load_segmenter(args.model, args.eager, args.device)
     out_folder = Path(args.out) if args.out else None
-    scores = segment_folder(Path(args.image), out_folder, segmenter, size, args.device)
-    print(f"segmented with {source}")
+    scores = segment_folder(Path(args.image), out_folder, model, args.device)
+    print(f"segmented with {model.source}")
     if scores:
         mean = {k: float(np.mean([row[k] for row in scores.values()]))
                 for k in next(iter(scores.values()))}

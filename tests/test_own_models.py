@@ -275,3 +275,66 @@ def test_acdc_download_trains_without_resplitting_and_predictions_keep_geometry(
             logits = student(torch.from_numpy(x[None, None]).float())[0]
             assert np.array_equal(np.asarray(labels.dataobj[:, :, s]),
                                   logits.argmax(1)[0].numpy().astype(np.uint8))
+
+
+# ---------------------------------------------------------------- a teacher that is only run
+
+def _program_file(tmp_path: Path, kind: str, views) -> tuple[Path, torch.nn.Module]:
+    """The lab's teacher (seeded weights) scripted or exported to a file, and its eager self.
+    The export is traced at batch 1 on a view: a .pt2 fixes its example's shapes."""
+    import own_models_lab
+
+    torch.manual_seed(5)
+    eager = own_models_lab.LabRecon(width=6, blocks=2).eval()
+    if kind == "torchscript":
+        path = tmp_path / "teacher.ts.pt"
+        torch.jit.save(torch.jit.script(eager), str(path))
+    else:
+        one = default_collate([views.get_view(0, 0)])
+        path = tmp_path / "teacher.pt2"
+        torch.export.save(torch.export.export(eager, (one["input"], one["kspace"], one["mask"])),
+                          str(path))
+    return path, eager
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "exported"])
+def test_program_teacher_is_run_for_output_imitation(lab, tmp_path, kind):
+    run_dir = tmp_path / "run"
+    base = load_config(TINY, [f"run_dir={run_dir}"])
+    views = R.view_dataset(base, base.data.train_split)
+    path, eager = _program_file(tmp_path, kind, views)
+    cfg = load_config(TINY, [f"run_dir={run_dir}", f"model.teacher_checkpoint={path}",
+                             "loss.attention_transfer=false"])
+    results, stages = _run(cfg)
+    assert stages.ran[:5] == ["data", "teacher", "teacher_cache", "student", "student_kd"]
+    assert "student_at" not in stages.ran and results["teacher"]["loaded"]
+    batch = default_collate([{**views.get_view(i, 0), "index": torch.tensor(i),
+                              "view": torch.tensor(0)} for i in range(len(views))])
+    cached = CachedTeacher(run_dir / "teacher_cache").targets(batch)
+    assert sorted(cached) == ["output"]  # no attention maps: the program's layers are not tapped
+    with torch.no_grad():
+        expected = eager(batch["input"], batch["kspace"], batch["mask"])
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(cached["output"], expected, rtol=1e-5, atol=1e-6)
+    # The report's teacher row is the program, evaluated like any teacher.
+    own = json.loads((run_dir / "evaluate" / "per_volume.json").read_text())
+    assert own["Teacher"] and own["Teacher"] != own["ZF"]
+    # kdhpc.predict loads the run's teacher as the program.
+    loaded, _ = load_run_model(run_dir, "teacher")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["input"], batch["kspace"], batch["mask"]),
+                                   expected, rtol=1e-5, atol=1e-6)
+
+
+def test_program_teacher_with_attention_transfer_fails_before_anything_is_written(lab, tmp_path):
+    run_dir = tmp_path / "run"
+    base = load_config(TINY, [f"run_dir={run_dir}"])
+    path, _ = _program_file(tmp_path, "torchscript", R.view_dataset(base, base.data.train_split))
+    cfg = load_config(TINY, [f"run_dir={run_dir}", f"model.teacher_checkpoint={path}"])
+    with pytest.raises(ConfigError) as caught:
+        distill.run(cfg)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"model.teacher_checkpoint: {path} ")
+    assert "forward hooks, which need the eager module" in message
+    assert "set loss.attention_transfer: false" in message
+    assert not run_dir.exists()

@@ -4,6 +4,7 @@ a real (untrained) student and a real TorchScript export, without training."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -185,3 +186,38 @@ def test_folder_mode_segments_every_image_and_scores_those_with_labels(run_dir, 
     empty.mkdir()
     assert S.main([str(empty), "--model", str(folder)]) == 2
     assert "expected NIfTI images" in capsys.readouterr().err
+
+
+def test_run_trained_with_spacing_predicts_through_the_same_resampling(run_dir, tmp_path):
+    """A run with data.spacing: the image (another spacing) is resampled in-plane to the run's,
+    segmented, and the labels resampled back (nearest) onto the image's grid and affine; here
+    by hand with kdhpc.data.acdc's functions and this file's own preprocessing."""
+    from kdhpc.data.acdc import resample_inplane, restore_inplane
+
+    folder, student = run_dir
+    spaced = tmp_path / "spaced_run"
+    (spaced / "student_kd").mkdir(parents=True)
+    shutil.copy(folder / "student_kd" / "best_model.pt", spaced / "student_kd")
+    cfg = load_config(folder / "config.yaml", ["data.spacing=[1.5,1.5]"])
+    (spaced / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rng = np.random.default_rng(5)
+    volume = rng.gamma(2.0, 50.0, (60, 90, 2)).astype(np.float32)
+    zooms = (1.25, 1.2, 8.0)  # resampled to 1.5 mm: 50 x 72 (padded in H, cropped in W)
+    write_image(tmp_path / "fine.nii.gz", volume, zooms)
+    image = nib.load(tmp_path / "fine.nii.gz")  # as stored: float32 affine and zooms
+    zooms = image.header.get_zooms()
+    out = tmp_path / "fine_seg.nii.gz"
+    assert S.main([str(tmp_path / "fine.nii.gz"), "--model", str(spaced), "--out", str(out)]) == 0
+    written = nib.load(out)
+    labels = np.asarray(written.dataobj)
+    assert labels.shape == volume.shape and np.array_equal(written.affine, image.affine)
+    resampled = resample_inplane(volume, zooms[:2], (1.5, 1.5))
+    assert resampled.shape == (50, 72, 2)
+    by_hand = restore_inplane(expected_labels(student, resampled), volume.shape,
+                              zooms[:2], (1.5, 1.5), label=True)
+    assert (labels == by_hand).mean() > 0.999 and len(np.unique(by_hand)) > 1
+    # Without the run's spacing the image is segmented on its own grid: another answer.
+    unresampled = tmp_path / "plain_seg.nii.gz"
+    assert S.main([str(tmp_path / "fine.nii.gz"), "--model", str(folder), "--eager",
+                   "--out", str(unresampled)]) == 0
+    assert not np.array_equal(np.asarray(nib.load(unresampled).dataobj), labels)

@@ -18,9 +18,17 @@ prefixes while every key carries one (repeatedly: Lightning around DDP gives
 Lightning module holding teacher and student); ``prefix=""`` strips nothing.
 
 A teacher that is only run may also be a frozen program (:func:`load_program`): a TorchScript
-archive (``torch.jit.save``) or a ``torch.export`` archive (``.pt2``, ``torch.export.save``).
-Frozen programs cannot be trained, and forward hooks (:mod:`kdhpc.models.taps`) do not reach
-inside them: feature transfer from such a teacher needs the eager module.
+archive (``torch.jit.save``) or a ``torch.export`` archive (``.pt2``, ``torch.export.save``),
+recognised by its content (:func:`checkpoint_kind`). Frozen programs cannot be trained, and
+forward hooks (:mod:`kdhpc.models.taps`) do not reach inside them: feature transfer from such a
+teacher needs the eager module. A ``torch.export`` program is called one sample at a time
+(:class:`FrozenProgram`), because an export fixes its example's batch size.
+
+A run's networks (:func:`build_run_network`, :func:`load_run_network`): every recipe builds
+``model.teacher`` / ``model.student`` (and networks derived from them) through these, so a
+factory, its ``model.<role>_kwargs``, the teacher checkpoint's layouts (``checkpoint_strict``,
+``checkpoint_prefix``) and program teachers work alike in reconstruction, enhancement and
+segmentation, and in ``kdhpc.predict`` / ``kdhpc.export`` / ``kdhpc.segment``.
 
 Every failure is a :class:`ModelSpecError` (a ``ValueError``) naming the spec or file, what was
 expected and what was found (missing / unexpected keys listed, shape mismatches with both
@@ -39,6 +47,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from kdhpc.config import ConfigError
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
 """Key prefixes that ``prefix="auto"`` strips: Lightning attribute, DDP, torch.compile."""
@@ -270,7 +280,42 @@ def load_program(path: str | os.PathLike) -> nn.Module:
         module.eval()  # an exported GraphModule has no train/eval switch to set
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return module
+    return FrozenProgram(module, kind, path)
+
+
+def _batch_parts(output: Any, parts: list) -> Any:
+    """Per-sample outputs joined along dim 0: tensors, or lists / tuples of tensors (deep
+    supervision levels)."""
+    if isinstance(output, torch.Tensor):
+        return torch.cat(parts)
+    return type(output)(torch.cat([part[i] for part in parts]) for i in range(len(output)))
+
+
+class FrozenProgram(nn.Module):
+    """A loaded TorchScript / ``torch.export`` program as a frozen ``nn.Module``.
+
+    ``train()`` / ``eval()`` only set this wrapper's flag (the program was loaded in eval mode
+    and an exported module refuses the switch). A ``torch.export`` program is called once per
+    sample: every tensor argument whose first dim is the batch is split, the others (a mask
+    shared by the batch) are passed whole, and the outputs are concatenated.
+    """
+
+    def __init__(self, program: nn.Module, kind: str, path: str | os.PathLike):
+        super().__init__()
+        self.program, self.kind, self.path = program, kind, str(path)
+
+    def train(self, mode: bool = True) -> FrozenProgram:
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any) -> Any:
+        if self.kind != "exported" or not args or not isinstance(args[0], torch.Tensor):
+            return self.program(*args)
+        batch = args[0].shape[0]
+        parts = [self.program(*[a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim()
+                                and a.shape[0] == batch else a for a in args])
+                 for i in range(batch)]
+        return _batch_parts(parts[0], parts)
 
 
 def load_teacher(spec: str, kwargs: Mapping[str, Any] | None = None,
@@ -288,3 +333,105 @@ def load_teacher(spec: str, kwargs: Mapping[str, Any] | None = None,
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's networks (every recipe and command builds through these)
+
+def role_of(model_cfg: Any, arch: str) -> str:
+    """Which ``model.*`` fields configure ``arch``: ``"teacher"`` or ``"student"`` (a recipe's
+    derived network, e.g. a multi-task sibling of the student, counts as a student)."""
+    return "teacher" if arch == model_cfg.teacher else "student"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def build_run_network(model_cfg: Any, arch: str) -> nn.Module:
+    """``arch`` (registry name or factory) built with ``model.<role>_kwargs`` when it is
+    ``model.teacher`` / ``model.student`` itself, else with no arguments. Every failure is a
+    :class:`~kdhpc.config.ConfigError` naming ``model.<role>``."""
+    role = role_of(model_cfg, arch)
+    kwargs = getattr(model_cfg, f"{role}_kwargs") if arch == getattr(model_cfg, role) else {}
+    try:
+        return build_from_spec(arch, kwargs)
+    except ModelSpecError as err:  # names the spec already
+        raise ConfigError(f"model.{role}: {_first_line(err)}") from None
+    except (KeyError, ValueError, TypeError) as err:  # a registry name, or the factory's own
+        raise ConfigError(f"model.{role}: {arch!r}: {_first_line(err).strip(chr(39))}") from None
+
+
+def check_distinct_roles(model_cfg: Any) -> None:
+    """Refuse one spec for teacher and student configured differently: :func:`role_of` could
+    not tell which keyword arguments a stage's network was built with."""
+    if model_cfg.teacher == model_cfg.student and (
+            model_cfg.teacher_kwargs != model_cfg.student_kwargs
+            or model_cfg.teacher_layers != model_cfg.student_layers):
+        raise ConfigError(f"model.student: expected a spec other than model.teacher when their "
+                          f"kwargs or layers differ, found {model_cfg.student!r} for both (name "
+                          f"a second factory, e.g. a function returning the smaller network)")
+
+
+def teacher_program(model_cfg: Any) -> Path | None:
+    """``model.teacher_checkpoint`` when it names a TorchScript or ``torch.export`` file (a
+    teacher that is only run), else None (a state dict, ``pretrained:<name>``, or none)."""
+    checkpoint = model_cfg.teacher_checkpoint
+    if not checkpoint or checkpoint.startswith("pretrained:") or not Path(checkpoint).is_file():
+        return None
+    return Path(checkpoint) if checkpoint_kind(checkpoint) in PROGRAM_KINDS else None
+
+
+def load_run_network(model_cfg: Any, arch: str, weights: str | os.PathLike,
+                     build: Callable[[str], nn.Module] | None = None,
+                     foreign: bool | None = None) -> nn.Module:
+    """``arch`` with the weights file ``weights``, in eval mode.
+
+    ``foreign`` (default: ``arch`` is the teacher and ``model.teacher_checkpoint`` is set): the
+    user's teacher checkpoint, a program file run as it is (:func:`load_program`; ``arch`` is
+    not built) or a state dict read with ``model.checkpoint_strict`` and
+    ``model.checkpoint_prefix``; otherwise weights a stage trained (a plain state dict, every
+    key matching). ``build`` (default :func:`build_run_network`) makes the network, so a recipe
+    can add its own checks or taps. Failures are a ConfigError naming the file.
+    """
+    if foreign is None:
+        foreign = role_of(model_cfg, arch) == "teacher" and bool(model_cfg.teacher_checkpoint)
+    try:
+        if foreign and checkpoint_kind(weights) in PROGRAM_KINDS:
+            return load_program(weights)
+        model = (build or (lambda a: build_run_network(model_cfg, a)))(arch)
+        load_state_dict_file(model, weights, strict=model_cfg.checkpoint_strict if foreign
+                             else True, prefix=model_cfg.checkpoint_prefix if foreign else "")
+    except ModelSpecError as err:
+        where = "model.teacher_checkpoint: " if foreign else ""
+        raise ConfigError(f"{where}{_first_line(err)}") from None
+    return model.eval()
+
+
+def logit_levels(output: Any) -> list[torch.Tensor]:
+    """A segmentation network's output as deep-supervision levels, highest resolution first:
+    a tensor is one level, a list or tuple is taken as it is."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)) and output and all(
+            isinstance(level, torch.Tensor) for level in output):
+        return list(output)
+    raise ValueError(f"expected logits [B, K, H, W] or a list of them (deep-supervision levels, "
+                     f"highest resolution first), found {type(output).__name__}")
+
+
+def full_resolution_logits(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The first (full-resolution) logits ``[B, K, H, W]`` of a segmentation network."""
+    return logit_levels(model(x))[0]
+
+
+def takes_task(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module a training engine wraps) is a multi-task network: its
+    ``forward`` has a parameter named ``task`` (the enhancement recipe passes each sample's task
+    id there)."""
+    net = getattr(model, "module", model)
+    try:
+        return "task" in inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return False

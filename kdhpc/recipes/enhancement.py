@@ -65,7 +65,21 @@ not corrected for multiple comparisons. A linear mixed model (SNR ~ model, rando
 Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES` test inputs,
 ``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
 
-The multi-task student is derived from ``model.student`` (:func:`multitask_arch`).
+The multi-task student is derived from ``model.student`` (:func:`multitask_arch`), or named by
+``model.multitask_student``.
+
+Networks of your own (``model.teacher`` / ``model.student`` a factory ``package.module:callable``
+with ``model.<role>_kwargs``; the teacher checkpoint a state dict in any layout
+``kdhpc.models.external`` reads, or a TorchScript / torch.export file): this recipe calls every
+network as ``model(input)`` with ``input`` the degraded magnitude image ``[B, 1, h, w]``
+(normalised to the volume maximum; patches while training, whole slices at evaluation) and
+expects ``[B, 1, h, w]``; a network whose ``forward`` has a parameter named ``task`` is called
+``model(input, task)`` with each sample's task id (int64 ``[B]``, :data:`TASKS`). A user student
+needs ``model.multitask_student`` (a multi-task network for task-based KD). The perceptual term
+takes the early layers of a SwinIR or EDSR teacher, so a user teacher needs
+``loss.perceptual_weight: 0`` (or ``loss.perceptual_checkpoint``: a state dict of a registry
+``model.teacher``). :func:`check_models` runs the networks once on a probe batch before anything
+is written.
 """
 
 from __future__ import annotations
@@ -94,7 +108,9 @@ from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
 from kdhpc.data.masks import seed_from
 from kdhpc.losses import PerceptualLoss, enhancement_loss
 from kdhpc.metrics import paired_test, psnr, snr_roi, ssim_per_slice, summarize
-from kdhpc.models import EDSR, MODEL_NAMES, MultiTaskEDSR, SwinIR, build_model
+from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
+from kdhpc.models.external import (build_run_network, check_distinct_roles, is_factory_spec,
+                                   load_run_network, takes_task, teacher_program)
 
 TASKS = ("denoise", "superres")
 """Task ids of the multi-task EDSR (its ``task_names``) and order of ``model.experts``."""
@@ -139,14 +155,18 @@ def task_config(cfg: Config, task: str) -> Config:
     return dataclasses.replace(cfg, degrade=dataclasses.replace(cfg.degrade, task=task))
 
 
-def multitask_arch(student: str) -> str:
-    """The multi-task EDSR matching ``model.student`` (``edsr_small`` -> ``edsr_multitask_small``)."""
+def multitask_arch(student: str, multitask: str = "") -> str:
+    """The multi-task student: ``multitask`` (``model.multitask_student``) when given, else the
+    multi-task EDSR matching ``model.student`` (``edsr_small`` -> ``edsr_multitask_small``)."""
+    if multitask:
+        return multitask
     name = student.replace("edsr_", "edsr_multitask_", 1) if student.startswith("edsr_") else ""
     if name not in MODEL_NAMES or "multitask" in student:
         single = [n for n in MODEL_NAMES if n.startswith("edsr_") and "multitask" not in n]
         raise ConfigError(f"model.student: the enhancement recipe expected a single-task EDSR "
                           f"with a multi-task sibling (one of {', '.join(single)}), found "
-                          f"{student!r}")
+                          f"{student!r} (or name a multi-task network in "
+                          f"model.multitask_student, called model(input, task))")
     return name
 
 
@@ -240,6 +260,11 @@ class EnhancementViews:
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def slices(self) -> FastMRISliceDataset:
+        """The slice dataset the views are made from."""
+        return self.base.slices
 
     def volume_of(self, index: int) -> int:
         return self.base.volume_of(index)
@@ -354,8 +379,7 @@ class MultiTaskViews:
 def enhance(model: nn.Module, batch: dict) -> torch.Tensor:
     """Run ``model`` (a module or its DeepSpeed engine) on ``batch["input"]``, passing the
     batch's task to multi-task networks."""
-    net = getattr(model, "module", model)
-    if isinstance(net, (MultiTaskEDSR, TaskExperts)):
+    if takes_task(model):  # MultiTaskEDSR, TaskExperts, a user's multi-task network
         return model(batch["input"], batch["task"])
     return model(batch["input"])
 
@@ -424,16 +448,15 @@ class EarlyLayers(nn.Module):
         return t.transpose(1, 2).reshape(b, d, h, w)
 
 
-def load_network(arch: str, weights: str | Path) -> nn.Module:
-    """``build_model(arch)`` with the state dict at ``weights`` (weights-only load)."""
-    from kdhpc.train import load_weights
-
-    model = build_model(arch)
-    try:
-        model.load_state_dict(load_weights(weights))
-    except RuntimeError as err:
-        raise ConfigError(f"{weights}: expected weights of a {arch!r} network: {err}") from None
-    return model.eval()
+def load_network(arch: str, weights: str | Path, cfg: Config | None = None,
+                 foreign: bool | None = None) -> nn.Module:
+    """``arch`` with the weights at ``weights`` (eval mode), built and loaded as
+    :func:`kdhpc.models.external.load_run_network` does with ``cfg``'s model section (factory
+    keyword arguments; ``model.teacher_checkpoint`` in its layouts, or a TorchScript /
+    torch.export teacher); without ``cfg`` a network with its defaults and a plain state dict."""
+    if cfg is None:
+        return load_run_network(Config().model, arch, weights, foreign=False)
+    return load_run_network(cfg.model, arch, weights, foreign=foreign)
 
 
 def perceptual_network(cfg: Config, teacher: nn.Module | None) -> PerceptualLoss | None:
@@ -442,7 +465,8 @@ def perceptual_network(cfg: Config, teacher: nn.Module | None) -> PerceptualLoss
     if not cfg.loss.perceptual_weight:
         return None
     if cfg.loss.perceptual_checkpoint:
-        source = load_network(cfg.model.teacher, cfg.loss.perceptual_checkpoint)
+        source = load_network(cfg.model.teacher, cfg.loss.perceptual_checkpoint, cfg,
+                              foreign=False)
     elif teacher is not None:
         source = teacher
     else:
@@ -505,7 +529,7 @@ class EnhancementData:
 
         cfg = cfg or self.cfg
         seed_everything(cfg.train.seed)  # every network of an arch starts from one init
-        model = build_model(arch)
+        model = build_run_network(cfg.model, arch)
         result = train(cfg, model, loss_fn, train_set, val_set=val_set, teacher=teacher,
                        run_dir=stage_dir)
         return {"arch": arch, "weights": str(result.best_weights), "trained": True,
@@ -556,7 +580,7 @@ class EnhancementData:
                 raise ConfigError(f"model.experts: expected {len(TASKS)} checkpoints "
                                   f"({', '.join(TASKS)}), found {cfg.model.experts}")
             weights = expert_weights(cfg, task)
-            load_network(cfg.model.student, weights)
+            load_network(cfg.model.student, weights, cfg)
             return {"arch": cfg.model.student, "weights": weights, "trained": False}
         return self.train_network(stage_dir, cfg.model.student, self.views("train", task),
                                   self.views("val", task), make_loss(cfg, 0.0, perceptual))
@@ -591,7 +615,7 @@ def teacher_cache_parts(cfg: Config):
                               f"finished teacher stage ({record}), found neither; run python -m "
                               f"kdhpc.distill CONFIG first")
         weights = json.loads(record.read_text())["result"]["weights"]
-    teacher = load_network(cfg.model.teacher, weights)
+    teacher = load_network(cfg.model.teacher, weights, cfg)
     return teacher, extract_output, recipe.views("train", recipe.task)
 
 
@@ -606,7 +630,7 @@ class Evaluated:
     volumes: list[dict]
 
 
-def _slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
+def slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
                    data_range: float) -> dict:
     """PSNR, SSIM (range = the volume maximum) and SNR per ROI of one slice ``[h, w]``."""
     row = {"psnr": psnr(target[None], pred[None], data_range=data_range),
@@ -662,7 +686,7 @@ def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None]
                 row = {"task": views.task, "model": name, "index": index,
                        "volume": views.volume_name(index), "slice": views.sample_name(index),
                        "volume_max": volume_max,
-                       **_slice_metrics(target[j], pred[j], rois[j], volume_max)}
+                       **slice_metrics(target[j], pred[j], rois[j], volume_max)}
                 rows.append(row)
             stored[name].append(pred.astype(np.float32))
         stored["target"].append(target.astype(np.float32))
@@ -824,7 +848,8 @@ def _recipe(run: Run) -> "EnhancementData":
 
 def _network(run: Run, stage: str) -> nn.Module:
     result = run.results[stage]
-    return run.memo(("net", stage), lambda: load_network(result["arch"], result["weights"]))
+    return run.memo(("net", stage), lambda: load_network(result["arch"], result["weights"],
+                                                         run.cfg))
 
 
 def _perceptual(run: Run) -> PerceptualLoss | None:
@@ -833,7 +858,7 @@ def _perceptual(run: Run) -> PerceptualLoss | None:
 
 def _load_teacher(run: Run, stage_dir: Path) -> dict:
     path, sha256 = resolve_teacher_checkpoint(run.cfg)
-    load_network(run.cfg.model.teacher, path)  # checked here
+    load_network(run.cfg.model.teacher, path, run.cfg)  # checked here
     return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
             "trained": False, "perceptual": False}
 
@@ -892,7 +917,8 @@ def _multitask(kd: bool) -> Callable[[Run, Path], dict]:
         recipe = _recipe(run)
         source = recipe.teacher_source(_experts(run), _expert_cache_dir(run),
                                        recipe.expert_data_config()) if kd else None
-        return recipe.train_network(stage_dir, multitask_arch(run.cfg.model.student),
+        return recipe.train_network(stage_dir, multitask_arch(run.cfg.model.student,
+                                                              run.cfg.model.multitask_student),
                                     recipe.mixed("train"), recipe.mixed("val"),
                                     make_loss(run.cfg, run.cfg.loss.alpha if kd else 0.0,
                                               _perceptual(run)), teacher=source)
@@ -959,11 +985,59 @@ def check_config(cfg: Config) -> None:
     expect_dataset(cfg, ("default_brain", "fastmri"))
     model_task(cfg)
     alpha_grid(cfg)
-    multitask_arch(cfg.model.student)
-    for key in ("teacher", "student"):
-        if getattr(cfg.model, key) not in MODEL_NAMES:
-            raise ConfigError(f"model.{key}: expected one of {', '.join(MODEL_NAMES)}, found "
-                              f"{getattr(cfg.model, key)!r}")
+    check_models(cfg)
+
+
+PROBE_SIZE = 16  # side of the synthetic batch check_models runs user networks on
+
+
+def check_models(cfg: Config) -> None:
+    """Teacher, student and multi-task student build; a user-defined network (or a program
+    teacher) takes this recipe's call on a probe batch and returns the input's shape; the
+    perceptual term has a feature network (module docstring)."""
+    model = cfg.model
+    check_distinct_roles(model)
+    program = teacher_program(model)
+    multitask = multitask_arch(model.student, model.multitask_student)
+    nets = {"model.teacher": (load_network(model.teacher, program, cfg) if program is not None
+                              else build_run_network(model, model.teacher)),
+            "model.student": build_run_network(model, model.student),
+            "model.multitask_student": build_run_network(model, multitask)}
+    teacher = nets["model.teacher"]
+    if (cfg.loss.perceptual_weight and not cfg.loss.perceptual_checkpoint
+            and not isinstance(teacher, (SwinIR, EDSR))):
+        raise ConfigError(f"loss.perceptual_weight: the perceptual term's features are the early "
+                          f"layers of a SwinIR or EDSR teacher, found "
+                          f"{str(program or model.teacher)!r} ({type(teacher).__name__}); set "
+                          f"loss.perceptual_weight: 0")
+    if program is None and not any(is_factory_spec(s) for s in (model.teacher, model.student,
+                                                                 multitask)):
+        return  # the registry networks' calls are tested with the package
+    # Patches while training, whole slices at evaluation: a network must take any size (a
+    # torch.export program needs dynamic height and width).
+    size = min(PROBE_SIZE, *cfg.data.crop)
+    batch = {"input": torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)),
+             "task": torch.tensor([0, len(TASKS) - 1])}
+    for key, net in nets.items():
+        name = str(program) if key == "model.teacher" and program is not None else (
+            multitask if key == "model.multitask_student" else getattr(model, key[6:]))
+        call = "model(input, task)" if takes_task(net) else "model(input)"
+        try:
+            with torch.no_grad():
+                out = enhance(net.eval(), batch)
+        except Exception as err:  # any failure of a user network's call: name the contract
+            text = str(err).strip()
+            raise ConfigError(f"{key}: {name!r} failed on a probe batch (this recipe calls "
+                              f"{call} with input [B, 1, h, w]): {type(err).__name__}: "
+                              f"{text.splitlines()[0] if text else ''}") from None
+        if not isinstance(out, torch.Tensor) or out.shape != batch["input"].shape:
+            found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"{key}: expected {name!r} to return the input's shape "
+                              f"{tuple(batch['input'].shape)} (this recipe calls {call}), "
+                              f"found {found}")
+    if not takes_task(nets["model.multitask_student"]):
+        raise ConfigError(f"model.multitask_student: expected a multi-task network whose forward "
+                          f"takes a 'task' argument, found {multitask!r}")
 
 
 def stages(cfg: Config) -> list[Stage]:
@@ -1169,7 +1243,8 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
 
     sections = [
         ("Setup", f"Model-based task: {TASK_LABELS[task]}; teacher {cfg.model.teacher}, "
-                  f"students {cfg.model.student}, multi-task {multitask_arch(cfg.model.student)}; "
+                  f"students {cfg.model.student}, multi-task "
+                  f"{multitask_arch(cfg.model.student, cfg.model.multitask_student)}; "
                   f"alpha grid {list(grid)}; multi-task KD alpha {cfg.loss.alpha:g}; loss "
                   f"weights L1 {cfg.loss.l1_weight:g}, SSIM {cfg.loss.ssim_weight:g}, perceptual "
                   f"{cfg.loss.perceptual_weight:g} (features: "

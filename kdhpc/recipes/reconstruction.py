@@ -27,7 +27,10 @@ digest-keyed on the config keys it declares)::
 - ``student_at`` (step 2): the student on the attention-transfer loss alone
   (:func:`kdhpc.losses.attention_transfer_loss`, ``loss.at_mode`` "paper" or "kdmri_code",
   exponent ``loss.at_p``); its final weights are kept (its output is not trained, so a
-  validation image metric cannot select among its checkpoints).
+  validation image metric cannot select among its checkpoints). ``loss.attention_transfer:
+  false`` drops it (``student_kd`` then starts from fresh weights): needed for a teacher that
+  is only run, a TorchScript / torch.export file in ``model.teacher_checkpoint``, whose layers
+  forward hooks cannot reach (docs/own-models.md).
 - ``student_kd`` (step 3): from ``student_at``'s weights, ``alpha * L1(S, T) + (1 - alpha) *
   L1(S, Y)`` (:func:`kdhpc.losses.imitation_loss`; ``alpha = loss.alpha`` weighs the
   distillation term, docs/methods.md; KD-MRI's paper writes alpha on the data term: its alpha = 0.5
@@ -105,8 +108,8 @@ from kdhpc.losses import (attention_transfer_loss, imitation_loss,
 from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_slice_sums,
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, count_parameters, feature_layers
-from kdhpc.models.external import (PROGRAM_KINDS, ModelSpecError, build_from_spec,
-                                   checkpoint_kind, is_factory_spec, load_state_dict_file)
+from kdhpc.models.external import (build_run_network, check_distinct_roles, is_factory_spec,
+                                   load_run_network, role_of, teacher_program)
 from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
@@ -210,12 +213,6 @@ def call_signature(cfg: Config) -> str:
             "[B, 1, H, W]")
 
 
-def role_of(cfg: Config, arch: str) -> str:
-    """Which ``model.*`` fields configure the network ``arch``: ``teacher`` or ``student``
-    (check_config refuses a teacher and student of one spec configured differently)."""
-    return "teacher" if arch == cfg.model.teacher else "student"
-
-
 def tap_paths(cfg: Config, role: str, model: nn.Module) -> list[str]:
     """The module paths whose outputs feed attention transfer: ``model.<role>_layers``, else
     the registry network's ``feature_layers``."""
@@ -229,13 +226,9 @@ def build_network(cfg: Config, arch: str) -> nn.Module:
     a factory ``package.module:callable``, called with ``model.<role>_kwargs``; a user network
     must take this recipe's call (:func:`call_signature`).
     """
-    role = role_of(cfg, arch)
-    try:
-        model = build_from_spec(arch, getattr(cfg.model, f"{role}_kwargs"))
-    except ModelSpecError as err:  # names the spec already
-        raise ConfigError(f"model.{role}: {_first_line(err)}") from None
-    except (ValueError, TypeError) as err:  # a registry name, or the factory's own check
-        raise ConfigError(f"model.{role}: {arch!r}: {_first_line(err)}") from None
+    # check_config refuses a teacher and student of one spec configured differently.
+    role = role_of(cfg.model, arch)
+    model = build_run_network(cfg.model, arch)
     if not is_factory_spec(arch):
         expected = VDSR if is_superres(cfg) else DCCNN
         if not isinstance(model, expected):
@@ -285,10 +278,13 @@ def forward(model: nn.Module, batch: dict, features: bool = False):
     return (output, taps.outputs()) if features else output
 
 
-def make_extract(p: float) -> Callable[[nn.Module, dict], dict]:
+def make_extract(p: float, attention: bool = True) -> Callable[[nn.Module, dict], dict]:
     """The teacher-target function (cache and stream): output image and the raw attention map
-    of every tapped layer, ``attention_<i>`` [B, H*W]."""
+    of every tapped layer, ``attention_<i>`` [B, H*W]; the output alone without ``attention``
+    (``loss.attention_transfer: false``)."""
     def extract(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        if not attention:
+            return {"output": forward(model, batch)}
         output, taps = forward(model, batch, features=True)
         targets = {"output": output}
         for i, tap in enumerate(taps):
@@ -297,10 +293,11 @@ def make_extract(p: float) -> Callable[[nn.Module, dict], dict]:
     return extract
 
 
-def probe_batch(cfg: Config) -> dict:
-    """A small synthetic batch shaped like this recipe's views (check_config's trial call)."""
+def probe_batch(cfg: Config, whole: bool = False) -> dict:
+    """A small synthetic batch shaped like this recipe's views (check_config's trial call);
+    ``whole``: of the full ``data.crop`` (a torch.export program fixes its input size)."""
     generator = torch.Generator().manual_seed(0)
-    height, width = (min(n, PROBE_SIZE) for n in cfg.data.crop)
+    height, width = (n if whole else min(n, PROBE_SIZE) for n in cfg.data.crop)
     image = torch.rand(1, 1, height, width, generator=generator)
     if is_superres(cfg):
         return {"input": image}
@@ -314,43 +311,45 @@ def check_models(cfg: Config) -> None:
     probe batch, and their taps pair up (same count; same spatial size per pair, as attention
     maps are compared pixel by pixel over channel sums, so channel counts may differ)."""
     model = cfg.model
-    if model.teacher == model.student and (model.teacher_kwargs != model.student_kwargs
-                                           or model.teacher_layers != model.student_layers):
-        raise ConfigError(f"model.student: expected a spec other than model.teacher when their "
-                          f"kwargs or layers differ, found {model.student!r} for both (name a "
-                          f"second factory, e.g. a function returning the smaller network)")
-    checkpoint = model.teacher_checkpoint
-    if (checkpoint and not checkpoint.startswith("pretrained:") and Path(checkpoint).is_file()
-            and checkpoint_kind(checkpoint) in PROGRAM_KINDS):
-        raise ConfigError(f"model.teacher_checkpoint: expected a state dict for recipe "
-                          f"{cfg.recipe!r}, found a {checkpoint_kind(checkpoint)} program "
-                          f"{checkpoint!r}: attention transfer taps the teacher's layers with "
-                          f"forward hooks, which need the eager module (give model.teacher and "
-                          f"its weights instead)")
-    nets = {role: build_network(cfg, getattr(model, role)) for role in ROLES}
+    check_distinct_roles(model)
+    program = teacher_program(model)
+    attention = cfg.loss.attention_transfer
+    if program is not None and attention:
+        raise ConfigError(f"model.teacher_checkpoint: {program} is a TorchScript / torch.export "
+                          f"program, which can be run but not tapped: attention transfer (the "
+                          f"student_at stage) catches the teacher's layers with forward hooks, "
+                          f"which need the eager module; set loss.attention_transfer: false "
+                          f"(output imitation only), or give model.teacher and a state dict")
+    nets = {role: build_network(cfg, getattr(model, role)) for role in ROLES
+            if not (role == "teacher" and program is not None)}
+    if program is not None:
+        nets["teacher"] = load_network(cfg, model.teacher, program)
     taps = {role: tap_paths(cfg, role, net) for role, net in nets.items()}
-    if not all(taps.values()) or len(taps["teacher"]) != len(taps["student"]):
+    if attention and (not all(taps.values()) or len(taps["teacher"]) != len(taps["student"])):
         raise ConfigError(f"model: expected a teacher and a student with the same number of "
                           f"feature taps (attention-transfer pairs; set model.teacher_layers "
                           f"and model.student_layers for a network without feature_layers), "
                           f"found {taps}")
-    custom = any(is_factory_spec(getattr(model, r)) or getattr(model, f"{r}_layers")
-                 for r in ROLES)
+    custom = program is not None or any(is_factory_spec(getattr(model, r))
+                                        or getattr(model, f"{r}_layers") for r in ROLES)
     if not custom:  # the registry networks' calls and taps are tested with the package
         return
-    batch = probe_batch(cfg)
+    batch = probe_batch(cfg, whole=program is not None)
     shapes = {}
+    names = {role: str(program) if role == "teacher" and program is not None
+             else getattr(model, role) for role in ROLES}
     for role, net in nets.items():
         try:
             with torch.no_grad():
-                output, outputs = forward(net.eval(), batch, features=True)
+                output, outputs = (forward(net.eval(), batch, features=True) if attention
+                                   else (forward(net.eval(), batch), []))
         except Exception as err:  # any failure of a user network's call: name the contract
-            raise ConfigError(f"model.{role}: {getattr(model, role)!r} failed on a probe batch "
+            raise ConfigError(f"model.{role}: {names[role]!r} failed on a probe batch "
                               f"(this recipe calls {call_signature(cfg)}): "
                               f"{type(err).__name__}: {_first_line(err)}") from None
         if not isinstance(output, torch.Tensor) or output.shape != batch["input"].shape:
             found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
-            raise ConfigError(f"model.{role}: expected {getattr(model, role)!r} to return a "
+            raise ConfigError(f"model.{role}: expected {names[role]!r} to return a "
                               f"tensor of shape {tuple(batch['input'].shape)} (this recipe "
                               f"calls {call_signature(cfg)}), found {found}")
         shapes[role] = [tuple(t.shape[-2:]) if t.dim() == 4 else tuple(t.shape) for t in outputs]
@@ -428,25 +427,12 @@ def zero_filled(batch: dict) -> torch.Tensor:
 # stage helpers
 
 def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Module:
-    """``arch`` with the weights file ``weights`` (``weights_only`` load). The teacher's
-    ``model.teacher_checkpoint`` may be a Lightning / DDP checkpoint: it is read with
-    ``model.checkpoint_strict`` and ``model.checkpoint_prefix``; weights a stage trained are
-    plain state dicts."""
-    model = build_network(cfg, arch)
-    if role_of(cfg, arch) == "teacher" and cfg.model.teacher_checkpoint:
-        try:
-            load_state_dict_file(model, weights, strict=cfg.model.checkpoint_strict,
-                                 prefix=cfg.model.checkpoint_prefix)
-        except ModelSpecError as err:
-            raise ConfigError(f"model.teacher_checkpoint: {err}") from None
-        return model
-    state = load_weights(weights)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(f"{weights}: expected weights of {arch!r}, found another network: "
-                          f"{str(err).splitlines()[0]}") from None
-    return model
+    """``arch`` with the weights file ``weights`` (``weights_only`` load,
+    :func:`kdhpc.models.external.load_run_network`). The teacher's ``model.teacher_checkpoint``
+    may be a Lightning / DDP checkpoint (read with ``model.checkpoint_strict`` and
+    ``model.checkpoint_prefix``) or a TorchScript / ``torch.export`` program (run as it is);
+    weights a stage trained are plain state dicts."""
+    return load_run_network(cfg.model, arch, weights, build=lambda a: build_network(cfg, a))
 
 
 def teacher_weights(cfg: Config) -> Path:
@@ -464,7 +450,8 @@ def teacher_cache_parts(cfg: Config):
     """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
     check_config(cfg)
     teacher = load_network(cfg, cfg.model.teacher, teacher_weights(cfg))
-    return teacher, make_extract(cfg.loss.at_p), view_dataset(cfg, cfg.data.train_split)
+    return (teacher, make_extract(cfg.loss.at_p, cfg.loss.attention_transfer),
+            view_dataset(cfg, cfg.data.train_split))
 
 
 def train_stage(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set, val_set,
@@ -740,7 +727,8 @@ def _fill_cache(unlabelled: bool) -> Callable[[Run, Path], dict]:
         # The stage folder is the default cache: a rerun with new inputs starts from an empty
         # folder. A teacher.cache_dir elsewhere is reused when it matches and verifies.
         path = fill_verified_cache(default_cache_dir(cfg), _frozen_teacher(run),
-                                   make_extract(cfg.loss.at_p), train_set, cache_config(cfg), cfg)
+                                   make_extract(cfg.loss.at_p, cfg.loss.attention_transfer),
+                                   train_set, cache_config(cfg), cfg)
         return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
     return run_stage
 
@@ -750,7 +738,8 @@ def _student_stage(loss: Callable[[Config], Callable], with_teacher: bool, valid
                    unlabelled: bool = False) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
         cfg = cache_config_for(longer_training_config(run.cfg, factor), unlabelled)
-        factory = ((lambda: teacher_source(cfg, _frozen_teacher(run), make_extract(cfg.loss.at_p)))
+        extract = make_extract(cfg.loss.at_p, cfg.loss.attention_transfer)
+        factory = ((lambda: teacher_source(cfg, _frozen_teacher(run), extract))
                    if with_teacher else None)
         return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg),
                            _training_views(run, unlabelled),
@@ -801,7 +790,8 @@ def _report(run: Run, stage_dir: Path) -> dict:
                            cfg.eval.latency_repeats,
                            to_device=lambda device: [m.to(device) for m in timed.values()])
     params = {row: count_parameters(net) for row, net in nets.items()}
-    steps = {name: run.results[name]["steps"] for name in training_stages(cfg)}
+    steps = {"student_at": 0,  # none without attention transfer
+             **{name: run.results[name]["steps"] for name in training_stages(cfg)}}
     return write_recon_report(cfg, run.run_dir, run.results["evaluate"]["per_volume"], latency,
                               params, steps, panel)
 
@@ -814,9 +804,11 @@ def configured(cfg: Config, *keys: str) -> tuple[str, ...]:
 
 
 def training_stages(cfg: Config) -> tuple[str, ...]:
-    extra = (("student_at" + UNLABELLED, "student_kd" + UNLABELLED)
-             if cfg.data.unlabelled_split else ())
-    return ("teacher", "student", "student_at", "student_kd", *extra)
+    names = ["teacher", "student"]
+    for suffix in ("", *((UNLABELLED,) if cfg.data.unlabelled_split else ())):
+        names += [*(("student_at" + suffix,) if cfg.loss.attention_transfer else ()),
+                  "student_kd" + suffix]
+    return tuple(names)
 
 
 def kd_stages(cfg: Config, unlabelled: bool, cache_keys: tuple, kd_keys: tuple
@@ -825,17 +817,17 @@ def kd_stages(cfg: Config, unlabelled: bool, cache_keys: tuple, kd_keys: tuple
     and 3), on the labelled training views or on them with target-free extras."""
     suffix = UNLABELLED if unlabelled else ""
     cache = ("teacher_cache" + suffix,) if cfg.teacher.mode == "precompute" else ()
+    # loss.attention_transfer: false drops student_at (a teacher that is only run).
+    at = ("student_at" + suffix,) if cfg.loss.attention_transfer else ()
     return [Stage(name, _fill_cache(unlabelled), keys=cache_keys, consumes=("data", "teacher"))
             for name in cache], [
-        Stage("student_at" + suffix, _student_stage(make_at_loss, True, False,
-                                                    unlabelled=unlabelled),
-              keys=(*kd_keys, "loss.at_mode", *configured(cfg, "model.student_layers")),
-              consumes=("data", "teacher", *cache)),
+        *(Stage(name, _student_stage(make_at_loss, True, False, unlabelled=unlabelled),
+                keys=(*kd_keys, "loss.at_mode", *configured(cfg, "model.student_layers")),
+                consumes=("data", "teacher", *cache)) for name in at),
         Stage("student_kd" + suffix, _student_stage(make_kd_loss, True, True,
-                                                    init="student_at" + suffix,
+                                                    init=at[0] if at else None,
                                                     unlabelled=unlabelled),
-              keys=(*kd_keys, "loss.alpha"),
-              consumes=("data", "teacher", *cache, "student_at" + suffix)),
+              keys=(*kd_keys, "loss.alpha"), consumes=("data", "teacher", *cache, *at)),
     ]
 
 
@@ -844,8 +836,9 @@ def stages(cfg: Config) -> list[Stage]:
     loaded_keys = configured(cfg, "model.checkpoint_strict", "model.checkpoint_prefix")
     teacher_taps = configured(cfg, "model.teacher_kwargs", "model.teacher_layers")
     student_keys = ("model.student", *configured(cfg, "model.student_kwargs"), *TRAIN_KEYS)
-    kd_keys = (*student_keys, "loss.at_p", "teacher", *teacher_taps)
-    cache_keys = ("loss.at_p", "teacher", *teacher_taps)
+    at_keys = configured(cfg, "loss.attention_transfer")
+    kd_keys = (*student_keys, "loss.at_p", "teacher", *teacher_taps, *at_keys)
+    cache_keys = ("loss.at_p", "teacher", *teacher_taps, *at_keys)
     trained = ("data", *trained_rows(cfg).values())
     cache, kd = kd_stages(cfg, False, cache_keys, kd_keys)
     extra_cache, extra_kd = (kd_stages(cfg, True, cache_keys, kd_keys)
@@ -859,8 +852,9 @@ def stages(cfg: Config) -> list[Stage]:
         *cache,
         # train.equal_budget: the no-KD student gets the steps of attention transfer + imitation.
         Stage("student", _student_stage(lambda c: l1_loss_fn, False, True,
-                                        factor=2 if cfg.train.equal_budget else 1),
-              keys=(*student_keys, "train.equal_budget"), consumes=("data",)),
+                                        factor=2 if cfg.train.equal_budget
+                                        and cfg.loss.attention_transfer else 1),
+              keys=(*student_keys, "train.equal_budget", *at_keys), consumes=("data",)),
         *kd,
         *extra_cache,
         *extra_kd,

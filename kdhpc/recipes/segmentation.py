@@ -81,6 +81,13 @@ prediction is unaffected). Their teacher targets are the teacher's logits on the
 centre-cropped at every level to the patch (:func:`extract_logits`; the view rides along in
 the batch as ``context``), i.e. what the teacher predicts at those pixels of that image.
 
+Networks of your own: ``model.teacher`` / ``model.student`` may be factories
+(``package.module:callable`` with ``model.<role>_kwargs``) and the teacher checkpoint a state
+dict in any layout or a TorchScript / torch.export program (docs/own-models.md); every network
+is called as :data:`CALL` (a single logits tensor is one deep-supervision level; KD pairs level
+i with level i, so the teacher needs at least the student's levels), checked on a probe batch
+by :func:`check_models` before anything is written.
+
 Optimiser: whatever ``optim`` / ``schedule`` say, for teacher and students alike. The CPU
 default uses Adam (lr 1e-3, poly decay): nnU-Net's SGD (lr 1e-2, momentum 0.99 Nesterov, wd
 3e-5, poly 0.9; ``configs/seg_published.yaml``) is tuned for 1000 epochs x 250 iterations and
@@ -119,7 +126,10 @@ from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
-from kdhpc.models import build_model, count_parameters, segment as full_resolution_logits
+from kdhpc.models import count_parameters
+from kdhpc.models.external import (build_run_network, check_distinct_roles,
+                                   full_resolution_logits, is_factory_spec, load_run_network,
+                                   logit_levels, teacher_program)
 from kdhpc.segment import EXPORT_FOLDER, ONNX_FILE, TORCHSCRIPT_FILE, normalize_slice
 
 NUM_CLASSES = len(LABELS)
@@ -342,16 +352,58 @@ class CardiacViews:
 # ---------------------------------------------------------------------------------------------
 # networks, loss, metrics
 
-def load_network(arch: str, weights: str | os.PathLike) -> nn.Module:
-    """``build_model(arch)`` with the state dict at ``weights`` (eval mode)."""
-    from kdhpc.train import load_weights
+CALL = ("model(image) with image [B, 1, S, S] (a z-scored slice), returning logits "
+        "[B, 4, S, S] or a list of deep-supervision logits [B, 4, S / 2^i, S / 2^i], highest "
+        "resolution first")
+"""How this recipe calls every network, registry or user-defined (a user network's contract)."""
 
-    model = build_model(arch)
-    try:
-        model.load_state_dict(load_weights(weights))
-    except RuntimeError as err:
-        raise ConfigError(f"{weights}: expected {arch} weights: {err}") from None
-    return model.eval()
+
+def load_network(arch: str, weights: str | os.PathLike, cfg: Config | None = None) -> nn.Module:
+    """``arch`` with the weights at ``weights`` (eval mode), built and loaded as
+    :func:`kdhpc.models.external.load_run_network` does with ``cfg``'s model section (factory
+    keyword arguments, the teacher checkpoint's layouts, a TorchScript / torch.export teacher);
+    without ``cfg``: the registry or factory network with its defaults and a plain state dict."""
+    if cfg is None:
+        return load_run_network(Config().model, arch, weights, foreign=False)
+    return load_run_network(cfg.model, arch, weights)
+
+
+def check_models(cfg: Config) -> None:
+    """Teacher and student build; a user-defined network (or a program teacher) takes this
+    recipe's call (:data:`CALL`) on a probe batch with logits of the right shapes at every
+    level, and the teacher has at least as many deep-supervision levels as the student (KD pairs
+    level i with level i; the teacher's extra levels go unused)."""
+    size = image_size(cfg)
+    check_distinct_roles(cfg.model)
+    program = teacher_program(cfg.model)
+    nets = {"teacher": (load_network(cfg.model.teacher, program, cfg) if program is not None
+                        else build_run_network(cfg.model, cfg.model.teacher)),
+            "student": build_run_network(cfg.model, cfg.model.student)}
+    if program is None and not any(is_factory_spec(getattr(cfg.model, r)) for r in nets):
+        return  # the registry U-Nets' calls are tested with the package
+    x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    levels = {}
+    for role, net in nets.items():
+        name = str(program) if role == "teacher" and program is not None else getattr(
+            cfg.model, role)
+        try:
+            with torch.no_grad():
+                levels[role] = logit_levels(net.eval()(x))
+        except Exception as err:  # any failure of a user network's call: name the contract
+            text = str(err).strip()
+            raise ConfigError(f"model.{role}: {name!r} failed on a probe batch (this recipe "
+                              f"calls {CALL}): {type(err).__name__}: "
+                              f"{text.splitlines()[0] if text else ''}") from None
+        for i, level in enumerate(levels[role]):
+            expected = (2, NUM_CLASSES, size >> i, size >> i)
+            if tuple(level.shape) != expected:
+                raise ConfigError(f"model.{role}: expected {name!r} to return level {i} of shape "
+                                  f"{expected} for a batch [2, 1, {size}, {size}] (this recipe "
+                                  f"calls {CALL}), found {tuple(level.shape)}")
+    if len(levels["teacher"]) < len(levels["student"]):
+        raise ConfigError(f"model.student: expected at most as many deep-supervision levels as "
+                          f"the teacher ({len(levels['teacher'])}; KD pairs level i with level "
+                          f"i), found {len(levels['student'])}")
 
 
 def extract_logits(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -361,7 +413,7 @@ def extract_logits(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     ``image`` is a central P x P patch of it) and its logits are centre-cropped to the patch.
     """
     context = batch.get("context")
-    logits = model(batch["image"] if context is None else context)
+    logits = logit_levels(model(batch["image"] if context is None else context))
     if context is None:
         return {f"logits_{i}": level for i, level in enumerate(logits)}
     patch = batch["image"].shape[-1]
@@ -378,8 +430,12 @@ def make_loss(cfg: Config, weight: float) -> Callable:
     loss = cfg.loss
 
     def loss_fn(model, batch: dict, targets: dict | None) -> dict[str, torch.Tensor]:
-        teacher = teacher_levels(targets) if targets is not None and weight > 0 else None
-        return segmentation_kd_loss(model(batch["image"]), batch["label"], teacher, weight,
+        student = logit_levels(model(batch["image"]))
+        # A teacher with more levels than the student: level i pairs with level i, the rest
+        # go unused (check_models).
+        teacher = (teacher_levels(targets)[:len(student)]
+                   if targets is not None and weight > 0 else None)
+        return segmentation_kd_loss(student, batch["label"], teacher, weight,
                                     loss.temperature, loss.ds_weights, loss.kl_t2_scaling)
 
     return loss_fn
@@ -454,7 +510,7 @@ class CardiacData:
 
         cfg = cfg or self.cfg
         seed_everything(cfg.train.seed)  # the no-KD and KD students start from one init
-        model = build_model(arch)
+        model = build_run_network(cfg.model, arch)
         result = train(selection_config(cfg), model, make_loss(cfg, weight),
                        self.views("train", whole), val_set=self.views("val"), teacher=teacher,
                        eval_fn=slice_counts, volume_metrics=volume_dice, run_dir=stage_dir)
@@ -466,7 +522,7 @@ class CardiacData:
     def teacher_stage(self, stage_dir: Path) -> dict:
         cfg = self.cfg
         if cfg.model.teacher_checkpoint:
-            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint)  # checked here
+            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint, cfg)  # checked here
             return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
                     "trained": False}
         return self.train_network(stage_dir, cfg.model.teacher, 0.0, whole=True,
@@ -504,7 +560,7 @@ def teacher_cache_parts(cfg: Config):
     """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
     from kdhpc.data.default import dataset_root
 
-    teacher = load_network(cfg.model.teacher, teacher_weights(cfg))
+    teacher = load_network(cfg.model.teacher, teacher_weights(cfg), cfg)
     return teacher, extract_logits, CardiacData(cfg, dataset_root(cfg)).views("train")
 
 
@@ -630,7 +686,7 @@ def export_student(model: nn.Module, slices: torch.Tensor, out_dir: Path, repeat
             log(f"export: ONNX skipped: {skipped}")
             result[fmt] = {"skipped": skipped}
             continue
-        exported = export_model(model, fmt, out_dir / name, (size, size), rounds=repeats,
+        exported = export_model(eager, fmt, out_dir / name, (size, size), rounds=repeats,
                                 name=f"student_kd ({type(model).__name__})")
         run = LOADERS[fmt](out_dir / name)
         if run is None:  # onnxruntime absent: checked by onnx.checker only
@@ -674,7 +730,8 @@ def _recipe(run: Run) -> CardiacData:
 
 def _teacher(run: Run) -> nn.Module:
     result = run.results["teacher"]
-    return run.memo("teacher", lambda: load_network(result["arch"], result["weights"]))
+    return run.memo("teacher", lambda: load_network(result["arch"], result["weights"],
+                                                    run.cfg))
 
 
 def _train_teacher(run: Run, stage_dir: Path) -> dict:
@@ -684,7 +741,7 @@ def _train_teacher(run: Run, stage_dir: Path) -> dict:
 
 def _load_teacher(run: Run, stage_dir: Path) -> dict:
     path, sha256 = resolve_teacher_checkpoint(run.cfg)
-    load_network(run.cfg.model.teacher, path)  # checked here
+    load_network(run.cfg.model.teacher, path, run.cfg)  # checked here
     return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
             "trained": False}
 
@@ -713,7 +770,8 @@ def _evaluate(split: str) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
         teacher = _teacher(run)
         nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
-                **{k: (load_network(run.results[k]["arch"], run.results[k]["weights"]), False)
+                **{k: (load_network(run.results[k]["arch"], run.results[k]["weights"],
+                                    run.cfg), False)
                    for k in STUDENTS}}
         if not run.cfg.eval.tta_flip:
             del nets["teacher_tta"]
@@ -731,8 +789,8 @@ def _speed(run: Run, stage_dir: Path) -> dict:
         views = recipe.views("test")
         x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
         kd = run.results["student_kd"]
-        rows = speed_rows({"teacher": _teacher(run), "student": load_network(kd["arch"],
-                                                                             kd["weights"])},
+        rows = speed_rows({"teacher": _teacher(run), "student": load_network(
+                               kd["arch"], kd["weights"], run.cfg)},
                           x, run.cfg.eval.latency_repeats)
         return {"rows": rows, "size": recipe.size}
     return from_rank0(measure)
@@ -743,7 +801,8 @@ def _export(run: Run, stage_dir: Path) -> dict:
         views = _recipe(run).views("test")
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
         kd = run.results["student_kd"]
-        return export_student(load_network(kd["arch"], kd["weights"]), inputs, stage_dir,
+        return export_student(load_network(kd["arch"], kd["weights"], run.cfg), inputs,
+                              stage_dir,
                               EXPORT_LATENCY_ROUNDS, run.stages.log)
     return from_rank0(export)
 
@@ -762,11 +821,7 @@ def check_config(cfg: Config) -> None:
     expect_dataset(cfg, ("default_cardiac", "acdc"))
     image_size(cfg)
     patch_size(cfg)
-    for key in ("teacher", "student"):
-        try:
-            build_model(getattr(cfg.model, key))
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"model.{key}: {err}") from None
+    check_models(cfg)
 
 
 def stages(cfg: Config) -> list[Stage]:
