@@ -18,7 +18,7 @@ from kdhpc.teacher import pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {"recon_default": "recon_default.yaml", "recon_default_8x": "recon_default_8x.yaml",
-            "seg_default": "seg_default.yaml"}
+            "seg_default": "seg_default.yaml", "enh_default": "enh_default.yaml"}
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
@@ -75,8 +75,29 @@ def test_a_run_on_other_data_is_refused_saying_what_changed_and_what_to_do():
                                           r"kdhpc\.teacher\.ship configs/teachers/"
                                           r"recon_default\.yaml"):
         pretrained.resolve_teacher_checkpoint(cfg)
-    with pytest.raises(ConfigError, match=r"expected one of the shipped teachers "
-                                          r"pretrained:recon_default, pretrained:recon_default_8x, "
-                                          r"pretrained:seg_default"):
+    shipped = ", ".join(f"pretrained:{name}" for name in sorted(pretrained.read_manifest()))
+    assert "pretrained:recon_default, pretrained:recon_default_8x" in shipped
+    with pytest.raises(ConfigError, match=f"expected one of the shipped teachers {shipped}, "
+                                          f"found 'pretrained:nope'"):
         pretrained.resolve_teacher_checkpoint(load_config(
             REPO / "configs" / "recon_default.yaml", ["model.teacher_checkpoint=pretrained:nope"]))
+
+
+@pytest.mark.parametrize("task", ["denoise", "superres"])
+def test_shipped_experts_resolve_for_their_own_task_and_refuse_other_data(task):
+    from kdhpc.recipes import enhancement as E
+
+    cfg = load_config(REPO / "configs" / "enh_default.yaml")
+    name = f"enh_expert_{task}"
+    assert cfg.model.experts[E.TASKS.index(task)] == f"pretrained:{name}"
+    entry = pretrained.read_manifest()[name]
+    path = pretrained.WEIGHTS_DIR / entry["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    # Trained as a teacher of the student's architecture on the expert's own task.
+    assert entry["arch"] == cfg.model.student and entry["data"]["degrade"]["task"] == task
+    assert E.expert_weights(cfg, task) == str(path)
+    E.load_network(cfg.model.student, path)  # strict
+    other = load_config(REPO / "configs" / "enh_default.yaml", ["degrade.noise_sigma=0.1"])
+    with pytest.raises(ConfigError, match=rf"pretrained:{name} was trained on other data than "
+                                          rf"this run's \(degrade\.noise_sigma: 0\.05 -> 0\.1\)"):
+        E.expert_weights(other, task)
