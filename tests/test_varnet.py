@@ -4,6 +4,7 @@ end to end against a numpy recomputation of its zero-filled row."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from kdhpc.data.multicoil import MultiCoilViews
 from kdhpc.models import build_model
 from kdhpc.models.varnet import VarNet
 from kdhpc.recipe import Stages, execute, planned_digests
+from kdhpc.teacher import pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 DIMS = (-2, -1)
@@ -254,3 +256,16 @@ def test_tiny_run_reports_the_zero_filled_rss_that_numpy_computes(tmp_path):
         mse = np.mean((target.astype(np.float64) - zf) ** 2)
         psnr = 10 * np.log10(target.max() ** 2 / mse)
         assert per_volume["ZF"][path.name]["psnr"] == pytest.approx(psnr, abs=1e-3)
+
+
+def test_the_shipped_teacher_matches_its_manifest_and_the_default_config():
+    entry = pretrained.read_manifest()["varnet_default"]
+    path = pretrained.WEIGHTS_DIR / entry["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    assert path.stat().st_size < 2_000_000
+    cfg = load_config(REPO / "configs" / "varnet_default.yaml")
+    assert cfg.model.teacher_checkpoint == "pretrained:varnet_default"
+    assert pretrained.resolve_teacher_checkpoint(cfg) == (path, entry["sha256"])
+    model = build_model(entry["arch"])
+    model.load_state_dict(torch.load(path, weights_only=True))  # strict: every key and shape
+    assert pretrained.data_identity(load_config(REPO / entry["config"])) == entry["data"]

@@ -61,8 +61,10 @@ from kdhpc.ops import attention_map, attention_map_loss
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
                           fill_verified_cache, latency_rows, teacher_stage,
                           teacher_training_config)
-from kdhpc.recipes.reconstruction import (ROWS, configured, gap_summary, per_metric,
-                                          results_table, save_recon_panel, split_folder)
+# The report's table, tests, panel, printed summary and sweep-trial result are the
+# reconstruction recipe's: the same four rows (ZF, Teacher, Student, KD-Student) and metrics.
+from kdhpc.recipes.reconstruction import (configured, gap_summary, per_metric, results_table,
+                                          save_recon_panel, split_folder, summary, trial_result)
 from kdhpc.report import table, write_report
 from kdhpc.runtime import rank, world_size
 from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
@@ -382,21 +384,6 @@ def stages(cfg: Config) -> list[Stage]:
         Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]
-
-
-def summary(run: Run) -> str:
-    return f"{run.results['report']['text']}\n\nreport: {run.run_dir / 'report.md'}"
-
-
-def trial_result(run: Run) -> dict:
-    """A sweep trial: per-volume validation metrics of the KD student, teacher and student."""
-    per_volume = run.results["evaluate_val"]["per_volume"]
-    volumes = sorted(per_volume["KD-Student"])
-    metrics = ["psnr", "ssim", "nmse"]
-    rows = {"student": "KD-Student", "teacher": "Teacher", "no_kd": "Student"}
-    return {"volumes": volumes, "metrics": metrics,
-            "per_volume": {key: {m: [per_volume[row][v][m] for v in volumes] for m in metrics}
-                           for key, row in rows.items()}}
 
 
 def cache_parts(cfg: Config):
