@@ -21,7 +21,8 @@ from kdhpc.data.masks import equispaced_fraction_mask, file_seed
 from kdhpc.data.multicoil import MultiCoilViews
 from kdhpc.models import build_model
 from kdhpc.models.varnet import VarNet
-from kdhpc.recipe import Stages, execute, planned_digests
+from kdhpc.recipe import (Stages, execute, planned_digests, recipe_of, shared_stages,
+                          stages_for)
 from kdhpc.teacher import pretrained
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,6 +238,10 @@ def test_alpha_reruns_only_the_kd_student_and_what_reads_it():
         base = planned_digests(load_config(tiny), purpose)
         other = planned_digests(load_config(tiny, ["loss.alpha=0.3"]), purpose)
         assert {n for n in base if base[n] != other[n]} == expected
+    for key in ("loss.cascade_weight", "loss.at_weight"):   # swept from their default, 0
+        cfg = load_config(tiny, [f"{key}=0"])
+        assert shared_stages(stages_for(recipe_of(cfg), cfg, "sweep"), [key]) == [
+            "data", "teacher", "teacher_cache", "student"]
 
 
 def test_tiny_run_reports_the_zero_filled_rss_that_numpy_computes(tmp_path):

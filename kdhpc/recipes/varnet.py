@@ -63,7 +63,7 @@ from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_data
                           teacher_training_config)
 # The report's table, tests, panel, printed summary and sweep-trial result are the
 # reconstruction recipe's: the same four rows (ZF, Teacher, Student, KD-Student) and metrics.
-from kdhpc.recipes.reconstruction import (configured, gap_summary, per_metric, results_table,
+from kdhpc.recipes.reconstruction import (gap_summary, per_metric, results_table,
                                           save_recon_panel, split_folder, summary, trial_result)
 from kdhpc.report import table, write_report
 from kdhpc.runtime import rank, world_size
@@ -356,13 +356,15 @@ def _report(run: Run, stage_dir: Path) -> dict:
 
 def stages(cfg: Config) -> list[Stage]:
     cache = ("teacher_cache",) if cfg.teacher.mode == "precompute" else ()
-    teacher_keys = ("model.teacher", *configured(cfg, "model.teacher_kwargs"))
-    student_keys = ("model.student", *configured(cfg, "model.student_kwargs"))
+    # Every key declared whatever its value (a new recipe has no earlier digests to keep), so
+    # a sweep over any of them never mistakes a stage that reads it for a shared one.
+    teacher_keys = ("model.teacher", "model.teacher_kwargs")
+    student_keys = ("model.student", "model.student_kwargs")
     teacher = teacher_stage(_fit("teacher", False), (*teacher_keys, *DATA_TERMS), cfg,
                             _load_teacher)
     if cfg.model.teacher_checkpoint:
-        teacher = dataclasses.replace(teacher, keys=(*teacher_keys, *configured(
-            cfg, "model.checkpoint_strict", "model.checkpoint_prefix")))
+        teacher = dataclasses.replace(teacher, keys=(*teacher_keys, "model.checkpoint_strict",
+                                                     "model.checkpoint_prefix"))
     target_keys = ("loss.at_p", "teacher", *student_keys)  # the pairing depends on the student
     trained = ("data", *TRAINED.values())
     return [
@@ -375,7 +377,7 @@ def stages(cfg: Config) -> list[Stage]:
               consumes=("data",)),
         Stage("student_kd", _fit("student", True),
               keys=(*student_keys, *TRAIN_KEYS, *DATA_TERMS, *target_keys, "loss.alpha",
-                    "loss.at_mode", *configured(cfg, "loss.cascade_weight", "loss.at_weight")),
+                    "loss.at_mode", "loss.cascade_weight", "loss.at_weight"),
               consumes=("data", "teacher", *cache)),
         Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
               use="test"),
