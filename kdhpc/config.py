@@ -223,6 +223,11 @@ class LossConfig:
                                  "student)", factory=True)
     ds_weights: list[float] = _f([], "deep-supervision weights, highest resolution first; "
                                  "empty = nnU-Net's 1/2^i, lowest 0, normalised", factory=True)
+    cascade_weight: float = _f(0.0, "varnet: weight of the per-cascade transfer, the L1 between "
+                               "each student cascade's RSS image and its paired teacher "
+                               "cascade's", lo=0.0, omit_default=True)
+    at_weight: float = _f(0.0, "varnet: weight of attention transfer between the U-Net "
+                          "bottlenecks of paired cascades", lo=0.0, omit_default=True)
 
 
 @dataclass
@@ -315,7 +320,7 @@ class Config:
 
     recipe: str = _f(
         "reconstruction", "which recipe python -m kdhpc.distill runs: reconstruction, superres, "
-        "enhancement, segmentation, or the dotted path of a module that defines RECIPE (your own "
+        "enhancement, segmentation, varnet, or the dotted path of a module that defines RECIPE (your own "
         "recipe, kdhpc.recipe.Recipe)")
     run_dir: str = _f("runs/default", "output folder: checkpoints, caches, metrics, report")
     data: DataConfig = field(default_factory=DataConfig)

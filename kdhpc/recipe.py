@@ -45,6 +45,7 @@ RECIPES = {
     "superres": "kdhpc.recipes.reconstruction",
     "enhancement": "kdhpc.recipes.enhancement",
     "segmentation": "kdhpc.recipes.segmentation",
+    "varnet": "kdhpc.recipes.varnet",
 }
 STAGE_RECORD = "stage.json"
 STAGE_INPUTS = ".inputs"

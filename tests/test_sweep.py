@@ -304,7 +304,8 @@ def test_aggregate_refuses_trials_evaluated_on_different_volumes(tmp_path):
 
 SWEEP_FILES = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 TEST_SIZE = {"reconstruction": "recon_tiny.yaml", "superres": "recon_tiny.yaml",
-             "enhancement": "enh_tiny.yaml", "segmentation": "seg_tiny.yaml"}
+             "enhancement": "enh_tiny.yaml", "segmentation": "seg_tiny.yaml",
+             "varnet": "varnet_tiny.yaml"}
 
 
 def _flat(data: dict, prefix: str = "") -> list[str]:

@@ -15,6 +15,10 @@ Names (``MODEL_NAMES``) and what they build:
   ``unet_teacher_small``: 5 stages, base 8, max 64.
 - ``mobilenet_unet_student``: :class:`MobileNetUNet`, channels (8, 16, 32, 64, 128),
   expansion 8; ``mobilenet_unet_student_small``: channels (8, 8, 16, 16, 24), expansion 4.
+- ``varnet_e2e``: :class:`VarNet`, the published E2E-VarNet (12 cascades, U-Nets of 18 channels
+  and 4 pools, sensitivity U-Net 8 channels, 4 pools); ``varnet_e2e_student``: 6 cascades,
+  9 channels. ``varnet_teacher`` / ``varnet_student``: the CPU default sizes (8 cascades x 8
+  channels / 4 x 4, 2 pools, sensitivity 4 channels).
 
 ``overrides`` are constructor keyword arguments of the class (e.g.
 ``build_model("dccnn_teacher", centered=True)`` for fastMRI's centred k-space); an unknown name or
@@ -61,6 +65,7 @@ from kdhpc.models.edsr import EDSR, MultiTaskEDSR
 from kdhpc.models.mobilenet_unet import MobileNetUNet
 from kdhpc.models.swinir import SwinIR
 from kdhpc.models.unet import UNet, segment
+from kdhpc.models.varnet import VarNet
 from kdhpc.models.vdsr import VDSR
 
 # name -> (class, the named size's constructor arguments)
@@ -89,12 +94,19 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "mobilenet_unet_student_small": (MobileNetUNet, dict(channels=(8, 8, 16, 16, 24),
                                                          expansion=4, blocks_per_level=1,
                                                          n_heads=4)),
+    "varnet_e2e": (VarNet, dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4)),
+    "varnet_e2e_student": (VarNet, dict(num_cascades=6, chans=9, pools=4, sens_chans=4,
+                                        sens_pools=4)),
+    "varnet_teacher": (VarNet, dict(num_cascades=8, chans=8, pools=2, sens_chans=4,
+                                    sens_pools=2)),
+    "varnet_student": (VarNet, dict(num_cascades=4, chans=4, pools=2, sens_chans=4,
+                                    sens_pools=2)),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = ["MODEL_NAMES", "build_model", "count_parameters", "feature_layers", "segment",
-           "DCCNN", "VDSR", "EDSR", "MultiTaskEDSR", "SwinIR", "UNet", "MobileNetUNet",
+           "DCCNN", "VDSR", "VarNet", "EDSR", "MultiTaskEDSR", "SwinIR", "UNet", "MobileNetUNet",
            "build_from_spec", "load_state_dict_file", "load_teacher", "LayerTaps",
            "ChannelProjection"]
 

@@ -1,0 +1,403 @@
+"""Multi-coil E2E-VarNet: a VarNet teacher distilled into a VarNet with fewer cascades and channels.
+
+Run::
+
+    python -m kdhpc.distill configs/varnet_default.yaml          # CPU default, prints the table
+    python -m kdhpc.distill configs/varnet_fastmri_brain.yaml data.root=... mask.acceleration=8
+    python -m kdhpc.teacher.ship configs/teachers/varnet_default.yaml   # the shipped teacher
+
+Stages (run by :func:`kdhpc.recipe.execute`, each resumable and digest-keyed)::
+
+    data -> teacher -> teacher_cache -> student -> student_kd -> evaluate -> report
+                                                               (sweeps: evaluate_val)
+
+- data: multi-coil fastMRI files read as measured (:mod:`kdhpc.data.multicoil`: the file's
+  k-space and ``reconstruction_rss``, its own mask or fastMRI's random / equispaced mask seeded
+  per file), scaled by each volume's target maximum.
+- ``teacher``: ``model.teacher`` trained on the data term, or ``model.teacher_checkpoint``
+  loaded (``pretrained:varnet_default``). ``teacher_cache``: per training view the teacher's RSS
+  output, the RSS image of each teacher cascade paired with a student cascade (student cascade
+  i <-> teacher cascade ``round((i + 1) T / S) - 1``) and the raw attention map
+  ``sum_c |A_c|^p`` of that cascade's U-Net bottleneck (:func:`kdhpc.teacher.fill_cache`,
+  ``teacher.cache_dtype``); ``teacher.mode: stream`` runs the teacher on each batch instead.
+- ``student``: ``model.student`` on the data term ``l1_weight L1 + ssim_weight (1 - SSIM)``
+  (fastMRI trains VarNet on SSIM); ``student_kd``: the same steps and seed on
+  ``(1 - alpha) data + alpha L1(S, T) + cascade_weight mean_i L1(S_i, T_j(i)) + at_weight AT``
+  (:func:`kdhpc.losses.enhancement_loss` for the first two terms, ``kdhpc.ops.attention_map_loss``
+  in ``loss.at_mode`` for the last).
+- ``evaluate`` (test split, view 0) and ``report``: per-volume NMSE / PSNR / SSIM (and HFEN) of
+  the RSS image against ``reconstruction_rss`` over the centre crop with data range = the volume's
+  target maximum (fastMRI's evaluation), for the zero-filled RSS, teacher, student and KD student;
+  paired t-tests, the share of the teacher-student gap KD closes, parameters, latency, a panel.
+
+Model selection on the validation split only (``train.best_metric``); the test split is read by
+``evaluate`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from kdhpc.config import Config, ConfigError, digest, write_atomic
+from kdhpc.data.default import dataset_root
+from kdhpc.data.fastmri import FastMRISliceDataset
+from kdhpc.data.multicoil import MASK_KINDS, MultiCoilViews, describe
+from kdhpc.data.views import center_crop
+from kdhpc.losses import enhancement_loss
+from kdhpc.metrics import (VolumeMetricAccumulator, reconstruction_slice_sums,
+                           volume_metrics_from_sums)
+from kdhpc.models import VarNet, build_model, count_parameters
+from kdhpc.models.external import ModelSpecError, load_state_dict_file
+from kdhpc.models.varnet import coil_images, root_sum_of_squares
+from kdhpc.ops import attention_map, attention_map_loss
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
+                          fill_verified_cache, latency_rows, teacher_stage,
+                          teacher_training_config)
+# The report's table, tests, panel, printed summary and sweep-trial result are the
+# reconstruction recipe's: the same four rows (ZF, Teacher, Student, KD-Student) and metrics.
+from kdhpc.recipes.reconstruction import (gap_summary, per_metric, results_table,
+                                          save_recon_panel, split_folder, summary, trial_result)
+from kdhpc.report import table, write_report
+from kdhpc.runtime import rank, world_size
+from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
+from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
+from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
+
+DATA_TERMS = ("loss.l1_weight", "loss.ssim_weight")
+TRAINED = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
+
+
+# ---------------------------------------------------------------------------------------------
+# config, data, networks
+
+def build_network(cfg: Config, role: str) -> VarNet:
+    """``model.<role>`` (a registry VarNet) with ``model.<role>_kwargs``."""
+    name = getattr(cfg.model, role)
+    try:
+        model = build_model(name, **getattr(cfg.model, f"{role}_kwargs"))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.{role}: {err}") from None
+    if not isinstance(model, VarNet):
+        raise ConfigError(f"model.{role}: expected a VarNet (varnet_teacher, varnet_student, "
+                          f"varnet_e2e, ...) for recipe 'varnet', found {name!r}")
+    return model
+
+
+def paired_cascades(teacher: VarNet, student: VarNet) -> list[int]:
+    """The teacher cascade each student cascade is matched to: ``round((i + 1) T / S) - 1``."""
+    t, s = teacher.num_cascades, student.num_cascades
+    return [round((i + 1) * t / s) - 1 for i in range(s)]
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a config this recipe cannot run, naming the key, what it expects and found."""
+    expect_dataset(cfg, ("default_brain", "fastmri"))
+    checks = (("data.challenge", cfg.data.challenge, ("multicoil",)),
+              ("mask.kind", cfg.mask.kind, MASK_KINDS), ("mask.layout", cfg.mask.layout,
+                                                         ("centered",)),
+              ("data.patch_size", cfg.data.patch_size, (0,)))
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected {' or '.join(map(repr, allowed))} for recipe "
+                              f"'varnet', found {value!r}")
+    teacher, student = build_network(cfg, "teacher"), build_network(cfg, "student")
+    if student.num_cascades > teacher.num_cascades:
+        raise ConfigError(f"model.student: expected at most the teacher's {teacher.num_cascades} "
+                          f"cascades, found {student.num_cascades}")
+    if cfg.loss.at_weight and student.pools != teacher.pools:
+        raise ConfigError(f"model.student_kwargs.pools: expected the teacher's {teacher.pools} "
+                          f"(attention maps of the bottlenecks are compared pixel by pixel), "
+                          f"found {student.pools}")
+
+
+def view_dataset(cfg: Config, split: str) -> MultiCoilViews:
+    folder = split_folder(cfg, dataset_root(cfg), split)
+    slices = FastMRISliceDataset(folder, "multicoil", slice_fraction=cfg.data.slice_fraction,
+                                 max_volumes=cfg.data.max_volumes)
+    return MultiCoilViews(slices, cfg.mask, num_views=cfg.degrade.views_per_sample,
+                          crop=cfg.data.crop)
+
+
+def crop_to(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``image`` centre-cropped to the target's size (fastMRI crops the RSS output)."""
+    return center_crop(image, target.shape[-2:])
+
+
+def zero_filled(batch: dict) -> torch.Tensor:
+    """The ZF row: RSS of the zero-filled coil images, cropped."""
+    return crop_to(root_sum_of_squares(coil_images(batch["kspace"])), batch["target"])
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher targets, losses, validation values
+
+def make_extract(cfg: Config, pairs: list[int]) -> Callable[[nn.Module, dict], dict]:
+    """Teacher targets: ``output`` (cropped RSS), ``cascade_<i>`` (cropped RSS of teacher cascade
+    ``pairs[i]``) and ``attention_<i>`` (raw bottleneck attention map of that cascade)."""
+    def extract(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        output, features = model(batch["kspace"], batch["mask"], return_features=True)
+        depth = len(features) // 2
+        targets = {"output": crop_to(output, batch["target"])}
+        for i, t in enumerate(pairs):
+            targets[f"cascade_{i}"] = crop_to(root_sum_of_squares(features[depth + t]),
+                                              batch["target"])
+            targets[f"attention_{i}"] = attention_map(features[t], cfg.loss.at_p,
+                                                      normalize=False)
+        return targets
+    return extract
+
+
+def make_loss(cfg: Config, kd: bool) -> Callable:
+    """The data term alone (``kd=False`` and in evaluation), or the whole KD loss (docstring)."""
+    loss = cfg.loss
+
+    def loss_fn(model: nn.Module, batch: dict, targets: dict | None) -> dict:
+        output, features = model(batch["kspace"], batch["mask"], return_features=True)
+        target = batch["target"]
+        teacher = targets["output"] if kd and targets is not None else None
+        terms = enhancement_loss(crop_to(output, target), target, teacher, loss.alpha,
+                                 loss.l1_weight, loss.ssim_weight, data_range=1.0)
+        if teacher is None:
+            return terms
+        depth = len(features) // 2
+        if loss.cascade_weight:
+            terms["cascade"] = torch.stack([
+                F.l1_loss(crop_to(root_sum_of_squares(features[depth + i]), target),
+                          targets[f"cascade_{i}"]) for i in range(depth)]).mean()
+            terms["loss"] = terms["loss"] + loss.cascade_weight * terms["cascade"]
+        if loss.at_weight:
+            terms["at"] = attention_map_loss(features[:depth], [
+                targets[f"attention_{i}"] for i in range(depth)], p=loss.at_p, mode=loss.at_mode)
+            terms["loss"] = terms["loss"] + loss.at_weight * terms["at"]
+        return terms
+    return loss_fn
+
+
+def eval_values(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-slice sums of the fastMRI metrics (data range 1) and the slice's L1."""
+    pred = crop_to(model(batch["kspace"], batch["mask"]), batch["target"]).float()
+    sums = reconstruction_slice_sums(batch["target"], pred, 1.0)
+    sums["l1"] = (pred - batch["target"]).abs().flatten(1).mean(1).double().cpu()
+    return sums
+
+
+def volume_values(sums: dict[str, float]) -> dict[str, float]:
+    return {**volume_metrics_from_sums(sums), "loss": sums["l1"] / sums["count"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+def _views(run: Run, split: str) -> MultiCoilViews:
+    return run.memo(("views", split), lambda: view_dataset(
+        run.cfg, getattr(run.cfg.data, f"{split}_split")))
+
+
+def _data(run: Run, stage_dir: Path) -> dict:
+    root = data_root(run.cfg)
+    identity = root.name if not run.cfg.data.root else str(root.resolve())
+    return {"dataset": identity,
+            **{split: describe(_views(run, split)) for split in ("train", "val", "test")}}
+
+
+def _network(run: Run, stage: str) -> VarNet:
+    role = "teacher" if stage == "teacher" else "student"
+    model = build_network(run.cfg, role)
+    path = run.path(run.results[stage]["weights"])
+    if role == "teacher" and run.cfg.model.teacher_checkpoint:  # Lightning / DDP files too
+        load_state_dict_file(model, path, strict=run.cfg.model.checkpoint_strict,
+                             prefix=run.cfg.model.checkpoint_prefix)
+    else:
+        model.load_state_dict(load_weights(path))
+    return model.eval()
+
+
+def _pairs(cfg: Config) -> list[int]:
+    return paired_cascades(build_network(cfg, "teacher"), build_network(cfg, "student"))
+
+
+def _fit(role: str, kd: bool) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        cfg = teacher_training_config(run.cfg) if role == "teacher" else run.cfg
+        seed_everything(cfg.train.seed)  # the same initial weights for student and KD student
+        model = build_network(cfg, role)
+        teacher = (teacher_source(cfg, _network(run, "teacher"), make_extract(cfg, _pairs(cfg)))
+                   if kd else None)
+        result = train(cfg, model, make_loss(cfg, kd), _views(run, "train"),
+                       val_set=_views(run, "val"), teacher=teacher, eval_fn=eval_values,
+                       volume_metrics=volume_values, run_dir=stage_dir)
+        return {"arch": getattr(cfg.model, role), "params": count_parameters(model),
+                "weights": str(result.best_weights.relative_to(run.run_dir)),
+                "steps": result.steps, "best_metric": result.best_metric,
+                "best_value": result.best_value, "best_step": result.best_step}
+    return run_stage
+
+
+def _load_teacher(run: Run, stage_dir: Path) -> dict:
+    cfg = run.cfg
+    path, sha256 = resolve_teacher_checkpoint(cfg)
+    model = build_network(cfg, "teacher")
+    try:
+        load_state_dict_file(model, path, strict=cfg.model.checkpoint_strict,
+                             prefix=cfg.model.checkpoint_prefix)
+    except ModelSpecError as err:
+        raise ConfigError(f"model.teacher_checkpoint: {err}") from None
+    return {"arch": cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
+            "sha256": teacher_fingerprint(model), "params": count_parameters(model),
+            "steps": 0, "loaded": True}
+
+
+def _fill_cache(run: Run, stage_dir: Path) -> dict:
+    cfg, train_set = run.cfg, _views(run, "train")
+    path = fill_verified_cache(default_cache_dir(cfg), _network(run, "teacher"),
+                               make_extract(cfg, _pairs(cfg)), train_set, cache_config(cfg), cfg)
+    return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+
+
+def evaluate_models(cfg: Config, views: MultiCoilViews, models: dict[str, nn.Module]) -> dict:
+    """``{row: {volume: {metric: value}}}`` of ZF and ``models`` on view 0, each volume on one
+    rank, all-reduced."""
+    names = [Path(name).name for name, _ in views.slices.volumes]
+    accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
+    with torch.inference_mode():
+        for indices, real in eval_batches(volume_ids(views), rank(), world_size(),
+                                          cfg.eval.batch_size):
+            if not real:
+                continue
+            batch = default_collate([views.get_view(i, 0) for i in indices])
+            volume = [names[v] for v in batch["volume"].tolist()]
+            accumulators["ZF"].update(volume, batch["target"], zero_filled(batch), 1.0)
+            for row, model in models.items():
+                pred = crop_to(model(batch["kspace"], batch["mask"]), batch["target"])
+                accumulators[row].update(volume, batch["target"], pred, 1.0)
+    return {row: acc.all_reduce().compute() for row, acc in accumulators.items()}
+
+
+def _evaluate(split: str) -> Callable[[Run, Path], dict]:
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        nets = {row: _network(run, stage) for row, stage in TRAINED.items()}
+        per_volume = evaluate_models(run.cfg, _views(run, split), nets)
+        if rank() == 0:
+            write_atomic(stage_dir / "per_volume.json", json.dumps(per_volume, indent=1))
+        return {"per_volume": per_volume}
+    return run_stage
+
+
+def _report(run: Run, stage_dir: Path) -> dict:
+    if rank() != 0:
+        return {}
+    cfg, test = run.cfg, _views(run, "test")
+    nets = {row: _network(run, stage) for row, stage in TRAINED.items()}
+    first = test.slices.volume_indices(0)
+    one = default_collate([test.get_view(first[len(first) // 2], 0)])
+    with torch.inference_mode():
+        images = {"input": zero_filled(one)[0, 0].numpy(), "target": one["target"][0, 0].numpy(),
+                  **{row: crop_to(net(one["kspace"], one["mask"]), one["target"])[0, 0].numpy()
+                     for row, net in nets.items()}}
+    panel = save_recon_panel(images, run.run_dir / "panel.png")
+    timed = {"Teacher": nets["Teacher"], "Student": nets["Student"]}
+    args = (one["kspace"], one["mask"])
+    latency = latency_rows({name: (lambda m=m: m(*[a.to(next(m.parameters()).device)
+                                                   for a in args])) for name, m in timed.items()},
+                           cfg.eval.latency_repeats,
+                           to_device=lambda device: [m.to(device) for m in timed.values()])
+    values = per_metric(run.results["evaluate"]["per_volume"])
+    rows, gaps = results_table(values), gap_summary(values)
+    params = {row: count_parameters(net) for row, net in nets.items()}
+    test_kd = gaps["tests"]["KD-Student vs Student psnr"]
+    gap, fraction = gaps["teacher_student_gap_db"], gaps["gap_fraction_closed"]
+    speedup = latency[0]["speed-up"]
+    gap_text = (
+        f"Teacher - Student PSNR gap {gap:+.3f} dB; KD gains {gaps['kd_gain_db']:+.3f} dB "
+        f"(95% CI of the paired difference [{test_kd['ci95'][0]:+.3f}, {test_kd['ci95'][1]:+.3f}]"
+        f" dB, paired t-test p = {test_kd['p_value']:.3g}, n = {test_kd['n']} volumes), closing "
+        + ("n/a (the teacher is not better)" if fraction is None else f"{100 * fraction:.1f}%")
+        + f" of the gap. Parameters: teacher {params['Teacher']:,}, student "
+        f"{params['Student']:,} ({params['Teacher'] / params['Student']:.1f}x fewer); student "
+        f"CPU speed-up {speedup:.2f}x at 1 thread (minimum per call).")
+    steps = {stage: run.results[stage]["steps"] for stage in TRAINED.values()}
+    test_rows = [{"comparison": k.rsplit(" ", 1)[0], "metric": k.rsplit(" ", 1)[1],
+                  "mean diff": f"{t['mean_difference']:+.4g}",
+                  "95% CI": f"[{t['ci95'][0]:+.4g}, {t['ci95'][1]:+.4g}]",
+                  "p": f"{t['p_value']:.3g}", "n": t["n"]} for k, t in gaps["tests"].items()]
+    main_table = table(rows)
+    sections = [
+        ("Setup", f"E2E-VarNet, {cfg.mask.acceleration:g}x {cfg.mask.kind} mask (centre fraction "
+                  f"{cfg.mask.center_fraction:g}), data {cfg.data.dataset} multi-coil "
+                  f"({len(values['Student']['psnr'])} test volumes); teacher {cfg.model.teacher}"
+                  f", student {cfg.model.student}; optimiser steps {steps}; KD loss alpha "
+                  f"{cfg.loss.alpha:g}, cascade weight {cfg.loss.cascade_weight:g}, attention "
+                  f"weight {cfg.loss.at_weight:g}. Per-volume metrics of the RSS image against "
+                  f"reconstruction_rss over the centre crop, data range = the volume's target "
+                  f"maximum (fastMRI), mean +- std over volumes."),
+        ("Results (test split)", main_table),
+        ("Distillation gain", gap_text + "\n\n" + table(test_rows)),
+        ("Latency per slice", table([{k: (f"{v:.2f}" if isinstance(v, float) else v)
+                                      for k, v in r.items()} for r in latency])
+         + "\nOne slice; teacher and student in turn, round by round; speed-up from minima."),
+        ("Qualitative", f"![panel]({panel.name})\n\nZF input, target, teacher, student, KD "
+                        f"student; second row: residuals x5."),
+    ]
+    metrics = {"recipe": cfg.recipe, "table": rows, "per_volume": run.results["evaluate"][
+        "per_volume"], "gap": gaps, "parameters": params, "steps": steps, "latency": latency,
+        "config_digest": digest(dataclasses.asdict(cfg))}
+    write_report(run.run_dir, "E2E-VarNet distillation report", sections, metrics)
+    return {"text": f"{main_table}\n{gap_text}", "gap_fraction_closed": fraction,
+            "p_value": test_kd["p_value"], "speedup": speedup}
+
+
+def stages(cfg: Config) -> list[Stage]:
+    cache = ("teacher_cache",) if cfg.teacher.mode == "precompute" else ()
+    # Every key declared whatever its value (a new recipe has no earlier digests to keep), so
+    # a sweep over any of them never mistakes a stage that reads it for a shared one.
+    teacher_keys = ("model.teacher", "model.teacher_kwargs")
+    student_keys = ("model.student", "model.student_kwargs")
+    teacher = teacher_stage(_fit("teacher", False), (*teacher_keys, *DATA_TERMS), cfg,
+                            _load_teacher)
+    if cfg.model.teacher_checkpoint:
+        teacher = dataclasses.replace(teacher, keys=(*teacher_keys, "model.checkpoint_strict",
+                                                     "model.checkpoint_prefix"))
+    target_keys = ("loss.at_p", "teacher", *student_keys)  # the pairing depends on the student
+    trained = ("data", *TRAINED.values())
+    return [
+        Stage("data", _data, keys=("recipe", "data", "mask", "degrade.views_per_sample",
+                                   "default_data")),
+        teacher,
+        *([Stage("teacher_cache", _fill_cache, keys=target_keys, consumes=("data", "teacher"))]
+          if cache else []),
+        Stage("student", _fit("student", False), keys=(*student_keys, *TRAIN_KEYS, *DATA_TERMS),
+              consumes=("data",)),
+        Stage("student_kd", _fit("student", True),
+              keys=(*student_keys, *TRAIN_KEYS, *DATA_TERMS, *target_keys, "loss.alpha",
+                    "loss.at_mode", "loss.cascade_weight", "loss.at_weight"),
+              consumes=("data", "teacher", *cache)),
+        Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
+              use="test"),
+        Stage("report", _report, keys=("eval", "loss"), consumes=("evaluate", *trained),
+              use="test"),
+        Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
+              use="validation"),
+    ]
+
+
+def cache_parts(cfg: Config):
+    """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
+    check_config(cfg)
+    path = (resolve_teacher_checkpoint(cfg)[0] if cfg.model.teacher_checkpoint
+            else Path(cfg.run_dir) / "teacher" / "best_model.pt")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no trained teacher yet; run python -m kdhpc.distill CONFIG")
+    teacher = build_network(cfg, "teacher")
+    load_state_dict_file(teacher, path)
+    return teacher, make_extract(cfg, _pairs(cfg)), view_dataset(cfg, cfg.data.train_split)
+
+
+RECIPE = Recipe("varnet", stages, check_config, summary, trial_result, cache_parts)
