@@ -1212,13 +1212,16 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
                             f"{_fmt(x['ssim']['mean_difference'], '+.4f')} "
                             f"(p = {_fmt(x['ssim']['p_value'])}).")
     teacher_res, students = results["teacher"], results["students"]
+    shipped_experts = all(e.get("trained") is False for e in results["experts"].values())
     n_test = len({r["volume"] for r in rows if r["task"] == task})
     n_slices = len({r["slice"] for r in rows if r["task"] == task})
     limits = (
-        f"This schedule trains each EDSR student and expert for {students[0.0].get('steps', '?')} "
+        f"This schedule trains each EDSR student"
+        f"{'' if shipped_experts else ' and expert'} for {students[0.0].get('steps', '?')} "
         f"optimiser steps (the multi-task EDSRs for "
         f"{results['multitask']['nokd'].get('steps', '?')} on both tasks' pairs, the SwinIR "
-        f"teacher for {teacher_res.get('steps', '?') if teacher_res.get('trained', True) else 'its shipped steps'}) of batch {cfg.train.batch_size} "
+        f"teacher for {teacher_res.get('steps', '?') if teacher_res.get('trained', True) else 'its shipped steps'}"
+        f"{'; the experts are the given model.experts' if shipped_experts else ''}) of batch {cfg.train.batch_size} "
         f"({cfg.data.patch_size}-pixel patches) on "
         f"{results['data']['train_slices']} training slices and tests on {n_slices} slices of "
         f"{n_test} volume(s): far from convergence and from the paper's data, so it shows the "
