@@ -477,10 +477,20 @@ def train_stage(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, trai
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
-def evaluate_models(cfg: Config, views: SliceViews, models: dict[str, nn.Module]
+def metric_images(batch: dict, model: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, prediction) of one batch on the volume-max scale; ``model`` None is the ZF row."""
+    scale = metric_scale(batch)
+    pred = zero_filled(batch) if model is None else forward(model, batch)
+    return batch["target"] * scale, pred * scale
+
+
+def evaluate_models(cfg: Config, views, models: dict[str, nn.Module],
+                    images: Callable[[dict, nn.Module | None], tuple] = metric_images
                     ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-volume metrics ``{row: {volume name: {metric: value}}}`` of ZF and ``models`` on
-    ``views`` (view 0), each volume on one rank, all-reduced (every rank gets them all)."""
+    ``views`` (view 0), each volume on one rank, all-reduced (every rank gets them all).
+    ``images(batch, model)`` gives the (target, prediction) pair a row is scored on (``model``
+    None: the ZF row), with data range 1."""
     names = [Path(name).name for name, _ in views.slices.volumes]
     accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
     volumes = volume_ids(views)
@@ -491,12 +501,9 @@ def evaluate_models(cfg: Config, views: SliceViews, models: dict[str, nn.Module]
             if not real:  # padding batches only matter for collective forwards (ZeRO-3)
                 continue
             batch = default_collate([views.get_view(i, 0) for i in indices])
-            scale = metric_scale(batch)
-            target = batch["target"] * scale
             volume = [names[v] for v in batch["volume"].tolist()]
-            accumulators["ZF"].update(volume, target, zero_filled(batch) * scale, 1.0)
-            for row, model in models.items():
-                accumulators[row].update(volume, target, forward(model, batch) * scale, 1.0)
+            for row, model in (("ZF", None), *models.items()):
+                accumulators[row].update(volume, *images(batch, model), 1.0)
     return {row: acc.all_reduce().compute() for row, acc in accumulators.items()}
 
 
@@ -765,9 +772,14 @@ def _networks(run: Run) -> dict[str, nn.Module]:
             for row, stage in trained_rows(run.cfg).items()}
 
 
-def _evaluate(split: str) -> Callable[[Run, Path], dict]:
+def evaluate_stage(split: str, views: Callable[[Run, str], Any],
+                   networks: Callable[[Run], dict[str, nn.Module]],
+                   images: Callable[[dict, nn.Module | None], tuple] = metric_images
+                   ) -> Callable[[Run, Path], dict]:
+    """The stage that scores ZF and ``networks(run)`` on ``split`` per volume
+    (:func:`evaluate_models`) and keeps the values in ``per_volume.json``."""
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        per_volume = evaluate_models(run.cfg, _views(run, split), _networks(run))
+        per_volume = evaluate_models(run.cfg, views(run, split), networks(run), images)
         if rank() == 0:
             write_atomic(stage_dir / "per_volume.json", json.dumps(per_volume, indent=1))
         return {"per_volume": per_volume}
@@ -858,11 +870,11 @@ def stages(cfg: Config) -> list[Stage]:
         *kd,
         *extra_cache,
         *extra_kd,
-        Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate", evaluate_stage("test", _views, _networks), keys=("eval.batch_size",), consumes=trained,
               use="test"),
         Stage("report", _report, keys=("eval", "loss"),
               consumes=("evaluate", *training_stages(cfg)), use="test"),
-        Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate_val", evaluate_stage("val", _views, _networks), keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]
 

@@ -37,7 +37,6 @@ Model selection on the validation split only (``train.best_metric``); the test s
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -46,14 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from kdhpc.config import Config, ConfigError, digest, write_atomic
+from kdhpc.config import Config, ConfigError, digest
 from kdhpc.data.default import dataset_root
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.multicoil import MASK_KINDS, MultiCoilViews, describe
 from kdhpc.data.views import center_crop
 from kdhpc.losses import enhancement_loss
-from kdhpc.metrics import (VolumeMetricAccumulator, reconstruction_slice_sums,
-                           volume_metrics_from_sums)
+from kdhpc.metrics import reconstruction_slice_sums, volume_metrics_from_sums
 from kdhpc.models import VarNet, build_model, count_parameters
 from kdhpc.models.external import ModelSpecError, load_state_dict_file
 from kdhpc.models.varnet import coil_images, root_sum_of_squares
@@ -63,13 +61,14 @@ from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_data
                           teacher_training_config)
 # The report's table, tests, panel, printed summary and sweep-trial result are the
 # reconstruction recipe's: the same four rows (ZF, Teacher, Student, KD-Student) and metrics.
-from kdhpc.recipes.reconstruction import (gap_summary, per_metric, results_table,
-                                          save_recon_panel, split_folder, summary, trial_result)
+from kdhpc.recipes.reconstruction import (evaluate_stage, gap_summary, per_metric,
+                                          results_table, save_recon_panel, split_folder, summary,
+                                          trial_result)
 from kdhpc.report import table, write_report
-from kdhpc.runtime import rank, world_size
+from kdhpc.runtime import rank
 from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
-from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
+from kdhpc.train import load_weights, seed_everything, train
 
 DATA_TERMS = ("loss.l1_weight", "loss.ssim_weight")
 TRAINED = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
@@ -262,40 +261,22 @@ def _fill_cache(run: Run, stage_dir: Path) -> dict:
     return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
 
 
-def evaluate_models(cfg: Config, views: MultiCoilViews, models: dict[str, nn.Module]) -> dict:
-    """``{row: {volume: {metric: value}}}`` of ZF and ``models`` on view 0, each volume on one
-    rank, all-reduced."""
-    names = [Path(name).name for name, _ in views.slices.volumes]
-    accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
-    with torch.inference_mode():
-        for indices, real in eval_batches(volume_ids(views), rank(), world_size(),
-                                          cfg.eval.batch_size):
-            if not real:
-                continue
-            batch = default_collate([views.get_view(i, 0) for i in indices])
-            volume = [names[v] for v in batch["volume"].tolist()]
-            accumulators["ZF"].update(volume, batch["target"], zero_filled(batch), 1.0)
-            for row, model in models.items():
-                pred = crop_to(model(batch["kspace"], batch["mask"]), batch["target"])
-                accumulators[row].update(volume, batch["target"], pred, 1.0)
-    return {row: acc.all_reduce().compute() for row, acc in accumulators.items()}
+def metric_images(batch: dict, model: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, prediction) of one batch: the cropped RSS output (``model`` None: zero-filled)."""
+    pred = zero_filled(batch) if model is None else crop_to(
+        model(batch["kspace"], batch["mask"]), batch["target"])
+    return batch["target"], pred
 
 
-def _evaluate(split: str) -> Callable[[Run, Path], dict]:
-    def run_stage(run: Run, stage_dir: Path) -> dict:
-        nets = {row: _network(run, stage) for row, stage in TRAINED.items()}
-        per_volume = evaluate_models(run.cfg, _views(run, split), nets)
-        if rank() == 0:
-            write_atomic(stage_dir / "per_volume.json", json.dumps(per_volume, indent=1))
-        return {"per_volume": per_volume}
-    return run_stage
+def _networks(run: Run) -> dict[str, nn.Module]:
+    return {row: _network(run, stage) for row, stage in TRAINED.items()}
 
 
 def _report(run: Run, stage_dir: Path) -> dict:
     if rank() != 0:
         return {}
     cfg, test = run.cfg, _views(run, "test")
-    nets = {row: _network(run, stage) for row, stage in TRAINED.items()}
+    nets = _networks(run)
     first = test.slices.volume_indices(0)
     one = default_collate([test.get_view(first[len(first) // 2], 0)])
     with torch.inference_mode():
@@ -379,11 +360,11 @@ def stages(cfg: Config) -> list[Stage]:
               keys=(*student_keys, *TRAIN_KEYS, *DATA_TERMS, *target_keys, "loss.alpha",
                     "loss.at_mode", "loss.cascade_weight", "loss.at_weight"),
               consumes=("data", "teacher", *cache)),
-        Stage("evaluate", _evaluate("test"), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate", evaluate_stage("test", _views, _networks, metric_images), keys=("eval.batch_size",), consumes=trained,
               use="test"),
         Stage("report", _report, keys=("eval", "loss"), consumes=("evaluate", *trained),
               use="test"),
-        Stage("evaluate_val", _evaluate("val"), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate_val", evaluate_stage("val", _views, _networks, metric_images), keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]
 
