@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m kdhpc.distill configs/enh_default.yaml            # CPU default, about 10 minutes
+    python -m kdhpc.distill configs/enh_default.yaml            # CPU default (shipped teachers)
     python -m kdhpc.distill configs/enh_tiny.yaml run_dir=/tmp/enh   # seconds (tests)
     torchrun --nproc-per-node=2 -m kdhpc.distill configs/enh_default.yaml
     python -m kdhpc.teacher.cache configs/enh_default.yaml      # fill the SwinIR cache by itself
@@ -14,13 +14,14 @@ Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each re
          -> multitask_nokd, multitask_kd (multi-task EDSR) -> evaluate (test split) -> timing
          -> report
 
-Model-based KD: one SwinIR teacher trained on ``degrade.task`` (denoise in the paper) for
+Model-based KD: one SwinIR teacher, ``model.teacher_checkpoint`` (the default names the shipped
+``pretrained:enh_default``) or trained on ``degrade.task`` (denoise in the paper) for
 ``train.teacher_epochs_factor`` times the students' epochs, and one cache of its outputs on every
 training view, shared by EDSR students at each alpha of ``loss.alpha_grid``; alpha 0 is the no-KD
 student (trained on the input/reference pairs only); all students start from the same initial
 weights. Task-based KD: an EDSR denoising (DNE) expert and an EDSR super-resolution (SRE) expert
-(``model.experts`` may name trained ones, DNE first; the expert of ``degrade.task`` is the no-KD
-student itself, trained identically), one cache of the *routed* experts (:class:`TaskExperts`:
+(``model.experts`` may name trained ones, DNE first, as files or ``pretrained:<name>``; without
+them the expert of ``degrade.task`` is the no-KD student itself, trained identically), one cache of the *routed* experts (:class:`TaskExperts`:
 each view's task picks its expert) over the mixed training set, and the multi-task sibling of
 ``model.student`` (``edsr_small`` -> ``edsr_multitask_small``: FiLM conditioning by a learned
 per-task embedding, see :mod:`kdhpc.models.edsr`) trained on the mixed pairs without KD and with
