@@ -54,7 +54,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from kdhpc.data.acdc import crop_or_pad, resample_inplane, restore_inplane, voxel_spacing
+from kdhpc.data.acdc import (crop_or_pad, fit_to, resample_inplane, restore_inplane,
+                             voxel_spacing)
 from kdhpc.data.fastmri import atomic_output
 
 EXPORT_FOLDER = "export"
@@ -96,28 +97,6 @@ def normalize_slice(image: np.ndarray) -> np.ndarray:
 def prepare_slice(image: np.ndarray, size: int) -> np.ndarray:
     """Network input of a raw ``[H, W]`` slice: ``normalize_slice(crop_or_pad(image, size))``."""
     return normalize_slice(crop_or_pad(np.asarray(image, dtype=np.float32), size))
-
-
-def fit_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Centre crop or zero pad the last two dims to ``height x width``.
-
-    The same offsets as :func:`kdhpc.data.acdc.crop_or_pad`, so ``fit_to(crop_or_pad(x, s), H,
-    W)`` puts every pixel of the ``s x s`` window back where it came from (and zeros elsewhere).
-    """
-    *lead, h, w = x.shape
-    out = np.zeros((*lead, height, width), dtype=x.dtype)
-    src, dst = [], []
-    for n, target in ((h, height), (w, width)):
-        if n >= target:
-            start = (n - target) // 2
-            src.append(slice(start, start + target))
-            dst.append(slice(0, target))
-        else:
-            start = (target - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(start, start + n))
-    out[(..., *dst)] = x[(..., *src)]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

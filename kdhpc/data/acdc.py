@@ -148,26 +148,33 @@ def write_acdc_patient(root: str | os.PathLike, patient: int,
     return patient_dir
 
 
-def crop_or_pad(x: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop or zero-pad the last two dims to ``size x size``.
+def fit_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre crop or zero-pad the last two dims to ``height x width``.
 
-    A dim of n > size keeps ``[(n - size) // 2, (n - size) // 2 + size)``; n < size puts the
-    data at ``[(size - n) // 2, (size - n) // 2 + n)`` of a zero array.
+    A dim of n > target keeps ``[(n - target) // 2, (n - target) // 2 + target)``; n < target
+    puts the data at ``[(target - n) // 2, (target - n) // 2 + n)`` of a zero array. The offsets
+    are symmetric, so ``fit_to(fit_to(x, s, s), H, W)`` puts every pixel of the ``s x s`` window
+    back where it came from (and zeros elsewhere).
     """
-    *lead, height, width = x.shape
-    out = np.zeros((*lead, size, size), dtype=x.dtype)
+    *lead, h, w = x.shape
+    out = np.zeros((*lead, height, width), dtype=x.dtype)
     src, dst = [], []
-    for n in (height, width):
-        if n >= size:
-            start = (n - size) // 2
-            src.append(slice(start, start + size))
-            dst.append(slice(0, size))
+    for n, target in ((h, height), (w, width)):
+        if n >= target:
+            start = (n - target) // 2
+            src.append(slice(start, start + target))
+            dst.append(slice(0, target))
         else:
-            start = (size - n) // 2
+            start = (target - n) // 2
             src.append(slice(0, n))
             dst.append(slice(start, start + n))
     out[(..., *dst)] = x[(..., *src)]
     return out
+
+
+def crop_or_pad(x: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop or zero-pad the last two dims to ``size x size`` (:func:`fit_to`)."""
+    return fit_to(x, size, size)
 
 
 # ---------------------------------------------------------------------------------------------
