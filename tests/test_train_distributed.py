@@ -231,3 +231,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # Leave together and close the group: a rank that exits while its peer is still in the
+    # group's last collective can abort at interpreter exit (SIGABRT seen on a busy machine).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
