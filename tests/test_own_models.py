@@ -69,16 +69,20 @@ OVERRIDES = [f"model.teacher={TEACHER}", "model.teacher_kwargs={width: 6, blocks
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """KDHPC_DATA in a fresh folder and the module ``own_models_lab`` importable (as a user's
-    PYTHONPATH would make it)."""
+def lab_folder(tmp_path_factory, module: str, text: str):
+    """KDHPC_DATA in a fresh folder and ``module`` (source ``text``) importable, as a user's
+    PYTHONPATH would make it; yields the folder (a module-scoped fixture's body)."""
     folder = tmp_path_factory.mktemp("lab")
-    (folder / "own_models_lab.py").write_text(LAB_MODULE)
+    (folder / f"{module}.py").write_text(text)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDHPC_DATA", str(tmp_path_factory.mktemp("kdhpc_data")))
         mp.syspath_prepend(str(folder))
         yield folder
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    yield from lab_folder(tmp_path_factory, "own_models_lab", LAB_MODULE)
 
 
 def _run(cfg) -> tuple[dict, Stages]:

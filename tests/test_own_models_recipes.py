@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from kdhpc import distill
 from kdhpc.config import ConfigError, load_config
 from kdhpc.predict import load_run_model
-from kdhpc.recipe import Stages, preflight
+from kdhpc.recipe import preflight
 from kdhpc.recipes import enhancement as E
 from kdhpc.recipes import segmentation as S
 from kdhpc.teacher import CachedTeacher
+from test_own_models import _run, lab_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SEG_TINY = REPO / "configs" / "seg_tiny.yaml"
@@ -104,18 +104,7 @@ LAB_MODULE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """KDHPC_DATA in a fresh folder and ``own_recipes_lab`` importable (a user's PYTHONPATH)."""
-    folder = tmp_path_factory.mktemp("lab")
-    (folder / "own_recipes_lab.py").write_text(LAB_MODULE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KDHPC_DATA", str(tmp_path_factory.mktemp("kdhpc_data")))
-        mp.syspath_prepend(str(folder))
-        yield folder
-
-
-def _run(cfg) -> tuple[dict, Stages]:
-    stages = Stages(cfg.run_dir, log=lambda msg: None)
-    return distill.run(cfg, stages), stages
+    yield from lab_folder(tmp_path_factory, "own_recipes_lab", LAB_MODULE)
 
 
 def _all_views(views) -> dict:
