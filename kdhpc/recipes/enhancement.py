@@ -1093,7 +1093,7 @@ def trial_result(run: Run) -> dict:
     the volume's slice-ROI units) of the KD student, the teacher and the no-KD student."""
     rows = json.loads(Path(run.results["evaluate_val"]["slices"]).read_text())
     volumes = sorted({r["volume"] for r in rows})
-    task = rows[0]["task"] if rows else model_task(run.cfg)
+    task = model_task(run.cfg)  # evaluate_val scores the model-based task's views
     per_volume = {key: {m: [volume_values(rows, task, key, m).get(v, math.nan) for v in volumes]
                         for m in ("psnr", "ssim", "snr")} for key in SWEEP_MODELS}
     return {"volumes": volumes, "metrics": ["psnr", "ssim", "snr"], "per_volume": per_volume}
