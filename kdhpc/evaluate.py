@@ -24,11 +24,11 @@ summary}, "volumes": n}`` through a temporary name.
 Enhancement metrics (``--metrics enhancement``; ``auto``, the default, picks them when the
 prediction files carry ``kdhpc_metrics = "enhancement"``, as ``python -m kdhpc.predict`` writes
 for an enhancement run): those the enhancement recipe's evaluation reports
-(:func:`kdhpc.recipes.enhancement.slice_metrics`, :func:`~kdhpc.recipes.enhancement.volume_table`).
+(:func:`kdhpc.metrics.enhancement_slice_metrics`, :func:`~kdhpc.metrics.volume_table`).
 The data range ``R`` is the target file's ``max`` attribute, else the maximum of its whole
 (uncropped) target volume; per slice PSNR, SSIM (range ``R``) and SNR in ROIs (mean over a
 tissue ROI / std over the background ROI; ROIs from the target file's ``tissue`` label map when
-it has one, else automatic from the target, :func:`~kdhpc.recipes.enhancement.roi_labels`). Per
+it has one, else automatic from the target, :func:`~kdhpc.metrics.roi_labels`). Per
 volume: ``psnr`` from the mean slice MSE, ``ssim`` the mean over slices, ``snr`` the mean over
 the volume's (slice, ROI) units.
 """
@@ -111,13 +111,13 @@ def enhancement_target(path: Path, keys: tuple[str, ...]
 def enhancement_scores(target: np.ndarray, pred: np.ndarray, tissue: np.ndarray | None,
                        peak: float) -> dict[str, float]:
     """PSNR, SSIM and SNR of one volume as the enhancement recipe's evaluation reports them."""
-    from kdhpc.recipes.enhancement import roi_labels, slice_metrics, volume_table
+    from kdhpc.metrics import enhancement_slice_metrics, roi_labels, volume_table
 
     rows = []
     for s in range(target.shape[0]):
         rois = roi_labels(None if tissue is None else tissue[s], target[s])
         rows.append({"task": "", "model": "", "volume": "", "volume_max": peak,
-                     **slice_metrics(target[s], pred[s], rois, peak)})
+                     **enhancement_slice_metrics(target[s], pred[s], rois, peak)})
     volume = volume_table(rows)[0]
     snr = [v for row in rows for k, v in row.items() if k.startswith("snr_")]
     return {"psnr": volume["psnr"], "ssim": volume["ssim"],

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdhpc.config import ConfigError
 from kdhpc.metrics import ssim_torch
+from kdhpc.models import EDSR, SwinIR
 from kdhpc.ops import attention_map_loss, softmax_kl
 
 Terms = dict[str, torch.Tensor]
@@ -218,3 +220,47 @@ def segmentation_kd_loss(student: Sequence[torch.Tensor], labels: torch.Tensor,
         return _total(terms, {"dice_ce": 1.0})
     terms["kl"] = kd
     return _total(terms, {"dice_ce": 1.0 - weight, "kl": weight})
+
+
+PERCEPTUAL_DEPTH = 1
+"""Early layers of the perceptual feature network: the input conv plus this many Swin layers
+(SwinIR) or residual blocks (EDSR)."""
+
+
+class EarlyLayers(nn.Module):
+    """Frozen early layers of a trained SwinIR or EDSR as a perceptual feature network.
+
+    SwinIR: ``conv_first`` then the first ``depth`` Swin layers of its first RSTB, returned as
+    ``[B, D, H, W]``; EDSR: ``head`` then the first ``depth`` residual blocks (no FiLM).
+    """
+
+    def __init__(self, model: nn.Module, depth: int = PERCEPTUAL_DEPTH):
+        super().__init__()
+        if isinstance(model, SwinIR):
+            layers = [layer for block in model.blocks for layer in block.layers][:depth]
+            self.stem, self.layers, self.window = model.conv_first, nn.ModuleList(layers), \
+                model.window
+        elif isinstance(model, EDSR):
+            self.stem, self.layers, self.window = model.head, nn.ModuleList(
+                list(model.blocks)[:depth]), None
+        else:
+            raise ConfigError(f"loss.perceptual_checkpoint: expected a SwinIR or EDSR feature "
+                              f"network, found {type(model).__name__}")
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)  # [B, D, H, W]
+        if self.window is None:
+            for block in self.layers:
+                f = block(f)
+            return f
+        from kdhpc.models.swinir import attention_mask
+
+        b, d, h, w = f.shape
+        shift = self.window // 2
+        masks = {s: attention_mask(h, w, self.window, s, x.device) for s in (0, shift)}
+        masks = {s: (m.to(f.dtype) if m is not None else None) for s, m in masks.items()}
+        t = f.flatten(2).transpose(1, 2)  # [B, H*W, D]
+        for layer in self.layers:
+            t = layer(t, (h, w), masks)
+        return t.transpose(1, 2).reshape(b, d, h, w)

@@ -881,3 +881,66 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "ttest") -
             "p_value": float(result.pvalue), "mean_difference": float(np.mean(diff)),
             "ci95": [float(np.mean(diff)) - half, float(np.mean(diff)) + half],
             "n": int(sample_a.size)}
+
+
+# ---------------------------------------------------------------------------------------------
+# enhancement: SNR in ROIs, per-slice and per-volume PSNR / SSIM
+
+ROI_NAMES = {2: "GM", 3: "WM", 9: "object"}
+"""SNR ROIs: grey and white matter from a tissue map; ``object`` for automatic ROIs."""
+ROI_BACKGROUND = 0
+ROI_MARGIN = 4
+"""Pixels between the head and the background ROI (edge blur and ringing are not noise)."""
+AUTO_OBJECT_FRACTION = 0.1
+"""Automatic ROIs: the object is where the target exceeds this fraction of its maximum."""
+
+
+def roi_labels(tissue: np.ndarray | None, target: np.ndarray) -> np.ndarray:
+    """SNR ROI map ``[H, W]`` int64: tissue ROIs (:data:`ROI_NAMES`), 0 = background ROI,
+    -1 = neither.
+
+    With a ``tissue`` map (0 outside the head): GM (2) and WM (3) as labelled; background = label
+    0 more than :data:`ROI_MARGIN` pixels from any head pixel. Without one, the object is
+    ``target > AUTO_OBJECT_FRACTION * max``; its interior (eroded by the margin) is the ``object``
+    ROI (9) and the background is as above.
+    """
+    rois = np.full(target.shape, -1, dtype=np.int64)
+    if tissue is not None:
+        head = tissue > 0
+        for label in (2, 3):
+            rois[tissue == label] = label
+    else:
+        head = target > AUTO_OBJECT_FRACTION * float(target.max())
+        rois[ndi.binary_erosion(head, iterations=ROI_MARGIN)] = 9
+    far = ~ndi.binary_dilation(head, iterations=ROI_MARGIN) if head.any() else \
+        np.ones_like(head)
+    rois[far] = ROI_BACKGROUND
+    return rois
+
+
+def enhancement_slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
+                   data_range: float) -> dict:
+    """PSNR, SSIM (range = the volume maximum) and SNR per ROI of one slice ``[h, w]``."""
+    row = {"psnr": psnr(target[None], pred[None], data_range=data_range),
+           "ssim": float(ssim_per_slice(target[None], pred[None], data_range=data_range)[0])}
+    present = [label for label in ROI_NAMES if (rois == label).any()]
+    if present and (rois == ROI_BACKGROUND).sum() > 1:
+        for label, value in snr_roi(pred, rois, present, ROI_BACKGROUND).items():
+            row[f"snr_{ROI_NAMES[label]}"] = value
+    return row
+
+
+def volume_table(rows: list[dict]) -> list[dict]:
+    """Per-volume PSNR (whole-volume MSE) and SSIM (mean over slices) from per-slice rows:
+    ``PSNR_vol = 10 log10(R^2 / mean_s MSE_s)`` with ``MSE_s = R^2 10^(-PSNR_s / 10)``."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["model"], row["volume"]), []).append(row)
+    out = []
+    for (task, model, volume), group in groups.items():
+        peak = group[0]["volume_max"]
+        mse = np.mean([peak ** 2 * 10 ** (-r["psnr"] / 10) for r in group])
+        out.append({"task": task, "model": model, "volume": volume,
+                    "psnr": float(10 * np.log10(peak ** 2 / mse)),
+                    "ssim": float(np.mean([r["ssim"] for r in group]))})
+    return out

@@ -200,7 +200,7 @@ def predict_views(model: nn.Module, views, batch_size: int,
 
 def enhancement_views(cfg: Config, data: str | Path, task: str):
     """The enhancement run's test views (whole slices, view 0) of every slice at ``data``."""
-    from kdhpc.recipes.enhancement import TASKS, EnhancementViews
+    from kdhpc.data.views import TASKS, EnhancementViews
 
     if task not in TASKS:
         raise PredictError(f"--task: expected one of {TASKS}, found {task!r}")
@@ -293,7 +293,7 @@ def predict(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         if input_kind != "target":
             raise PredictError(f"--input {input_kind}: an enhancement run makes its inputs from "
                                f"the files' targets (--input target)")
-        from kdhpc.recipes.enhancement import enhance
+        from kdhpc.models.external import enhance
 
         views = enhancement_views(cfg, data, task or cfg.degrade.task)
         for name, enhanced in predict_views(model, views, batch_size, enhance):

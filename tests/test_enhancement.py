@@ -18,8 +18,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from kdhpc import distill
 from kdhpc.recipe import Stages
 from kdhpc.config import Config, ConfigError, load_config
-from kdhpc.losses import PerceptualLoss, enhancement_loss
+from kdhpc.data.views import EnhancementViews, MultiTaskViews
+from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
+from kdhpc.metrics import ROI_MARGIN, roi_labels
 from kdhpc.models import build_model
+from kdhpc.models.edsr import TaskExperts
 from kdhpc.recipes import enhancement as E
 from kdhpc.train import Preempted, load_weights
 
@@ -59,8 +62,8 @@ def test_patch_is_cut_from_the_degraded_whole_slice(tiny_cfg):
     cfg = tiny_cfg()
     recipe = E.EnhancementData(cfg, dataset_root(cfg))
     for task in E.TASKS:
-        patches = E.EnhancementViews(recipe.slices("train"), cfg, task, patch_size=16)
-        whole = E.EnhancementViews(recipe.slices("train"), cfg, task, patch_size=0)
+        patches = EnhancementViews(recipe.slices("train"), cfg, task, patch_size=16)
+        whole = EnhancementViews(recipe.slices("train"), cfg, task, patch_size=0)
         for index, view in [(0, 0), (1, 1), (len(patches) - 1, 1)]:
             item, full = patches.get_view(index, view), whole.get_view(index, view)
             top, left = item["view_key"][3:5].tolist()
@@ -80,7 +83,7 @@ def test_multitask_views_concatenate_tasks_and_keep_their_keys(tiny_cfg):
     cfg = tiny_cfg()
     recipe = E.EnhancementData(cfg, dataset_root(cfg))
     parts = [recipe.views("train", t) for t in E.TASKS]
-    mixed = E.MultiTaskViews(parts)
+    mixed = MultiTaskViews(parts)
     assert len(mixed) == sum(len(p) for p in parts)
     for index in range(len(mixed)):
         part, local = (0, index) if index < len(parts[0]) else (1, index - len(parts[0]))
@@ -95,7 +98,7 @@ def test_multitask_views_concatenate_tasks_and_keep_their_keys(tiny_cfg):
 def test_task_experts_route_each_sample_to_its_expert():
     torch.manual_seed(0)
     experts = [build_model("edsr_small", n_blocks=1, features=4) for _ in E.TASKS]
-    routed = E.TaskExperts(experts)
+    routed = TaskExperts(experts)
     x = torch.randn(5, 1, 12, 12)
     task = torch.tensor([1, 0, 0, 1, 1])
     with torch.no_grad():
@@ -114,7 +117,7 @@ def test_early_layers_match_the_networks_own_activations():
     swin.blocks[0].layers[0].register_forward_hook(lambda m, i, o: seen.setdefault("t", o))
     with torch.no_grad():
         swin(x)
-        features = E.EarlyLayers(swin)(x)  # [B, D, H, W]
+        features = EarlyLayers(swin)(x)  # [B, D, H, W]
     tokens = seen["t"]  # [B, H*W, D]
     assert torch.allclose(features, tokens.transpose(1, 2).reshape(features.shape), atol=1e-5)
     edsr = build_model("edsr_small").eval()
@@ -122,9 +125,9 @@ def test_early_layers_match_the_networks_own_activations():
         head = edsr.head(x)
         block = edsr.blocks[0]
         manual = head + block.conv2(torch.relu(block.conv1(head)))
-        assert torch.allclose(E.EarlyLayers(edsr)(x), manual, atol=1e-5)
+        assert torch.allclose(EarlyLayers(edsr)(x), manual, atol=1e-5)
     with pytest.raises(ConfigError, match="perceptual"):
-        E.EarlyLayers(torch.nn.Conv2d(1, 1, 3))
+        EarlyLayers(torch.nn.Conv2d(1, 1, 3))
 
 
 def test_enhancement_loss_equals_an_independent_formula():
@@ -159,15 +162,15 @@ def test_roi_labels_keep_the_background_away_from_the_head():
     tissue[10:30, 12:28] = 3
     tissue[14:18, 14:18] = 2
     tissue[20:22, 20:22] = 1
-    rois = E.roi_labels(tissue, np.random.default_rng(0).random((40, 40)))
+    rois = roi_labels(tissue, np.random.default_rng(0).random((40, 40)))
     distance = ndimage.distance_transform_cdt(tissue == 0, metric="taxicab")
-    assert np.array_equal(rois == 0, distance > E.ROI_MARGIN)
+    assert np.array_equal(rois == 0, distance > ROI_MARGIN)
     assert np.array_equal(rois == 2, tissue == 2) and np.array_equal(rois == 3, tissue == 3)
     assert not (rois == 1).any()
     image = np.zeros((40, 40))
     image[10:30, 10:30] = 1.0
-    auto = E.roi_labels(None, image)
-    assert (auto == 9).sum() == (20 - 2 * E.ROI_MARGIN) ** 2 and (auto[image > 0] != 0).all()
+    auto = roi_labels(None, image)
+    assert (auto == 9).sum() == (20 - 2 * ROI_MARGIN) ** 2 and (auto[image > 0] != 0).all()
 
 
 def test_paired_gives_the_one_sided_p_of_greater():

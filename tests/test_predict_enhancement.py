@@ -15,6 +15,7 @@ import pytest
 from kdhpc import distill
 from kdhpc.config import load_config
 from kdhpc.evaluate import evaluate
+from kdhpc.metrics import volume_table
 from kdhpc.evaluate import main as evaluate_main
 from kdhpc.predict import PredictError, predict
 from kdhpc.predict import main as predict_main
@@ -63,7 +64,7 @@ def test_enhancement_predict_then_evaluate_equals_the_runs_own_evaluation(enh_ru
     rows = json.loads((run_dir / "evaluate" / "slices.json").read_text())
     model = E.model_names(E.alpha_grid(cfg))[cfg.loss.alpha]
     mine = [r for r in rows if r["task"] == cfg.degrade.task and r["model"] == model]
-    volumes = {v["volume"]: v for v in E.volume_table(mine)}
+    volumes = {v["volume"]: v for v in volume_table(mine)}
     assert sorted(scores["per_volume"]) == sorted(volumes) == [f.name for f in files]
     for name, own in volumes.items():
         got = scores["per_volume"][name]
@@ -78,7 +79,7 @@ def test_enhancement_predict_then_evaluate_equals_the_runs_own_evaluation(enh_ru
     nokd = [r for r in rows if r["task"] == cfg.degrade.task and r["model"] ==
             E.model_names(E.alpha_grid(cfg))[0.0]]
     again = evaluate(folder, out0)
-    for volume in E.volume_table(nokd):
+    for volume in volume_table(nokd):
         assert again["per_volume"][volume["volume"]]["psnr"] == pytest.approx(volume["psnr"],
                                                                               rel=1e-5)
 

@@ -60,16 +60,18 @@ Items (``get_view``), all tensors so that ``default_collate`` batches them:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from kdhpc.config import DegradeConfig, MaskConfig
-from kdhpc.data.degrade import ViewKey, ifft2, make_view, view_key
-from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset
-from kdhpc.data.masks import make_mask, to_layout
+from kdhpc.config import Config, ConfigError, DegradeConfig, MaskConfig
+from kdhpc.data.degrade import ViewKey, dihedral, ifft2, make_view, view_key
+from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset, VolumeSliceDataset
+from kdhpc.data.masks import make_mask, seed_from, to_layout
+from kdhpc.metrics import roi_labels
 
 NORMALIZATIONS = ("volume", "slice", "none")
 INPUT_KINDS = ("real", "magnitude")
@@ -339,3 +341,151 @@ class WithUnlabelledViews:
         item = self.labelled.get_view(index, view)
         item["labelled"] = torch.tensor(1.0)
         return item
+
+
+# ---------------------------------------------------------------------------------------------
+# enhancement views: training patches, task ids, SNR ROI maps
+
+TASKS = ("denoise", "superres")
+"""Enhancement task ids (the multi-task EDSR's ``task_names``, the order of ``model.experts``)."""
+ROI_LABEL_KEY = "tissue"
+"""The per-slice label map in the files that gives SNR ROIs (kdhpc.metrics.roi_labels)."""
+
+
+class EnhancementViews:
+    """Dataset of views (:mod:`kdhpc.train` protocol) of one enhancement task over one split.
+
+    A wrapper of :class:`kdhpc.data.views.SliceViews` (the shared view conventions: input
+    simulated from the target, centre crop ``data.crop``, per-volume normalisation, magnitude
+    input, centred k-space) that adds what this recipe needs: training patches, the task id
+    and SNR ROI maps. ``get_view(index, view)`` returns ``input`` / ``target`` ``[1, p, p]`` (or
+    the whole ``[1, h, w]`` slice when ``patch_size`` is 0), ``scale`` and ``volume_max`` (image
+    units = normalised x scale), ``data_range`` (the volume maximum after normalisation: SSIM's
+    R), ``task`` (int64 id in :data:`TASKS`), ``view_key`` (int64: dihedral id, mask seed, noise
+    seed, patch top, patch left, task id) and, for whole slices, ``roi`` ``[h, w]`` int64
+    (:func:`roi_labels` of the file's ``tissue`` map under the view's dihedral transform).
+    """
+
+    def __init__(self, slices: FastMRISliceDataset, cfg: Config, task: str, patch_size: int):
+        if task not in TASKS:
+            raise ConfigError(f"task: expected one of {TASKS}, found {task!r}")
+        self.task, self.task_id, self.patch_size = task, TASKS.index(task), patch_size
+        self.base = SliceViews(slices, dataclasses.replace(cfg.degrade, task=task), centered=True,
+                               crop=cfg.data.crop, normalize="volume", input_kind="magnitude",
+                               base_seed=cfg.mask.seed)
+        self.num_views = self.base.num_views
+        self._shapes: dict[int, tuple[int, int]] = {}  # volume number -> cropped (h, w)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def slices(self) -> FastMRISliceDataset:
+        """The slice dataset the views are made from."""
+        return self.base.slices
+
+    def volume_of(self, index: int) -> int:
+        return self.base.volume_of(index)
+
+    def sample_name(self, index: int) -> str:
+        return self.base.sample_key(index)
+
+    def volume_name(self, index: int) -> str:
+        return Path(self.base.slices.volumes[self.volume_of(index)][0]).name
+
+    def _cropped_shape(self, index: int) -> tuple[int, int]:
+        volume = self.volume_of(index)
+        if volume not in self._shapes:
+            target = self.base.slices[index]["target"]
+            if target is None:
+                raise DataFormatError(f"{self.base.slices.volumes[volume][0]}: expected a "
+                                      f"target image for enhancement views, found none")
+            self._shapes[volume] = tuple(center_crop(target, self.base.crop).shape[-2:])
+        return self._shapes[volume]
+
+    def _patch_origin(self, index: int, view: int, dihedral_id: int) -> tuple[int, int]:
+        """Top-left corner of the view's patch, drawn from a seed of (sample, view) on the
+        transformed slice (a quarter turn swaps its axes)."""
+        if not self.patch_size:
+            return 0, 0
+        h, w = self._cropped_shape(index)
+        if dihedral_id % 2:
+            h, w = w, h
+        if self.patch_size > min(h, w):
+            raise ConfigError(f"data.patch_size: expected at most the cropped slice size "
+                              f"{h}x{w}, found {self.patch_size}")
+        rng = np.random.default_rng(seed_from("patch", self.sample_name(index), view,
+                                              self.base.base_seed))
+        return (int(rng.integers(0, h - self.patch_size + 1)),
+                int(rng.integers(0, w - self.patch_size + 1)))
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        """The ints that name view ``view`` of sample ``index`` (``get_view``'s ``view_key``)."""
+        key = self.base.view_key(index, view)
+        return [*key, *self._patch_origin(index, view, key.dihedral), self.task_id]
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        item = self.base.get_view(index, view)
+        key = self.base.view_key(index, view)
+        target, degraded = item["target"], item["input"]  # [1, h, w] each, normalised
+        if self.patch_size == 0 and self.base.degrade.dihedral and \
+                target.shape[-1] != target.shape[-2]:
+            raise ConfigError(f"data.patch_size: 0 (whole slices) with dihedral views needs "
+                              f"square slices, found {tuple(target.shape[-2:])}; set data.crop "
+                              f"square or train on patches")
+        top, left = self._patch_origin(index, view, key.dihedral)
+        out = {"scale": item["scale"], "volume_max": item["volume_max"],
+               "data_range": item["volume_max"] / item["scale"],
+               "task": torch.tensor(self.task_id, dtype=torch.int64),
+               "view_key": torch.tensor([*key, top, left, self.task_id], dtype=torch.int64)}
+        if self.patch_size:
+            window = (..., slice(top, top + self.patch_size), slice(left, left + self.patch_size))
+            target, degraded = target[window].contiguous(), degraded[window].contiguous()
+        else:
+            extra = self.base.slices[index]["extra"]
+            tissue = extra.get(ROI_LABEL_KEY)
+            if tissue is not None:
+                tissue = np.ascontiguousarray(dihedral(
+                    center_crop(tissue.numpy(), self.base.crop), key.dihedral))
+                if tissue.shape != tuple(target.shape[-2:]):
+                    raise DataFormatError(f"{self.base.slices.volumes[self.volume_of(index)][0]}"
+                                          f": '{ROI_LABEL_KEY}': expected the image shape "
+                                          f"{tuple(target.shape[-2:])} after cropping, found "
+                                          f"{tissue.shape}")
+            out["roi"] = torch.from_numpy(roi_labels(tissue, target[0].numpy()))
+        out["input"], out["target"] = degraded, target
+        return out
+
+
+class MultiTaskViews:
+    """Several :class:`EnhancementViews` (one per task) as one dataset of views: index ``i``
+    runs through the first part, then the second; every item carries its ``task``."""
+
+    def __init__(self, parts: Sequence[EnhancementViews]):
+        views = {p.num_views for p in parts}
+        if len(views) != 1:
+            raise ValueError(f"MultiTaskViews: parts expected one num_views, found {views}")
+        self.parts = list(parts)
+        self.num_views = views.pop()
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[EnhancementViews, int]:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        if not 0 <= index < len(self):
+            raise IndexError(f"MultiTaskViews: index {index} outside 0..{len(self) - 1}")
+        return self.parts[part], index - int(self.offsets[part])
+
+    def volume_of(self, index: int) -> tuple[str, str]:
+        part, local = self._locate(index)
+        return part.task, part.volume_of(local)
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        part, local = self._locate(index)
+        return part.view_key(local, view)
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        part, local = self._locate(index)
+        return part.get_view(local, view)

@@ -25,6 +25,8 @@ the network starts close to a plain EDSR.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -152,3 +154,23 @@ class MultiTaskEDSR(EDSR):
         film = self.film(ids).view(x.shape[0], -1, 2, features, 1, 1)  # [B, sites, 2, F, 1, 1]
         films = [(1 + film[:, s, 0], film[:, s, 1]) for s in range(film.shape[1])]
         return self._run(x, films)
+
+
+class TaskExperts(nn.Module):
+    """Task-based teacher: sample b is enhanced by ``experts[task[b]]``."""
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)  # [B, 1, H, W]
+        for t, expert in enumerate(self.experts):
+            chosen = (task == t).nonzero().flatten()
+            if chosen.numel():
+                out[chosen] = expert(x[chosen])
+        unknown = (task < 0) | (task >= len(self.experts))
+        if bool(unknown.any()):
+            raise ValueError(f"TaskExperts: task ids expected in 0..{len(self.experts) - 1}, "
+                             f"found {task.tolist()}")
+        return out

@@ -435,3 +435,11 @@ def takes_task(model: nn.Module) -> bool:
         return "task" in inspect.signature(net.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def enhance(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Run ``model`` (a module or its DeepSpeed engine) on ``batch["input"]``, passing the
+    batch's task to multi-task networks."""
+    if takes_task(model):  # MultiTaskEDSR, TaskExperts, a user's multi-task network
+        return model(batch["input"], batch["task"])
+    return model(batch["input"])

@@ -94,41 +94,25 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from kdhpc.config import Config, ConfigError
-from kdhpc.data.degrade import dihedral
+from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
+from kdhpc.data.views import TASKS, EnhancementViews, MultiTaskViews
+from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
+from kdhpc.metrics import enhancement_slice_metrics, paired_test, summarize, volume_table
+from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
+from kdhpc.models.edsr import TaskExperts
+from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
+                                   is_factory_spec, load_run_network, takes_task,
+                                   teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
                           fill_verified_cache, save_gathered, teacher_stage,
                           teacher_training_config, timed_interleaved)
 from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
-from kdhpc.data.views import center_crop
-from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
-from kdhpc.data.masks import seed_from
-from kdhpc.losses import PerceptualLoss, enhancement_loss
-from kdhpc.metrics import paired_test, psnr, snr_roi, ssim_per_slice, summarize
-from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
-from kdhpc.models.external import (build_run_network, check_distinct_roles, is_factory_spec,
-                                   load_run_network, takes_task, teacher_program)
 
-TASKS = ("denoise", "superres")
-"""Task ids of the multi-task EDSR (its ``task_names``) and order of ``model.experts``."""
 TASK_LABELS = {"denoise": "DNE", "superres": "SRE"}
-
-ROI_LABEL_KEY = "tissue"
-ROI_NAMES = {2: "GM", 3: "WM", 9: "object"}
-"""SNR ROIs: grey and white matter from a tissue map; ``object`` for automatic ROIs."""
-ROI_BACKGROUND = 0
-ROI_MARGIN = 4
-"""Pixels between the head and the background ROI (edge blur and ringing are not noise)."""
-AUTO_OBJECT_FRACTION = 0.1
-"""Automatic ROIs: the object is where the target exceeds this fraction of its maximum."""
-
-PERCEPTUAL_DEPTH = 1
-"""Early layers of the perceptual feature network: the input conv plus this many Swin layers
-(SwinIR) or residual blocks (EDSR)."""
 
 TIMING_SLICES = 1
 """Test slices timed in each repeat (sec/slice = their total / their number)."""
@@ -184,10 +168,6 @@ def alpha_name(alpha: float) -> str:
     return f"student_a{alpha:.2f}"
 
 
-def _sub(cfg: Config, *names: str) -> dict:
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
-
-
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -210,243 +190,12 @@ def slice_dataset(cfg: Config, root: Path, split: str) -> FastMRISliceDataset:
                                max_volumes=cfg.data.max_volumes)
 
 
-def roi_labels(tissue: np.ndarray | None, target: np.ndarray) -> np.ndarray:
-    """SNR ROI map ``[H, W]`` int64: tissue ROIs (:data:`ROI_NAMES`), 0 = background ROI,
-    -1 = neither.
-
-    With a ``tissue`` map (0 outside the head): GM (2) and WM (3) as labelled; background = label
-    0 more than :data:`ROI_MARGIN` pixels from any head pixel. Without one, the object is
-    ``target > AUTO_OBJECT_FRACTION * max``; its interior (eroded by the margin) is the ``object``
-    ROI (9) and the background is as above.
-    """
-    rois = np.full(target.shape, -1, dtype=np.int64)
-    if tissue is not None:
-        head = tissue > 0
-        for label in (2, 3):
-            rois[tissue == label] = label
-    else:
-        head = target > AUTO_OBJECT_FRACTION * float(target.max())
-        rois[ndimage.binary_erosion(head, iterations=ROI_MARGIN)] = 9
-    far = ~ndimage.binary_dilation(head, iterations=ROI_MARGIN) if head.any() else \
-        np.ones_like(head)
-    rois[far] = ROI_BACKGROUND
-    return rois
-
-
-class EnhancementViews:
-    """Dataset of views (:mod:`kdhpc.train` protocol) of one enhancement task over one split.
-
-    A wrapper of :class:`kdhpc.data.views.SliceViews` (the shared view conventions: input
-    simulated from the target, centre crop ``data.crop``, per-volume normalisation, magnitude
-    input, centred k-space) that adds what this recipe needs: training patches, the task id
-    and SNR ROI maps. ``get_view(index, view)`` returns ``input`` / ``target`` ``[1, p, p]`` (or
-    the whole ``[1, h, w]`` slice when ``patch_size`` is 0), ``scale`` and ``volume_max`` (image
-    units = normalised x scale), ``data_range`` (the volume maximum after normalisation: SSIM's
-    R), ``task`` (int64 id in :data:`TASKS`), ``view_key`` (int64: dihedral id, mask seed, noise
-    seed, patch top, patch left, task id) and, for whole slices, ``roi`` ``[h, w]`` int64
-    (:func:`roi_labels` of the file's ``tissue`` map under the view's dihedral transform).
-    """
-
-    def __init__(self, slices: FastMRISliceDataset, cfg: Config, task: str, patch_size: int):
-        from kdhpc.data.views import SliceViews
-
-        if task not in TASKS:
-            raise ConfigError(f"task: expected one of {TASKS}, found {task!r}")
-        self.task, self.task_id, self.patch_size = task, TASKS.index(task), patch_size
-        self.base = SliceViews(slices, task_config(cfg, task).degrade, centered=True,
-                               crop=cfg.data.crop, normalize="volume", input_kind="magnitude",
-                               base_seed=cfg.mask.seed)
-        self.num_views = self.base.num_views
-        self._shapes: dict[int, tuple[int, int]] = {}  # volume number -> cropped (h, w)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    @property
-    def slices(self) -> FastMRISliceDataset:
-        """The slice dataset the views are made from."""
-        return self.base.slices
-
-    def volume_of(self, index: int) -> int:
-        return self.base.volume_of(index)
-
-    def sample_name(self, index: int) -> str:
-        return self.base.sample_key(index)
-
-    def volume_name(self, index: int) -> str:
-        return Path(self.base.slices.volumes[self.volume_of(index)][0]).name
-
-    def _cropped_shape(self, index: int) -> tuple[int, int]:
-        volume = self.volume_of(index)
-        if volume not in self._shapes:
-            target = self.base.slices[index]["target"]
-            if target is None:
-                raise DataFormatError(f"{self.base.slices.volumes[volume][0]}: expected a "
-                                      f"target image for enhancement views, found none")
-            self._shapes[volume] = tuple(center_crop(target, self.base.crop).shape[-2:])
-        return self._shapes[volume]
-
-    def _patch_origin(self, index: int, view: int, dihedral_id: int) -> tuple[int, int]:
-        """Top-left corner of the view's patch, drawn from a seed of (sample, view) on the
-        transformed slice (a quarter turn swaps its axes)."""
-        if not self.patch_size:
-            return 0, 0
-        h, w = self._cropped_shape(index)
-        if dihedral_id % 2:
-            h, w = w, h
-        if self.patch_size > min(h, w):
-            raise ConfigError(f"data.patch_size: expected at most the cropped slice size "
-                              f"{h}x{w}, found {self.patch_size}")
-        rng = np.random.default_rng(seed_from("patch", self.sample_name(index), view,
-                                              self.base.base_seed))
-        return (int(rng.integers(0, h - self.patch_size + 1)),
-                int(rng.integers(0, w - self.patch_size + 1)))
-
-    def view_key(self, index: int, view: int) -> list[int]:
-        """The ints that name view ``view`` of sample ``index`` (``get_view``'s ``view_key``)."""
-        key = self.base.view_key(index, view)
-        return [*key, *self._patch_origin(index, view, key.dihedral), self.task_id]
-
-    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
-        item = self.base.get_view(index, view)
-        key = self.base.view_key(index, view)
-        target, degraded = item["target"], item["input"]  # [1, h, w] each, normalised
-        if self.patch_size == 0 and self.base.degrade.dihedral and \
-                target.shape[-1] != target.shape[-2]:
-            raise ConfigError(f"data.patch_size: 0 (whole slices) with dihedral views needs "
-                              f"square slices, found {tuple(target.shape[-2:])}; set data.crop "
-                              f"square or train on patches")
-        top, left = self._patch_origin(index, view, key.dihedral)
-        out = {"scale": item["scale"], "volume_max": item["volume_max"],
-               "data_range": item["volume_max"] / item["scale"],
-               "task": torch.tensor(self.task_id, dtype=torch.int64),
-               "view_key": torch.tensor([*key, top, left, self.task_id], dtype=torch.int64)}
-        if self.patch_size:
-            window = (..., slice(top, top + self.patch_size), slice(left, left + self.patch_size))
-            target, degraded = target[window].contiguous(), degraded[window].contiguous()
-        else:
-            extra = self.base.slices[index]["extra"]
-            tissue = extra.get(ROI_LABEL_KEY)
-            if tissue is not None:
-                tissue = np.ascontiguousarray(dihedral(
-                    center_crop(tissue.numpy(), self.base.crop), key.dihedral))
-                if tissue.shape != tuple(target.shape[-2:]):
-                    raise DataFormatError(f"{self.base.slices.volumes[self.volume_of(index)][0]}"
-                                          f": '{ROI_LABEL_KEY}': expected the image shape "
-                                          f"{tuple(target.shape[-2:])} after cropping, found "
-                                          f"{tissue.shape}")
-            out["roi"] = torch.from_numpy(roi_labels(tissue, target[0].numpy()))
-        out["input"], out["target"] = degraded, target
-        return out
-
-
-class MultiTaskViews:
-    """Several :class:`EnhancementViews` (one per task) as one dataset of views: index ``i``
-    runs through the first part, then the second; every item carries its ``task``."""
-
-    def __init__(self, parts: Sequence[EnhancementViews]):
-        views = {p.num_views for p in parts}
-        if len(views) != 1:
-            raise ValueError(f"MultiTaskViews: parts expected one num_views, found {views}")
-        self.parts = list(parts)
-        self.num_views = views.pop()
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def _locate(self, index: int) -> tuple[EnhancementViews, int]:
-        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        if not 0 <= index < len(self):
-            raise IndexError(f"MultiTaskViews: index {index} outside 0..{len(self) - 1}")
-        return self.parts[part], index - int(self.offsets[part])
-
-    def volume_of(self, index: int) -> tuple[str, str]:
-        part, local = self._locate(index)
-        return part.task, part.volume_of(local)
-
-    def view_key(self, index: int, view: int) -> list[int]:
-        part, local = self._locate(index)
-        return part.view_key(local, view)
-
-    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
-        part, local = self._locate(index)
-        return part.get_view(local, view)
-
-
 # ---------------------------------------------------------------------------------------------
 # models, teachers, losses
-
-def enhance(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Run ``model`` (a module or its DeepSpeed engine) on ``batch["input"]``, passing the
-    batch's task to multi-task networks."""
-    if takes_task(model):  # MultiTaskEDSR, TaskExperts, a user's multi-task network
-        return model(batch["input"], batch["task"])
-    return model(batch["input"])
-
 
 def extract_output(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """The teacher targets this recipe distils: the enhanced image ``[B, 1, h, w]``."""
     return {OUTPUT_KEY: enhance(model, batch)}
-
-
-class TaskExperts(nn.Module):
-    """Task-based teacher: sample b is enhanced by ``experts[task[b]]``."""
-
-    def __init__(self, experts: Sequence[nn.Module]):
-        super().__init__()
-        self.experts = nn.ModuleList(experts)
-
-    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)  # [B, 1, H, W]
-        for t, expert in enumerate(self.experts):
-            chosen = (task == t).nonzero().flatten()
-            if chosen.numel():
-                out[chosen] = expert(x[chosen])
-        unknown = (task < 0) | (task >= len(self.experts))
-        if bool(unknown.any()):
-            raise ValueError(f"TaskExperts: task ids expected in 0..{len(self.experts) - 1}, "
-                             f"found {task.tolist()}")
-        return out
-
-
-class EarlyLayers(nn.Module):
-    """Frozen early layers of a trained SwinIR or EDSR as a perceptual feature network.
-
-    SwinIR: ``conv_first`` then the first ``depth`` Swin layers of its first RSTB, returned as
-    ``[B, D, H, W]``; EDSR: ``head`` then the first ``depth`` residual blocks (no FiLM).
-    """
-
-    def __init__(self, model: nn.Module, depth: int = PERCEPTUAL_DEPTH):
-        super().__init__()
-        if isinstance(model, SwinIR):
-            layers = [layer for block in model.blocks for layer in block.layers][:depth]
-            self.stem, self.layers, self.window = model.conv_first, nn.ModuleList(layers), \
-                model.window
-        elif isinstance(model, EDSR):
-            self.stem, self.layers, self.window = model.head, nn.ModuleList(
-                list(model.blocks)[:depth]), None
-        else:
-            raise ConfigError(f"loss.perceptual_checkpoint: expected a SwinIR or EDSR feature "
-                              f"network, found {type(model).__name__}")
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stem(x)  # [B, D, H, W]
-        if self.window is None:
-            for block in self.layers:
-                f = block(f)
-            return f
-        from kdhpc.models.swinir import attention_mask
-
-        b, d, h, w = f.shape
-        shift = self.window // 2
-        masks = {s: attention_mask(h, w, self.window, s, x.device) for s in (0, shift)}
-        masks = {s: (m.to(f.dtype) if m is not None else None) for s, m in masks.items()}
-        t = f.flatten(2).transpose(1, 2)  # [B, H*W, D]
-        for layer in self.layers:
-            t = layer(t, (h, w), masks)
-        return t.transpose(1, 2).reshape(b, d, h, w)
 
 
 def load_network(arch: str, weights: str | Path, cfg: Config | None = None,
@@ -623,26 +372,6 @@ def teacher_cache_parts(cfg: Config):
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
-@dataclasses.dataclass
-class Evaluated:
-    """One (task, model) on the test split: per-slice rows and predictions in image units."""
-
-    rows: list[dict]
-    volumes: list[dict]
-
-
-def slice_metrics(target: np.ndarray, pred: np.ndarray, rois: np.ndarray,
-                   data_range: float) -> dict:
-    """PSNR, SSIM (range = the volume maximum) and SNR per ROI of one slice ``[h, w]``."""
-    row = {"psnr": psnr(target[None], pred[None], data_range=data_range),
-           "ssim": float(ssim_per_slice(target[None], pred[None], data_range=data_range)[0])}
-    present = [label for label in ROI_NAMES if (rois == label).any()]
-    if present and (rois == ROI_BACKGROUND).sum() > 1:
-        for label, value in snr_roi(pred, rois, present, ROI_BACKGROUND).items():
-            row[f"snr_{ROI_NAMES[label]}"] = value
-    return row
-
-
 def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None],
                     batch_size: int, out_file: Path) -> list[dict]:
     """Evaluate ``models`` (None = the degraded input itself) on ``views`` at view 0.
@@ -687,7 +416,7 @@ def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None]
                 row = {"task": views.task, "model": name, "index": index,
                        "volume": views.volume_name(index), "slice": views.sample_name(index),
                        "volume_max": volume_max,
-                       **slice_metrics(target[j], pred[j], rois[j], volume_max)}
+                       **enhancement_slice_metrics(target[j], pred[j], rois[j], volume_max)}
                 rows.append(row)
             stored[name].append(pred.astype(np.float32))
         stored["target"].append(target.astype(np.float32))
@@ -701,22 +430,6 @@ def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None]
                 f[name] = np.concatenate(parts)
     tmp.replace(out_file)
     return rows
-
-
-def volume_table(rows: list[dict]) -> list[dict]:
-    """Per-volume PSNR (whole-volume MSE) and SSIM (mean over slices) from per-slice rows:
-    ``PSNR_vol = 10 log10(R^2 / mean_s MSE_s)`` with ``MSE_s = R^2 10^(-PSNR_s / 10)``."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["task"], row["model"], row["volume"]), []).append(row)
-    out = []
-    for (task, model, volume), group in groups.items():
-        peak = group[0]["volume_max"]
-        mse = np.mean([peak ** 2 * 10 ** (-r["psnr"] / 10) for r in group])
-        out.append({"task": task, "model": model, "volume": volume,
-                    "psnr": float(10 * np.log10(peak ** 2 / mse)),
-                    "ssim": float(np.mean([r["ssim"] for r in group]))})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
