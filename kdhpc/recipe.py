@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kdhpc.config import Config, ConfigError, digest, result_values, write_atomic
-from kdhpc.runtime import barrier, rank
+from kdhpc.runtime import barrier, rank, world_size
 
 RECIPES = {
     "reconstruction": "kdhpc.recipes.reconstruction",
@@ -372,6 +372,96 @@ def fill_verified_cache(cache_dir: Path, teacher, extract, dataset, data_config:
     return Path(cache_dir)
 
 
+def split_folder(cfg: Config, root: Path, split: str) -> Path:
+    """The folder of ``split``: ``<challenge>_<split>`` (fastMRI) or ``<split>``; KD-MRI's
+    ``validation`` also answers to ``val``."""
+    names = [f"{cfg.data.challenge}_{split}", split]
+    if cfg.data.dataset == "kdmri" and split == "val":
+        names.append("validation")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise ConfigError(f"data.root: expected one of the folders {', '.join(names)} under {root} "
+                      f"for split {split!r}, found none")
+
+
+def train_network(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set,
+                  val_set=None, *, build: Callable[[str], Any] | None = None,
+                  teacher: Callable[[], Any] | None = None, eval_fn: Callable | None = None, volume_metrics: Callable | None = None,
+                  init: str | None = None) -> dict:
+    """Every training stage: ``arch`` built by ``build`` (default: the registry or a factory,
+    :func:`kdhpc.models.external.build_run_network`) from the seed's initial weights (the same
+    on every rank and in every stage, so students differ only by their loss), or from the
+    weights file ``init`` (relative to the run directory), trained by the engine in
+    ``stage_dir``; ``teacher()`` makes its teacher source once the student is built (a teacher
+    built there draws its initial weights after the student's). Returns the stage record
+    (weights relative to the run directory)."""
+    from kdhpc.models import count_parameters
+    from kdhpc.models.external import build_run_network
+    from kdhpc.teacher import teacher_fingerprint
+    from kdhpc.train import load_weights, seed_everything, train
+
+    seed_everything(cfg.train.seed)
+    model = (build or (lambda a: build_run_network(cfg.model, a)))(arch)
+    if init is not None:
+        model.load_state_dict(load_weights(Path(cfg.run_dir) / init))
+    result = train(cfg, model, loss_fn, train_set, val_set=val_set,
+                   teacher=teacher() if teacher is not None else None, eval_fn=eval_fn,
+                   volume_metrics=volume_metrics, run_dir=stage_dir)
+    return {"arch": arch, "weights": str(result.best_weights.relative_to(cfg.run_dir)),
+            "sha256": teacher_fingerprint(load_weights(result.best_weights)), "trained": True, "params": count_parameters(model), "steps": result.steps,
+            "resumed_from": result.resumed_from, "best_metric": result.best_metric,
+            "best_value": result.best_value, "best_step": result.best_step}
+
+
+def load_teacher(load: Callable[[Config, str, Path], Any]) -> Callable[["Run", Path], dict]:
+    """The teacher stage of a run with ``model.teacher_checkpoint``: the file resolved and
+    checked (:func:`kdhpc.teacher.pretrained.resolve_teacher_checkpoint`), loaded by the
+    recipe's ``load(cfg, arch, path)`` (which names the file on a mismatch)."""
+    def run_stage(run: "Run", stage_dir: Path) -> dict:
+        from kdhpc.models import count_parameters
+        from kdhpc.teacher import teacher_fingerprint
+        from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
+
+        path, sha256 = resolve_teacher_checkpoint(run.cfg)
+        model = load(run.cfg, run.cfg.model.teacher, path)
+        return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
+                "sha256": teacher_fingerprint(model), "params": count_parameters(model),
+                "steps": 0, "trained": False}
+    return run_stage
+
+
+def teacher_weights(cfg: Config) -> Path:
+    """The teacher's weights outside a run (``python -m kdhpc.teacher.cache``):
+    ``model.teacher_checkpoint``, else those of the run's finished teacher stage."""
+    from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
+
+    if cfg.model.teacher_checkpoint:
+        return resolve_teacher_checkpoint(cfg)[0]
+    record = Path(cfg.run_dir) / "teacher" / STAGE_RECORD
+    if not record.is_file():
+        raise ConfigError(f"model.teacher_checkpoint: expected teacher weights or a finished "
+                          f"teacher stage ({record}), found neither; run python -m kdhpc.distill "
+                          f"CONFIG first")
+    return Path(cfg.run_dir) / json.loads(record.read_text())["result"]["weights"]
+
+
+def cache_stage(cfg: Config, teacher, extract: Callable, views, data_config: dict | None = None,
+                cache_dir: Path | None = None) -> dict:
+    """The teacher-cache stage body: with ``teacher.mode: precompute`` the cache filled and
+    verified in ``cache_dir`` (default :func:`kdhpc.teacher.default_cache_dir`, the stage's own
+    folder) for ``data_config`` (default :func:`kdhpc.teacher.cache_config`); with ``stream`` a
+    record of the teacher only."""
+    from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint
+
+    record = {"mode": cfg.teacher.mode, "teacher_sha256": teacher_fingerprint(teacher)}
+    if cfg.teacher.mode == "stream":
+        return record
+    path = fill_verified_cache(cache_dir or default_cache_dir(cfg), teacher, extract, views,
+                               data_config or cache_config(cfg), cfg)
+    return {**record, "cache_dir": str(path), "records": len(views) * views.num_views}
+
+
 # What every training stage reads besides its own keys: the data it trains on is consumed as
 # the data stage's record.
 TRAIN_KEYS = ("optim", "schedule", "train.epochs", "train.max_steps", "train.batch_size",
@@ -399,6 +489,74 @@ def teacher_stage(train: Callable[[Run, Path], dict], keys: Sequence[str],
         return Stage("teacher", load, keys=("model.teacher",), consumes=("data",),
                      extra=teacher_checkpoint_extra)
     return Stage("teacher", train, keys=(*TEACHER_TRAIN_KEYS, *keys), consumes=("data",))
+
+
+def evaluate_volumes(views, models: dict[str, Any], batch_size: int,
+                     predict: Callable[[Any, dict], Any],
+                     score: Callable[[str, list[int], dict, dict], list[dict]],
+                     volume_name: Callable[[int], str] | None = None,
+                     predictions: Path | None = None,
+                     keep: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Every recipe's evaluation loop: the volumes of ``views`` at view 0, each volume whole on
+    one rank (:func:`kdhpc.train.rank_volume_indices`); its slices in batches of ``batch_size``
+    through ``predict(model, batch)`` for every model (inference mode), then
+    ``score(volume, indices, batch, predictions)`` -> rows, with ``batch`` all the volume's
+    slices collated and ``predictions`` model name -> ``[S, ...]`` tensor. ``volume_name(index)``
+    names an item's volume (default ``str(views.volume_of(index))``).
+
+    With ``predictions`` (a path) every prediction is written there (HDF5, through a temporary
+    name) as ``<model>/<volume>``, beside ``index/<volume>`` (the items' dataset indices) and the
+    arrays ``keep(batch)`` adds as ``<key>/<volume>``. Returns this rank's rows
+    (:func:`save_gathered` collects every rank's)."""
+    from torch.utils.data import default_collate
+
+    from kdhpc.train import rank_volume_indices, volume_ids
+    import torch
+
+    volumes = volume_ids(views)
+    by_volume: dict[int, list[int]] = {}
+    for index in rank_volume_indices(volumes, rank(), world_size()):
+        by_volume.setdefault(volumes[index], []).append(index)
+    rows: list[dict] = []
+    saved: dict[str, Any] = {}
+    with torch.inference_mode():
+        for items in by_volume.values():
+            name = volume_name(items[0]) if volume_name else str(views.volume_of(items[0]))
+            loaded = [views.get_view(i, 0) for i in items]
+            parts = [default_collate(loaded[k:k + batch_size])
+                     for k in range(0, len(loaded), batch_size)]
+            batch = default_collate(loaded)
+            outputs = {key: torch.cat([predict(model, part) for part in parts])
+                       for key, model in models.items()}
+            rows += score(name, items, batch, outputs)
+            if predictions is not None:
+                arrays = {"index": torch.tensor(items), **(keep(batch) if keep else {}),
+                          **outputs}
+                saved.update({f"{key}/{name}": value.cpu().numpy()
+                              for key, value in arrays.items()})
+    if predictions is not None:
+        import h5py
+
+        tmp = predictions.with_name(f".{predictions.name}.tmp")
+        with h5py.File(tmp, "w") as f:
+            for key, value in saved.items():
+                f[key] = value
+        tmp.replace(predictions)
+    return rows
+
+
+def read_predictions(files) -> dict[str, Any]:
+    """The arrays :func:`evaluate_volumes` kept in ``files`` (every rank's), ``<key>/<volume>``
+    -> numpy array."""
+    import h5py
+
+    out: dict[str, Any] = {}
+    for path in files:
+        with h5py.File(path, "r") as f:
+            for key in f:
+                for volume in f[key]:
+                    out[f"{key}/{volume}"] = f[key][volume][()]
+    return out
 
 
 def timed_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,

@@ -195,9 +195,7 @@ def test_bad_config_is_refused_with_the_key(tiny_cfg):
         cfg = tiny_cfg("data.patch_size=64")
         E.EnhancementData(cfg, dataset_root(cfg)).views("train", "denoise").get_view(0, 0)
     with pytest.raises(ConfigError, match="model.experts"):
-        from kdhpc.data.default import dataset_root
-        cfg = tiny_cfg("model.experts=[a.pt]")
-        E.EnhancementData(cfg, dataset_root(cfg)).expert_stage(Path("."), "denoise", None)
+        E.check_config(tiny_cfg("model.experts=[a.pt]"))
 
 
 @pytest.mark.parametrize("name", ["enh_tiny", "enh_default", "enh_published",

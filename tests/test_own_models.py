@@ -164,7 +164,7 @@ def test_lightning_checkpoint_loads_as_teacher_checkpoint(lab, tmp_path):
                        TEACHER, checkpoint)
     # The teacher stage loads it, records its SHA-256 and the loaded weights' fingerprint.
     result = R._load_teacher(type("RunLike", (), {"cfg": cfg})(), tmp_path)
-    assert result["loaded"] and result["weights"] == str(checkpoint.resolve())
+    assert result["trained"] is False and result["weights"] == str(checkpoint.resolve())
 
 
 def test_wrong_layer_path_exits_2_with_the_real_layers_and_writes_nothing(lab, tmp_path):
@@ -311,7 +311,7 @@ def test_program_teacher_is_run_for_output_imitation(lab, tmp_path, kind):
                              "loss.attention_transfer=false"])
     results, stages = _run(cfg)
     assert stages.ran[:5] == ["data", "teacher", "teacher_cache", "student", "student_kd"]
-    assert "student_at" not in stages.ran and results["teacher"]["loaded"]
+    assert "student_at" not in stages.ran and results["teacher"]["trained"] is False
     batch = default_collate([{**views.get_view(i, 0), "index": torch.tensor(i),
                               "view": torch.tensor(0)} for i in range(len(views))])
     cached = CachedTeacher(run_dir / "teacher_cache").targets(batch)

@@ -194,7 +194,7 @@ def test_bad_configs_are_named(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="VDSR"):
         R.build_network(load_config(TINY, ["recipe=superres"]), "dccnn_student")
     cfg = load_config(TINY, [f"run_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="no trained teacher yet"):
+    with pytest.raises(ConfigError, match="expected teacher weights or a finished teacher stage"):
         R.teacher_cache_parts(cfg)
     with pytest.raises(ConfigError, match="model.teacher_checkpoint"):
         R.teacher_weights(load_config(TINY, ["model.teacher_checkpoint=/no/such.pt"]))

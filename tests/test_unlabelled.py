@@ -17,7 +17,7 @@ from kdhpc.data.views import TargetFreeViews, WithUnlabelledViews
 from kdhpc.losses import imitation_loss, imitation_loss_with_unlabelled
 from kdhpc.recipe import Stages
 from kdhpc.recipes import reconstruction as R
-from kdhpc.teacher import CachedTeacher, teacher_fingerprint
+from kdhpc.teacher import CachedTeacher, cache_config, teacher_fingerprint
 from kdhpc.teacher.pretrained import data_identity
 from kdhpc.train import load_weights
 
@@ -120,7 +120,7 @@ def test_run_adds_a_student_that_learnt_from_the_teacher_alone_there(data_dir, t
     cache_cfg = R.cache_config_for(cfg, True)
     cached = CachedTeacher(Path(run_dir) / "teacher_cache_unlabelled",
                            teacher_sha256=teacher_fingerprint(teacher),
-                           data_config=R.cache_config(cache_cfg))
+                           data_config=cache_config(cache_cfg))
     labelled = R.view_dataset(cfg, "train")
     mixed = WithUnlabelledViews(labelled, TargetFreeViews(R.view_dataset(cfg, "unlabelled")))
     items = [dict(mixed.get_view(i, 1), index=torch.tensor(i), view=torch.tensor(1))

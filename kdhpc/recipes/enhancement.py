@@ -88,7 +88,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -97,7 +96,7 @@ import torch
 from torch import nn
 
 from kdhpc.config import Config, ConfigError
-from kdhpc.data.fastmri import DataFormatError, FastMRISliceDataset
+from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.views import TASKS, EnhancementViews, MultiTaskViews
 from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
 from kdhpc.metrics import enhancement_slice_metrics, paired_test, summarize, volume_table
@@ -106,10 +105,12 @@ from kdhpc.models.edsr import TaskExperts
 from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
                                    is_factory_spec, load_run_network, takes_task,
                                    teacher_program)
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, save_gathered, teacher_stage,
-                          teacher_training_config, timed_interleaved)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
+                          expect_dataset, load_teacher, save_gathered, split_folder,
+                          teacher_stage, teacher_training_config, teacher_weights,
+                          timed_interleaved, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
+from kdhpc.teacher import cache_config, teacher_source
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 
 TASK_LABELS = {"denoise": "DNE", "superres": "SRE"}
@@ -171,25 +172,6 @@ def alpha_name(alpha: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # data
 
-def split_folder(cfg: Config, root: Path, split: str) -> Path:
-    """``<root>/<challenge>_<split>`` (fastMRI and the default brain set) or ``<root>/<split>``."""
-    candidates = [root / f"{cfg.data.challenge}_{split}", root / split]
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    raise DataFormatError(f"data.root: expected a folder {candidates[0]} or {candidates[1]} for "
-                          f"split {split!r}, found neither")
-
-
-def slice_dataset(cfg: Config, root: Path, split: str) -> FastMRISliceDataset:
-    if cfg.data.dataset not in ("default_brain", "fastmri"):
-        raise ConfigError(f"data.dataset: the enhancement recipe reads fastMRI-layout volumes "
-                          f"(default_brain or fastmri), found {cfg.data.dataset!r}")
-    return FastMRISliceDataset(split_folder(cfg, root, split), challenge=cfg.data.challenge,
-                               slice_fraction=cfg.data.slice_fraction,
-                               max_volumes=cfg.data.max_volumes)
-
-
 # ---------------------------------------------------------------------------------------------
 # models, teachers, losses
 
@@ -248,7 +230,7 @@ def make_loss(cfg: Config, alpha: float, perceptual: PerceptualLoss | None) -> C
 # stages
 
 class EnhancementData:
-    """The run's datasets and the bodies of its training and cache stages."""
+    """The run's datasets: the slices of each split, their views per task, the mixed views."""
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root = cfg, root
@@ -257,9 +239,10 @@ class EnhancementData:
 
     def slices(self, split: str) -> FastMRISliceDataset:
         if split not in self._slices:
-            name = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split,
-                    "test": self.cfg.data.test_split}[split]
-            self._slices[split] = slice_dataset(self.cfg, self.root, name)
+            name = getattr(self.cfg.data, f"{split}_split")
+            self._slices[split] = FastMRISliceDataset(
+                split_folder(self.cfg, self.root, name), challenge=self.cfg.data.challenge,
+                slice_fraction=self.cfg.data.slice_fraction, max_volumes=self.cfg.data.max_volumes)
         return self._slices[split]
 
     def views(self, split: str, task: str, whole: bool = False) -> EnhancementViews:
@@ -270,70 +253,6 @@ class EnhancementData:
 
     def mixed(self, split: str) -> MultiTaskViews:
         return MultiTaskViews([self.views(split, t) for t in TASKS])
-
-    # -- training -----------------------------------------------------------------------------
-
-    def train_network(self, stage_dir: Path, arch: str, train_set, val_set, loss_fn,
-                      teacher=None, cfg: Config | None = None) -> dict:
-        from kdhpc.train import seed_everything, train
-
-        cfg = cfg or self.cfg
-        seed_everything(cfg.train.seed)  # every network of an arch starts from one init
-        model = build_run_network(cfg.model, arch)
-        result = train(cfg, model, loss_fn, train_set, val_set=val_set, teacher=teacher,
-                       run_dir=stage_dir)
-        return {"arch": arch, "weights": str(result.best_weights), "trained": True,
-                "steps": result.steps, "best_metric": result.best_metric,
-                "best_value": result.best_value, "best_step": result.best_step,
-                "resumed_from": result.resumed_from}
-
-    def train_teacher(self, stage_dir: Path) -> dict:
-        """The SwinIR teacher on ``degrade.task``, without the perceptual term unless
-        ``loss.perceptual_checkpoint`` gives its feature network (it cannot judge itself
-        before it is trained)."""
-        cfg = self.cfg
-        perceptual = perceptual_network(cfg, None)
-        result = self.train_network(stage_dir, cfg.model.teacher, self.views("train", self.task),
-                                    self.views("val", self.task), make_loss(cfg, 0.0, perceptual),
-                                    cfg=teacher_training_config(cfg))
-        return {**result, "perceptual": perceptual is not None}
-
-    def teacher_source(self, teacher: nn.Module, cache_dir: Path, data_config: dict):
-        from kdhpc.teacher import CachedTeacher, StreamTeacher, teacher_fingerprint
-
-        if self.cfg.teacher.mode == "stream":
-            return StreamTeacher(teacher, extract_output, bf16=self.cfg.teacher.stream_bf16)
-        return CachedTeacher(cache_dir, teacher_sha256=teacher_fingerprint(teacher),
-                             data_config=data_config)
-
-    def fill(self, cache_dir: Path, teacher: nn.Module, dataset, data_config: dict) -> dict:
-        from kdhpc.teacher import teacher_fingerprint
-
-        if self.cfg.teacher.mode == "stream":
-            return {"mode": "stream", "teacher_sha256": teacher_fingerprint(teacher)}
-        start = time.perf_counter()
-        fill_verified_cache(cache_dir, teacher, extract_output, dataset, data_config, self.cfg)
-        return {"mode": "precompute", "cache_dir": str(cache_dir),
-                "teacher_sha256": teacher_fingerprint(teacher),
-                "records": len(dataset) * dataset.num_views,
-                "seconds": time.perf_counter() - start}
-
-    def expert_data_config(self) -> dict:
-        from kdhpc.teacher import cache_config
-
-        return {**cache_config(self.cfg), "teacher": "task_experts", "tasks": list(TASKS)}
-
-    def expert_stage(self, stage_dir: Path, task: str, perceptual) -> dict:
-        cfg = self.cfg
-        if cfg.model.experts:
-            if len(cfg.model.experts) != len(TASKS):
-                raise ConfigError(f"model.experts: expected {len(TASKS)} checkpoints "
-                                  f"({', '.join(TASKS)}), found {cfg.model.experts}")
-            weights = expert_weights(cfg, task)
-            load_network(cfg.model.student, weights, cfg)
-            return {"arch": cfg.model.student, "weights": weights, "trained": False}
-        return self.train_network(stage_dir, cfg.model.student, self.views("train", task),
-                                  self.views("val", task), make_loss(cfg, 0.0, perceptual))
 
 
 def expert_weights(cfg: Config, task: str) -> str:
@@ -351,22 +270,12 @@ def expert_weights(cfg: Config, task: str) -> str:
 
 def teacher_cache_parts(cfg: Config):
     """(SwinIR teacher, extract, training views of ``degrade.task``) for
-    ``python -m kdhpc.teacher.cache``: the teacher is ``model.teacher_checkpoint`` or the one
-    this recipe trained in ``<run_dir>/teacher``."""
+    ``python -m kdhpc.teacher.cache``."""
     from kdhpc.data.default import dataset_root
 
-    recipe = EnhancementData(cfg, dataset_root(cfg))
-    if cfg.model.teacher_checkpoint:
-        weights = str(resolve_teacher_checkpoint(cfg)[0])
-    else:
-        record = Path(cfg.run_dir) / "teacher" / "stage.json"
-        if not record.is_file():
-            raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
-                              f"finished teacher stage ({record}), found neither; run python -m "
-                              f"kdhpc.distill CONFIG first")
-        weights = json.loads(record.read_text())["result"]["weights"]
-    teacher = load_network(cfg.model.teacher, weights, cfg)
-    return teacher, extract_output, recipe.views("train", recipe.task)
+    teacher = load_network(cfg.model.teacher, teacher_weights(cfg), cfg)
+    return teacher, extract_output, EnhancementData(cfg, dataset_root(cfg)).views(
+        "train", model_task(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,53 +471,65 @@ def _recipe(run: Run) -> "EnhancementData":
 
 def _network(run: Run, stage: str) -> nn.Module:
     result = run.results[stage]
-    return run.memo(("net", stage), lambda: load_network(result["arch"], result["weights"],
-                                                         run.cfg))
+    return run.memo(("net", stage), lambda: load_network(result["arch"],
+                                                         run.path(result["weights"]), run.cfg))
 
 
 def _perceptual(run: Run) -> PerceptualLoss | None:
     return run.memo("perceptual", lambda: perceptual_network(run.cfg, _network(run, "teacher")))
 
 
-def _load_teacher(run: Run, stage_dir: Path) -> dict:
-    path, sha256 = resolve_teacher_checkpoint(run.cfg)
-    load_network(run.cfg.model.teacher, path, run.cfg)  # checked here
-    return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
-            "trained": False, "perceptual": False}
+def _train(run: Run, stage_dir: Path, arch: str, train_set, val_set, alpha: float,
+           perceptual: PerceptualLoss | None, teacher=None, cfg: Config | None = None) -> dict:
+    cfg = cfg or run.cfg
+    return train_network(cfg, stage_dir, arch, make_loss(cfg, alpha, perceptual), train_set,
+                         val_set, teacher=None if teacher is None else lambda: teacher)
+
+
+def _train_teacher(run: Run, stage_dir: Path) -> dict:
+    """The SwinIR teacher on ``degrade.task``, without the perceptual term unless
+    ``loss.perceptual_checkpoint`` gives its feature network (it cannot judge itself before it
+    is trained)."""
+    recipe, perceptual = _recipe(run), perceptual_network(run.cfg, None)
+    result = _train(run, stage_dir, run.cfg.model.teacher, recipe.views("train", recipe.task),
+                    recipe.views("val", recipe.task), 0.0, perceptual,
+                    cfg=teacher_training_config(run.cfg))
+    return {**result, "perceptual": perceptual is not None}
 
 
 def _fill_cache(run: Run, stage_dir: Path) -> dict:
-    from kdhpc.teacher import cache_config, default_cache_dir
-
     recipe = _recipe(run)
-    return recipe.fill(default_cache_dir(run.cfg), _network(run, "teacher"),
-                       recipe.views("train", recipe.task), cache_config(run.cfg))
+    return cache_stage(run.cfg, _network(run, "teacher"), extract_output,
+                       recipe.views("train", recipe.task))
 
 
 def _model_student(alpha: Callable[[Config], float]) -> Callable[[Run, Path], dict]:
     """A model-based EDSR student at ``alpha(cfg)`` (0: no KD) on ``degrade.task``."""
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        from kdhpc.teacher import cache_config, default_cache_dir
-
         recipe, a = _recipe(run), alpha(run.cfg)
-        source = None if a == 0 else recipe.teacher_source(
-            _network(run, "teacher"), default_cache_dir(run.cfg), cache_config(run.cfg))
-        return recipe.train_network(stage_dir, run.cfg.model.student,
-                                    recipe.views("train", recipe.task),
-                                    recipe.views("val", recipe.task),
-                                    make_loss(run.cfg, a, _perceptual(run)), teacher=source)
+        source = None if a == 0 else teacher_source(run.cfg, _network(run, "teacher"),
+                                                    extract_output)
+        return _train(run, stage_dir, run.cfg.model.student, recipe.views("train", recipe.task),
+                      recipe.views("val", recipe.task), a, _perceptual(run), source)
     return run_stage
 
 
 def _expert(task: str) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        if task == model_task(run.cfg) and not run.cfg.model.experts:
+        cfg = run.cfg
+        if cfg.model.experts:  # given: checked by loading
+            weights = expert_weights(cfg, task)
+            load_network(cfg.model.student, weights, cfg)
+            return {"arch": cfg.model.student, "weights": weights, "trained": False}
+        if task == model_task(cfg):
             # The expert of the model-based task is trained exactly like the no-KD student
             # (same arch, data, loss, seed): reuse it rather than train it twice.
             same = run.results[alpha_name(0.0)]
             return {**{k: v for k, v in same.items() if k != "digest"},
                     "same_as": alpha_name(0.0)}
-        return _recipe(run).expert_stage(stage_dir, task, _perceptual(run))
+        recipe = _recipe(run)
+        return _train(run, stage_dir, cfg.model.student, recipe.views("train", task),
+                      recipe.views("val", task), 0.0, _perceptual(run))
     return run_stage
 
 
@@ -616,26 +537,26 @@ def _experts(run: Run) -> TaskExperts:
     return run.memo("experts", lambda: TaskExperts([_network(run, f"expert_{t}") for t in TASKS]))
 
 
-def _expert_cache_dir(run: Run) -> Path:
-    return run.run_dir / "expert_cache"  # the stage folder holds the cache
+def _expert_cache(run: Run) -> dict:
+    """Where the routed experts' cache lives (the stage folder) and what it was filled for."""
+    return {"cache_dir": run.run_dir / "expert_cache", "data_config": {
+        **cache_config(run.cfg), "teacher": "task_experts", "tasks": list(TASKS)}}
 
 
 def _fill_expert_cache(run: Run, stage_dir: Path) -> dict:
-    recipe = _recipe(run)
-    return recipe.fill(_expert_cache_dir(run), _experts(run), recipe.mixed("train"),
-                       recipe.expert_data_config())
+    return cache_stage(run.cfg, _experts(run), extract_output, _recipe(run).mixed("train"),
+                       **_expert_cache(run))
 
 
 def _multitask(kd: bool) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        recipe = _recipe(run)
-        source = recipe.teacher_source(_experts(run), _expert_cache_dir(run),
-                                       recipe.expert_data_config()) if kd else None
-        return recipe.train_network(stage_dir, multitask_arch(run.cfg.model.student,
-                                                              run.cfg.model.multitask_student),
-                                    recipe.mixed("train"), recipe.mixed("val"),
-                                    make_loss(run.cfg, run.cfg.loss.alpha if kd else 0.0,
-                                              _perceptual(run)), teacher=source)
+        cfg, recipe = run.cfg, _recipe(run)
+        source = teacher_source(cfg, _experts(run), extract_output,
+                                **_expert_cache(run)) if kd else None
+        return _train(run, stage_dir, multitask_arch(cfg.model.student,
+                                                     cfg.model.multitask_student),
+                      recipe.mixed("train"), recipe.mixed("val"),
+                      cfg.loss.alpha if kd else 0.0, _perceptual(run), source)
     return run_stage
 
 
@@ -699,6 +620,9 @@ def check_config(cfg: Config) -> None:
     expect_dataset(cfg, ("default_brain", "fastmri"))
     model_task(cfg)
     alpha_grid(cfg)
+    if cfg.model.experts and len(cfg.model.experts) != len(TASKS):
+        raise ConfigError(f"model.experts: expected {len(TASKS)} checkpoints "
+                          f"({', '.join(TASKS)}), found {cfg.model.experts}")
     check_models(cfg)
 
 
@@ -773,8 +697,8 @@ def stages(cfg: Config) -> list[Stage]:
               "multitask_nokd", "multitask_kd")
     return [
         Stage("data", _data, keys=("recipe", "data", "default_data")),
-        teacher_stage(lambda run, d: _recipe(run).train_teacher(d),
-                      ("model.teacher", *views, *data_loss), cfg, _load_teacher),
+        teacher_stage(_train_teacher, ("model.teacher", *views, *data_loss), cfg,
+                      load_teacher(lambda c, arch, path: load_network(arch, path, c))),
         Stage("teacher_cache", _fill_cache, keys=("teacher", *views),
               consumes=("data", "teacher")),
         *grid,

@@ -112,14 +112,13 @@ from kdhpc.models.external import (build_run_network, check_distinct_roles, is_f
                                    load_run_network, role_of, teacher_program)
 from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, key_value, latency_rows, longer_training_config,
-                          teacher_stage, teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
+                          evaluate_volumes, expect_dataset, key_value, latency_rows, load_teacher,
+                          longer_training_config, split_folder, teacher_stage,
+                          teacher_training_config, teacher_weights, train_network)
 from kdhpc.report import save_panel, table, write_report
-from kdhpc.runtime import rank, world_size
-from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
-from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
-from kdhpc.train import eval_batches, load_weights, seed_everything, train, volume_ids
+from kdhpc.runtime import gather, rank
+from kdhpc.teacher import default_cache_dir, teacher_source
 
 TABLE_METRICS = ("psnr", "ssim", "nmse", "hfen")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "HFEN"}
@@ -159,19 +158,6 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"data.unlabelled_split: expected a split other than the train, "
                               f"val and test splits {sorted(labelled)}, found {unlabelled!r}")
     check_models(cfg)
-
-
-def split_folder(cfg: Config, root: Path, split: str) -> Path:
-    """The folder of ``split``: ``<challenge>_<split>`` (fastMRI) or ``<split>``; KD-MRI's
-    ``validation`` also answers to ``val``."""
-    names = [f"{cfg.data.challenge}_{split}", split]
-    if cfg.data.dataset == "kdmri" and split == "val":
-        names.append("validation")
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    raise ConfigError(f"data.root: expected one of the folders {', '.join(names)} under {root} "
-                      f"for split {split!r}, found none")
 
 
 def slice_dataset(cfg: Config, split: str):
@@ -435,43 +421,12 @@ def load_network(cfg: Config, arch: str, weights: str | os.PathLike) -> nn.Modul
     return load_run_network(cfg.model, arch, weights, build=lambda a: build_network(cfg, a))
 
 
-def teacher_weights(cfg: Config) -> Path:
-    """The teacher's weights: ``model.teacher_checkpoint``, else the teacher stage's best."""
-    if cfg.model.teacher_checkpoint:
-        return resolve_teacher_checkpoint(cfg)[0]
-    path = Path(cfg.run_dir) / "teacher" / "best_model.pt"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no trained teacher yet; run python -m kdhpc.distill CONFIG "
-                          f"(its teacher stage) or set model.teacher_checkpoint")
-    return path
-
-
 def teacher_cache_parts(cfg: Config):
     """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
     check_config(cfg)
     teacher = load_network(cfg, cfg.model.teacher, teacher_weights(cfg))
     return (teacher, make_extract(cfg.loss.at_p, cfg.loss.attention_transfer),
             view_dataset(cfg, cfg.data.train_split))
-
-
-def train_stage(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set, val_set,
-                *, teacher_factory: Callable[[], Any] | None = None,
-                init: str | None = None) -> dict:
-    """Train ``arch`` (from ``init`` weights when given) with the engine in ``stage_dir``."""
-    seed_everything(cfg.train.seed)  # the same initial weights on every rank and in every stage
-    model = build_network(cfg, arch)
-    if init is not None:
-        model.load_state_dict(load_weights(Path(cfg.run_dir) / init))
-    teacher = teacher_factory() if teacher_factory is not None else None
-    result = train(cfg, model, loss_fn, train_set, val_set=val_set, teacher=teacher,
-                   eval_fn=eval_values if val_set is not None else None,
-                   volume_metrics=volume_values, run_dir=stage_dir)
-    weights = result.best_weights  # written by rank 0 before train() returns on any rank
-    return {"arch": arch, "weights": str(weights.relative_to(cfg.run_dir)),
-            "sha256": teacher_fingerprint(load_weights(weights)),
-            "params": count_parameters(model), "steps": result.steps,
-            "resumed_from": result.resumed_from, "best_metric": result.best_metric,
-            "best_value": result.best_value, "best_step": result.best_step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,23 +443,29 @@ def evaluate_models(cfg: Config, views, models: dict[str, nn.Module],
                     images: Callable[[dict, nn.Module | None], tuple] = metric_images
                     ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-volume metrics ``{row: {volume name: {metric: value}}}`` of ZF and ``models`` on
-    ``views`` (view 0), each volume on one rank, all-reduced (every rank gets them all).
+    ``views`` (:func:`kdhpc.recipe.evaluate_volumes`; every rank gets them all).
     ``images(batch, model)`` gives the (target, prediction) pair a row is scored on (``model``
     None: the ZF row), with data range 1."""
     names = [Path(name).name for name, _ in views.slices.volumes]
-    accumulators = {row: VolumeMetricAccumulator() for row in ("ZF", *models)}
-    volumes = volume_ids(views)
+
+    def score(volume: str, items: list, batch: dict, outputs: dict) -> list[dict]:
+        target = images(batch, None)[0]
+        rows = []
+        for row, pred in outputs.items():
+            accumulator = VolumeMetricAccumulator()
+            accumulator.update(volume, target, pred, 1.0)
+            rows.append({"row": row, "volume": volume, **accumulator.compute()[volume]})
+        return rows
+
     for model in models.values():
         model.eval()
-    with torch.inference_mode():
-        for indices, real in eval_batches(volumes, rank(), world_size(), cfg.eval.batch_size):
-            if not real:  # padding batches only matter for collective forwards (ZeRO-3)
-                continue
-            batch = default_collate([views.get_view(i, 0) for i in indices])
-            volume = [names[v] for v in batch["volume"].tolist()]
-            for row, model in (("ZF", None), *models.items()):
-                accumulators[row].update(volume, *images(batch, model), 1.0)
-    return {row: acc.all_reduce().compute() for row, acc in accumulators.items()}
+    rows = gather(evaluate_volumes(views, {"ZF": None, **models}, cfg.eval.batch_size,
+                                   lambda model, batch: images(batch, model)[1], score,
+                                   volume_name=lambda i: names[views.volume_of(i)]))
+    per_volume: dict[str, dict[str, dict[str, float]]] = {row: {} for row in ("ZF", *models)}
+    for row in rows:
+        per_volume[row.pop("row")][row.pop("volume")] = row
+    return per_volume
 
 
 def panel_images(views: SliceViews, models: dict[str, nn.Module], index: int
@@ -700,18 +661,21 @@ def _frozen_teacher(run: Run) -> nn.Module:
     return load_network(run.cfg, result["arch"], run.path(result["weights"]))
 
 
+def train_stage(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set,
+                val_set, **kwargs) -> dict:
+    """:func:`kdhpc.recipe.train_network` with this recipe's networks and validation values."""
+    return train_network(cfg, stage_dir, arch, loss_fn, train_set, val_set,
+                         build=lambda a: build_network(cfg, a),
+                         eval_fn=eval_values if val_set is not None else None,
+                         volume_metrics=volume_values, **kwargs)
+
+
 def _train_teacher(run: Run, stage_dir: Path) -> dict:
     return train_stage(teacher_training_config(run.cfg), stage_dir, run.cfg.model.teacher,
                        l1_loss_fn, _views(run, "train"), _views(run, "val"))
 
 
-def _load_teacher(run: Run, stage_dir: Path) -> dict:
-    cfg = run.cfg
-    path, sha256 = resolve_teacher_checkpoint(cfg)
-    model = load_network(cfg, cfg.model.teacher, path)
-    return {"arch": cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
-            "sha256": teacher_fingerprint(model), "params": count_parameters(model),
-            "steps": 0, "loaded": True}
+_load_teacher = load_teacher(load_network)
 
 
 UNLABELLED = "_unlabelled"  # suffix of the stages and cache that add data.unlabelled_split
@@ -733,10 +697,8 @@ def _fill_cache(unlabelled: bool) -> Callable[[Run, Path], dict]:
         train_set = _training_views(run, unlabelled)
         # The stage folder is the default cache: a rerun with new inputs starts from an empty
         # folder. A teacher.cache_dir elsewhere is reused when it matches and verifies.
-        path = fill_verified_cache(default_cache_dir(cfg), _frozen_teacher(run),
-                                   make_extract(cfg.loss.at_p, cfg.loss.attention_transfer),
-                                   train_set, cache_config(cfg), cfg)
-        return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+        return cache_stage(cfg, _frozen_teacher(run), make_extract(
+            cfg.loss.at_p, cfg.loss.attention_transfer), train_set)
     return run_stage
 
 
@@ -750,7 +712,7 @@ def _student_stage(loss: Callable[[Config], Callable], with_teacher: bool, valid
                    if with_teacher else None)
         return train_stage(cfg, stage_dir, cfg.model.student, loss(cfg),
                            _training_views(run, unlabelled),
-                           _views(run, "val") if validate else None, teacher_factory=factory,
+                           _views(run, "val") if validate else None, teacher=factory,
                            init=run.results[init]["weights"] if init else None)
     return run_stage
 

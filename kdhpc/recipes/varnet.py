@@ -53,22 +53,21 @@ from kdhpc.data.views import center_crop
 from kdhpc.losses import enhancement_loss
 from kdhpc.metrics import reconstruction_slice_sums, volume_metrics_from_sums
 from kdhpc.models import VarNet, build_model, count_parameters
-from kdhpc.models.external import ModelSpecError, load_state_dict_file
+from kdhpc.models.external import ModelSpecError, load_state_dict_file, role_of
 from kdhpc.models.varnet import coil_images, root_sum_of_squares
 from kdhpc.ops import attention_map, attention_map_loss
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, latency_rows, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
+                          expect_dataset, latency_rows, load_teacher, split_folder,
+                          teacher_stage, teacher_training_config, teacher_weights,
+                          train_network)
 # The report's table, tests, panel, printed summary and sweep-trial result are the
 # reconstruction recipe's: the same four rows (ZF, Teacher, Student, KD-Student) and metrics.
 from kdhpc.recipes.reconstruction import (evaluate_stage, gap_summary, per_metric,
-                                          results_table, save_recon_panel, split_folder, summary,
-                                          trial_result)
+                                          results_table, save_recon_panel, summary, trial_result)
 from kdhpc.report import table, write_report
 from kdhpc.runtime import rank
-from kdhpc.teacher import cache_config, default_cache_dir, teacher_fingerprint, teacher_source
-from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
-from kdhpc.train import load_weights, seed_everything, train
+from kdhpc.teacher import teacher_source
+from kdhpc.train import load_weights
 
 DATA_TERMS = ("loss.l1_weight", "loss.ssim_weight")
 TRAINED = {"Teacher": "teacher", "Student": "student", "KD-Student": "student_kd"}
@@ -207,16 +206,25 @@ def _data(run: Run, stage_dir: Path) -> dict:
             **{split: describe(_views(run, split)) for split in ("train", "val", "test")}}
 
 
-def _network(run: Run, stage: str) -> VarNet:
-    role = "teacher" if stage == "teacher" else "student"
-    model = build_network(run.cfg, role)
-    path = run.path(run.results[stage]["weights"])
-    if role == "teacher" and run.cfg.model.teacher_checkpoint:  # Lightning / DDP files too
-        load_state_dict_file(model, path, strict=run.cfg.model.checkpoint_strict,
-                             prefix=run.cfg.model.checkpoint_prefix)
+def load_network(cfg: Config, arch: str, path: str | Path) -> VarNet:
+    """``arch`` with the weights at ``path``: the teacher checkpoint in any layout
+    ``kdhpc.models.external`` reads (Lightning / DDP too), a stage's plain state dict else."""
+    role = role_of(cfg.model, arch)
+    model = build_network(cfg, role)
+    if role == "teacher" and cfg.model.teacher_checkpoint:
+        try:
+            load_state_dict_file(model, path, strict=cfg.model.checkpoint_strict,
+                                 prefix=cfg.model.checkpoint_prefix)
+        except ModelSpecError as err:
+            raise ConfigError(f"model.teacher_checkpoint: {err}") from None
     else:
         model.load_state_dict(load_weights(path))
     return model.eval()
+
+
+def _network(run: Run, stage: str) -> VarNet:
+    result = run.results[stage]
+    return load_network(run.cfg, result["arch"], run.path(result["weights"]))
 
 
 def _pairs(cfg: Config) -> list[int]:
@@ -226,39 +234,18 @@ def _pairs(cfg: Config) -> list[int]:
 def _fit(role: str, kd: bool) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
         cfg = teacher_training_config(run.cfg) if role == "teacher" else run.cfg
-        seed_everything(cfg.train.seed)  # the same initial weights for student and KD student
-        model = build_network(cfg, role)
-        teacher = (teacher_source(cfg, _network(run, "teacher"), make_extract(cfg, _pairs(cfg)))
-                   if kd else None)
-        result = train(cfg, model, make_loss(cfg, kd), _views(run, "train"),
-                       val_set=_views(run, "val"), teacher=teacher, eval_fn=eval_values,
-                       volume_metrics=volume_values, run_dir=stage_dir)
-        return {"arch": getattr(cfg.model, role), "params": count_parameters(model),
-                "weights": str(result.best_weights.relative_to(run.run_dir)),
-                "steps": result.steps, "best_metric": result.best_metric,
-                "best_value": result.best_value, "best_step": result.best_step}
+        teacher = ((lambda: teacher_source(cfg, _network(run, "teacher"),
+                                           make_extract(cfg, _pairs(cfg)))) if kd else None)
+        return train_network(cfg, stage_dir, getattr(cfg.model, role), make_loss(cfg, kd),
+                             _views(run, "train"), _views(run, "val"),
+                             build=lambda _: build_network(cfg, role), teacher=teacher,
+                             eval_fn=eval_values, volume_metrics=volume_values)
     return run_stage
 
 
-def _load_teacher(run: Run, stage_dir: Path) -> dict:
-    cfg = run.cfg
-    path, sha256 = resolve_teacher_checkpoint(cfg)
-    model = build_network(cfg, "teacher")
-    try:
-        load_state_dict_file(model, path, strict=cfg.model.checkpoint_strict,
-                             prefix=cfg.model.checkpoint_prefix)
-    except ModelSpecError as err:
-        raise ConfigError(f"model.teacher_checkpoint: {err}") from None
-    return {"arch": cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
-            "sha256": teacher_fingerprint(model), "params": count_parameters(model),
-            "steps": 0, "loaded": True}
-
-
 def _fill_cache(run: Run, stage_dir: Path) -> dict:
-    cfg, train_set = run.cfg, _views(run, "train")
-    path = fill_verified_cache(default_cache_dir(cfg), _network(run, "teacher"),
-                               make_extract(cfg, _pairs(cfg)), train_set, cache_config(cfg), cfg)
-    return {"cache_dir": str(path), "records": len(train_set) * train_set.num_views}
+    return cache_stage(run.cfg, _network(run, "teacher"), make_extract(run.cfg, _pairs(run.cfg)),
+                       _views(run, "train"))
 
 
 def metric_images(batch: dict, model: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,7 +329,7 @@ def stages(cfg: Config) -> list[Stage]:
     teacher_keys = ("model.teacher", "model.teacher_kwargs")
     student_keys = ("model.student", "model.student_kwargs")
     teacher = teacher_stage(_fit("teacher", False), (*teacher_keys, *DATA_TERMS), cfg,
-                            _load_teacher)
+                            load_teacher(load_network))
     if cfg.model.teacher_checkpoint:
         teacher = dataclasses.replace(teacher, keys=(*teacher_keys, "model.checkpoint_strict",
                                                      "model.checkpoint_prefix"))
@@ -372,12 +359,7 @@ def stages(cfg: Config) -> list[Stage]:
 def cache_parts(cfg: Config):
     """(teacher, extract, training views) for ``python -m kdhpc.teacher.cache``."""
     check_config(cfg)
-    path = (resolve_teacher_checkpoint(cfg)[0] if cfg.model.teacher_checkpoint
-            else Path(cfg.run_dir) / "teacher" / "best_model.pt")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no trained teacher yet; run python -m kdhpc.distill CONFIG")
-    teacher = build_network(cfg, "teacher")
-    load_state_dict_file(teacher, path)
+    teacher = load_network(cfg, cfg.model.teacher, teacher_weights(cfg))
     return teacher, make_extract(cfg, _pairs(cfg)), view_dataset(cfg, cfg.data.train_split)
 
 

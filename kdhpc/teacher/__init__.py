@@ -16,6 +16,7 @@ int64 ``index`` and ``view`` [B], see :mod:`kdhpc.train`) it returns what the KD
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -37,18 +38,20 @@ class TeacherSource(Protocol):
 
 
 def teacher_source(cfg: Config, teacher: nn.Module | None = None,
-                   extract: Extract | None = None) -> TeacherSource:
+                   extract: Extract | None = None, cache_dir: Path | None = None,
+                   data_config: dict | None = None) -> TeacherSource:
     """The source ``cfg.teacher.mode`` asks for.
 
-    stream: needs ``teacher`` and ``extract``. precompute: opens ``default_cache_dir(cfg)``,
-    refusing it unless it was filled for this data/view config and, when ``teacher`` is given
-    (recommended), for these exact teacher weights.
+    stream: needs ``teacher`` and ``extract``. precompute: opens ``cache_dir`` (default
+    ``default_cache_dir(cfg)``), refusing it unless it was filled for ``data_config`` (default
+    ``cache_config(cfg)``) and, when ``teacher`` is given (recommended), for these exact teacher
+    weights.
     """
     if cfg.teacher.mode == "stream":
         if teacher is None or extract is None:
             raise ValueError("teacher.mode=stream: teacher_source needs the teacher module and "
                              "its extract function")
         return StreamTeacher(teacher, extract, bf16=cfg.teacher.stream_bf16)
-    return CachedTeacher(default_cache_dir(cfg),
+    return CachedTeacher(cache_dir or default_cache_dir(cfg),
                          teacher_sha256=teacher_fingerprint(teacher) if teacher is not None else None,
-                         data_config=cache_config(cfg))
+                         data_config=data_config or cache_config(cfg))
