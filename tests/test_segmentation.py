@@ -14,7 +14,7 @@ import pytest
 import scipy.stats
 import torch
 
-from kdhpc.config import load_config, result_values
+from kdhpc.config import ConfigError, load_config, result_values
 from kdhpc.data.acdc import IDENTITY, ViewParams, center_patch, make_view, view_params
 from kdhpc.export import LOGIT_PARITY_TOLERANCE
 from kdhpc.losses import deep_supervision_weights, segmentation_kd_loss
@@ -173,6 +173,8 @@ def test_view_ranges_come_from_the_config_and_enter_digests_only_when_set():
     new_fields = {"max_rotation_deg", "max_shift_fraction", "gamma_range"}
     assert not new_fields & set(result_values(default.degrade))
     assert new_fields <= set(result_values(still.degrade))
+    with pytest.raises(ConfigError, match=r"degrade\.gamma_range: expected \[low, high\]"):
+        load_config(TINY, ["degrade.gamma_range=[1.5, 0.7]"])
 
 
 # ---------------------------------------------------------------------------------------------
