@@ -37,10 +37,10 @@ pixels, gamma x 1000)``: the dihedral id and a seed come from
 :func:`kdhpc.data.degrade.view_key` of (slice name, v), and the seed draws the rotation
 (uniform, +-``degrade.max_rotation_deg``), the translation (integers,
 +-``degrade.max_shift_fraction`` of S) and the gamma (log-uniform in ``degrade.gamma_range``);
-view 0 is the identity. A view is made from the raw cropped slice (:func:`make_view`): rotation
-+ translation (bilinear for the image, nearest for the labels, zero = air outside), the
-dihedral flip/rotation, gamma on the min-max rescaled image (nnU-Net's contrast augmentation),
-z-score (:func:`normalize_slice`). The key travels in each batch (``view_key``) and the teacher
+view 0 is the identity. A view is made from the raw cropped slice (:func:`make_view`):
+rotation and translation (bilinear for the image, nearest for the labels, zero = air outside),
+the dihedral flip/rotation, gamma on the min-max rescaled image (nnU-Net's contrast
+augmentation), z-score (:func:`normalize_slice`). The key travels in each batch (``view_key``) and the teacher
 cache stores it, so a cached logit always belongs to the student's exact input.
 """
 
