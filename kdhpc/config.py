@@ -131,6 +131,15 @@ class DegradeConfig:
     dihedral: bool = _f(True, "training views include the 8 flips/rot90s (view id 0-7)")
     views_per_sample: int = _f(8, "size of each sample's enumerated view pool (dihedral id x "
                                "noise seed); the teacher cache holds one record per view", lo=1)
+    max_rotation_deg: float = _f(15.0, "segmentation views: rotation drawn uniformly in "
+                                 "+-this many degrees (kdhpc.data.acdc.view_params)", lo=0.0,
+                                 omit_default=True)
+    max_shift_fraction: float = _f(0.08, "segmentation views: translation drawn as whole pixels "
+                                   "in +-this fraction of the crop size S", lo=0.0, hi=0.5,
+                                   omit_default=True)
+    gamma_range: list[float] = _f([0.7, 1.5], "segmentation views: [low, high] of the gamma "
+                                  "contrast exponent, drawn log-uniformly", factory=True,
+                                  omit_default=True)
 
 
 @dataclass
@@ -464,6 +473,10 @@ def _check_cross(cfg: Config, source: str) -> None:
     if len(cfg.degrade.noise_jitter) != 2 or not 0 < lo <= hi:
         raise ConfigError(f"{source}: degrade.noise_jitter: expected [low, high] with "
                           f"0 < low <= high, found {cfg.degrade.noise_jitter!r}")
+    gamma = cfg.degrade.gamma_range
+    if len(gamma) != 2 or not 0 < gamma[0] <= gamma[1]:
+        raise ConfigError(f"{source}: degrade.gamma_range: expected [low, high] with "
+                          f"0 < low <= high, found {gamma!r}")
     if len(cfg.data.crop) != 2 or min(cfg.data.crop) < 1:
         raise ConfigError(f"{source}: data.crop: expected [H, W] of positive integers, "
                           f"found {cfg.data.crop!r}")

@@ -39,6 +39,13 @@ from ``--size``, default the run's ``data.crop``):
 ONNX parity uses onnxruntime's CPU provider when it is installed; without it the model is only
 checked with ``onnx.checker`` and the result says so. ``pip install kdhpc[export]`` installs
 onnx, onnxruntime and onnxscript.
+
+The segmentation recipe's export stage (:func:`export_segmenter`) writes the files
+``python -m kdhpc.segment`` loads: the network's full-resolution logits as TorchScript (always)
+and ONNX (when onnx and onnxscript are installed), each exported by :func:`export_model`, then
+reloaded and run on real test slices one at a time beside the eager network: max |logit
+difference| (at most :data:`LOGIT_PARITY_TOLERANCE`, else :class:`ExportError`) and the
+fraction of pixels with the same label.
 """
 
 from __future__ import annotations
@@ -61,10 +68,10 @@ from kdhpc.data.fastmri import atomic_output
 from kdhpc.models import DCCNN, MobileNetUNet, MultiTaskEDSR, UNet
 from kdhpc.models.external import full_resolution_logits
 from kdhpc.ops.dispatch import force_impl
+from kdhpc.segment import EXPORT_FOLDER, ONNX_FILE, TORCHSCRIPT_FILE
 
 FORMATS = ("onnx", "torchscript", "exported")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
-EXPORT_FOLDER = "export"
 PARITY_RTOL = 1e-4
 PARITY_ATOL = 1e-5
 DFT_FORMS = ("fft", "matmul")
@@ -384,6 +391,71 @@ def _check_and_time(eager: nn.Module, inputs: tuple, input_names: list[str],
         forms["eager (kdhpc fast ops)"] = lambda: eager(*inputs)
     result["latency_ms"] = interleaved_ms(forms, rounds)
     result["threads"] = torch.get_num_threads()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# a segmentation network for python -m kdhpc.segment (module docstring)
+
+SEGMENTER_FILES = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
+"""What :func:`export_segmenter` writes into its folder (``python -m kdhpc.segment`` loads the
+first)."""
+
+SEGMENTER_LATENCY_ROUNDS = 10
+"""Interleaved eager / exported latency rounds of :func:`export_segmenter` (the segmentation
+recipe's speed stage, ``eval.latency_repeats``, gives the numbers its report uses; these are
+recorded beside the files)."""
+
+LOGIT_PARITY_TOLERANCE = 1e-3
+"""Largest |logit difference| on real slices between an exported segmentation network and the
+eager one that passes (:func:`export_segmenter`)."""
+
+
+def onnx_missing() -> str | None:
+    """Why ONNX export cannot run here (its optional packages are absent), or None."""
+    import importlib.util
+
+    absent = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    return (f"{' and '.join(absent)} not installed (pip install kdhpc[export]); TorchScript only"
+            if absent else None)
+
+
+def export_segmenter(model: nn.Module, slices: torch.Tensor, out_dir: Path,
+                     repeats: int = SEGMENTER_LATENCY_ROUNDS,
+                     log: Callable[[str], None] = print) -> dict:
+    """``model``'s full-resolution logits exported by :func:`export_model` to TorchScript
+    (always) and ONNX (when its packages are installed) in ``out_dir`` (:data:`SEGMENTER_FILES`),
+    each checked on a seeded random input (and timed beside eager, ``repeats`` rounds), then
+    reloaded and run on the real ``slices`` [N, 1, S, S] one at a time: max |logit difference|
+    (at most :data:`LOGIT_PARITY_TOLERANCE`, else :class:`ExportError`) and the fraction of
+    pixels with the same label."""
+    size = int(slices.shape[-1])
+    eager = FullResolution(model).eval()
+    result: dict[str, Any] = {}
+    for fmt, name in SEGMENTER_FILES.items():
+        skipped = onnx_missing() if fmt == "onnx" else None
+        if skipped:
+            log(f"export: ONNX skipped: {skipped}")
+            result[fmt] = {"skipped": skipped}
+            continue
+        exported = export_model(eager, fmt, out_dir / name, (size, size), rounds=repeats,
+                                name=f"student_kd ({type(model).__name__})")
+        run = LOADERS[fmt](out_dir / name)
+        if run is None:  # onnxruntime absent: checked by onnx.checker only
+            result[fmt] = {"file": exported["file"], "parity": exported["parity"]["skipped"]}
+            continue
+        with torch.inference_mode():
+            reference = eager(slices)                                      # [N, K, S, S]
+            outputs = torch.cat([run(x[None]) for x in slices])
+        difference = float((reference - outputs).abs().max())
+        if not difference <= LOGIT_PARITY_TOLERANCE:
+            raise ExportError(f"export: {fmt} output differs from the eager student by "
+                              f"{difference:.3g} > {LOGIT_PARITY_TOLERANCE} on test slices "
+                              f"({exported['file']})")
+        result[fmt] = {"file": exported["file"], "max_abs_diff": difference,
+                       "label_agreement": float((reference.argmax(1) == outputs.argmax(1))
+                                                .float().mean()),
+                       "random_input": exported["parity"], "latency_ms": exported["latency_ms"]}
     return result
 
 

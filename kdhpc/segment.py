@@ -24,9 +24,9 @@ affine and header spacing; it is written under a temporary name and renamed when
 Preprocessing is the training pipeline's view 0 (:func:`prepare_slice`), per short-axis slice:
 centre crop or zero pad the in-plane dims to ``S x S`` (``S`` = the run's ``data.crop``, 192 for
 the published setting; :func:`kdhpc.data.acdc.crop_or_pad`), then z-score the slice
-(:func:`normalize_slice`). Labels are predicted by the argmax of the full-resolution logits and
-put back on the original grid by the inverse crop/pad (:func:`fit_to`): pixels outside the
-``S x S`` window of a larger slice are labelled background.
+(:func:`kdhpc.data.acdc.normalize_slice`). Labels are predicted by the argmax of the
+full-resolution logits and put back on the original grid by the inverse crop/pad
+(:func:`fit_to`): pixels outside the ``S x S`` window of a larger slice are labelled background.
 
 Resampling: a run trained with ``data.spacing`` (in-plane mm; the ACDC recipe resamples every
 slice to it) predicts through the same resampling (:func:`segment_image`): the image is
@@ -54,8 +54,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from kdhpc.data.acdc import (crop_or_pad, fit_to, resample_inplane, restore_inplane,
-                             voxel_spacing)
+from kdhpc.data.acdc import (crop_or_pad, fit_to, normalize_slice, resample_inplane,
+                             restore_inplane, voxel_spacing)
 from kdhpc.data.fastmri import atomic_output
 
 EXPORT_FOLDER = "export"
@@ -85,14 +85,7 @@ class SegmentError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# preprocessing (shared with the training recipe, kdhpc.recipes.segmentation)
-
-def normalize_slice(image: np.ndarray) -> np.ndarray:
-    """z-score one slice: ``(x - mean) / std`` over all its pixels (std 0: mean removed only)."""
-    image = np.asarray(image, dtype=np.float32)
-    std = float(image.std())
-    return ((image - image.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
-
+# preprocessing (view 0 of the training views, kdhpc.data.acdc.make_view)
 
 def prepare_slice(image: np.ndarray, size: int) -> np.ndarray:
     """Network input of a raw ``[H, W]`` slice: ``normalize_slice(crop_or_pad(image, size))``."""

@@ -16,8 +16,8 @@ import yaml
 from kdhpc import segment as S
 from kdhpc.config import load_config, to_dict
 from kdhpc.data.acdc import crop_or_pad
+from kdhpc.export import export_segmenter
 from kdhpc.models import build_model
-from kdhpc.recipes.segmentation import export_student
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     torch.save(student.state_dict(), folder / "student_kd" / "best_model.pt")
     (folder / "export").mkdir()
     inputs = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    export_student(student.eval(), inputs, folder / "export", 2, log=lambda msg: None)
+    export_segmenter(student.eval(), inputs, folder / "export", 2, log=lambda msg: None)
     return folder, student.eval()
 
 

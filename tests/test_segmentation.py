@@ -14,7 +14,9 @@ import pytest
 import scipy.stats
 import torch
 
-from kdhpc.config import load_config
+from kdhpc.config import ConfigError, load_config, result_values
+from kdhpc.data.acdc import IDENTITY, ViewParams, center_patch, make_view, view_params
+from kdhpc.export import LOGIT_PARITY_TOLERANCE
 from kdhpc.losses import deep_supervision_weights, segmentation_kd_loss
 from kdhpc.recipes import segmentation as seg
 
@@ -100,11 +102,11 @@ def zscore(x):
 
 def test_view_zero_is_the_normalised_slice_and_a_shift_moves_pixels():
     image, label = smooth_slice()
-    x0, y0 = seg.make_view(image, label, seg.IDENTITY)
+    x0, y0 = make_view(image, label, IDENTITY)
     np.testing.assert_allclose(x0.numpy(), zscore(image), atol=1e-5)
     assert np.array_equal(y0.numpy(), label)
 
-    x, y = seg.make_view(image, label, seg.ViewParams(0, 0, 3, -2, 1000))
+    x, y = make_view(image, label, ViewParams(0, 0, 3, -2, 1000))
     shifted = np.zeros_like(image)
     shifted[3:, :-2] = image[:-3, 2:]                  # out[r, c] = in[r - 3, c + 2]
     shifted_label = np.zeros_like(label)
@@ -115,40 +117,64 @@ def test_view_zero_is_the_normalised_slice_and_a_shift_moves_pixels():
 
 def test_quarter_turn_warp_equals_the_dihedral_view_and_gamma_formula():
     image, label = smooth_slice(seed=1)
-    warped, warped_label = seg.make_view(image, label, seg.ViewParams(0, 90_000, 0, 0, 1000))
-    turned, turned_label = seg.make_view(image, label, seg.ViewParams(3, 0, 0, 0, 1000))
+    warped, warped_label = make_view(image, label, ViewParams(0, 90_000, 0, 0, 1000))
+    turned, turned_label = make_view(image, label, ViewParams(3, 0, 0, 0, 1000))
     np.testing.assert_allclose(warped.numpy(), turned.numpy(), atol=1e-4)
     assert np.array_equal(warped_label.numpy(), turned_label.numpy())
     assert np.array_equal(turned_label.numpy(), np.rot90(label, 3))
 
-    x, y = seg.make_view(image, label, seg.ViewParams(5, 0, 0, 0, 1500))
+    x, y = make_view(image, label, ViewParams(5, 0, 0, 0, 1500))
     flipped = np.rot90(np.flip(image, -1), 1)
     lo, hi = flipped.min(), flipped.max()
     gamma = lo + (hi - lo) * ((flipped - lo) / (hi - lo)) ** 1.5
     np.testing.assert_allclose(x.numpy(), zscore(gamma), atol=1e-4)
     assert np.array_equal(y.numpy(), np.rot90(np.flip(label, -1), 1))
 
-    x, y = seg.make_view(image, label, seg.ViewParams(0, 17_000, -4, 5, 800))
+    x, y = make_view(image, label, ViewParams(0, 17_000, -4, 5, 800))
     assert set(np.unique(y.numpy())) <= {0, 1, 2, 3} and len(np.unique(y.numpy())) == 4
-    assert np.array_equal(seg.center_patch(y, 16).numpy(), y.numpy()[8:24, 8:24])
+    assert np.array_equal(center_patch(y, 16).numpy(), y.numpy()[8:24, 8:24])
 
 
 def test_view_keys_are_deterministic_identity_at_zero_and_within_ranges():
     cfg = load_config(TINY, ["degrade.views_per_sample=16"])
-    keys = [seg.view_params("patient001_frame01.nii.gz:3", v, cfg.degrade, 192) for v in range(16)]
-    assert keys[0] == seg.IDENTITY
-    again = [seg.view_params("patient001_frame01.nii.gz:3", v, cfg.degrade, 192) for v in range(16)]
+    name = "patient001_frame01.nii.gz:3"
+    keys = [view_params(name, v, cfg.degrade, 192) for v in range(16)]
+    assert keys[0] == IDENTITY
+    again = [view_params(name, v, cfg.degrade, 192) for v in range(16)]
     assert keys == again and len(set(keys)) == 16
     assert [k.dihedral for k in keys] == [v % 8 for v in range(16)]
-    shift = math.floor(seg.MAX_SHIFT_FRACTION * 192)
+    assert (cfg.degrade.max_rotation_deg, cfg.degrade.max_shift_fraction,
+            cfg.degrade.gamma_range) == (15.0, 0.08, [0.7, 1.5])
+    shift = math.floor(0.08 * 192)
     for k in keys[1:]:
-        assert abs(k.rotation_mdeg) <= 1000 * seg.MAX_ROTATION_DEG
+        assert abs(k.rotation_mdeg) <= 15_000
         assert abs(k.shift_y) <= shift and abs(k.shift_x) <= shift
-        assert 1000 * seg.GAMMA_RANGE[0] - 1 <= k.gamma_milli <= 1000 * seg.GAMMA_RANGE[1] + 1
-    other = seg.view_params("patient001_frame01.nii.gz:4", 5, cfg.degrade, 192)
+        assert 700 <= k.gamma_milli <= 1500
+    other = view_params("patient001_frame01.nii.gz:4", 5, cfg.degrade, 192)
     assert other != keys[5]
     with pytest.raises(ValueError, match="views_per_sample"):
-        seg.view_params("x", 16, cfg.degrade, 192)
+        view_params("x", 16, cfg.degrade, 192)
+
+
+def test_view_ranges_come_from_the_config_and_enter_digests_only_when_set():
+    still = load_config(TINY, ["degrade.views_per_sample=16", "degrade.max_rotation_deg=0",
+                               "degrade.max_shift_fraction=0", "degrade.gamma_range=[1.2, 1.2]"])
+    keys = [view_params("patient001_frame01.nii.gz:3", v, still.degrade, 192) for v in range(16)]
+    assert keys[1:] == [ViewParams(v % 8, 0, 0, 0, 1200) for v in range(1, 16)]
+    wide = load_config(TINY, ["degrade.views_per_sample=16", "degrade.max_rotation_deg=90",
+                              "degrade.max_shift_fraction=0.25"])
+    wide_keys = [view_params("patient001_frame01.nii.gz:3", v, wide.degrade, 192)
+                 for v in range(16)]
+    assert max(abs(k.rotation_mdeg) for k in wide_keys) > 15_000
+    assert max(max(abs(k.shift_y), abs(k.shift_x)) for k in wide_keys) > math.floor(0.08 * 192)
+    # Fields added after shipped teachers and caches were recorded: absent from digests at their
+    # defaults (those records stay valid), present once set.
+    default = load_config(TINY)
+    new_fields = {"max_rotation_deg", "max_shift_fraction", "gamma_range"}
+    assert not new_fields & set(result_values(default.degrade))
+    assert new_fields <= set(result_values(still.degrade))
+    with pytest.raises(ConfigError, match=r"degrade\.gamma_range: expected \[low, high\]"):
+        load_config(TINY, ["degrade.gamma_range=[1.5, 0.7]"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +304,7 @@ def test_tiny_run_cache_holds_the_teacher_logits_of_each_view(tiny_run):
 def test_tiny_run_export_matches_the_eager_student(tiny_run):
     run_dir, cfg = tiny_run
     exported = json.loads((run_dir / "export" / "stage.json").read_text())["result"]
-    assert exported["torchscript"]["max_abs_diff"] <= seg.PARITY_TOLERANCE
+    assert exported["torchscript"]["max_abs_diff"] <= LOGIT_PARITY_TOLERANCE
     assert "onnx" in exported
     scripted = torch.jit.load(str(run_dir / "export" / "student_kd.torchscript.pt"))
     student = seg.load_network(cfg.model.student, run_dir / "student_kd" / "best_model.pt")

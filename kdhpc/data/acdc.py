@@ -1,4 +1,5 @@
-"""ACDC / M&Ms cine short-axis NIfTI: writer and a lazily reading (volume, slice) dataset.
+"""ACDC / M&Ms cine short-axis NIfTI: writer, a lazily reading (volume, slice) dataset and its
+augmentation views.
 
 Layout (ACDC challenge; nnU-Net's dataset conversion reads the same; labels in docs/methods.md)::
 
@@ -28,21 +29,38 @@ and nearest for labels, edges replicated; the output has ``round(n * s_old / s_n
 :func:`restore_inplane` maps predictions back to the original grid with the inverse map
 (nearest for labels), and :func:`write_like` saves them with the original image's affine and
 header, so a prediction keeps its input's geometry.
+
+Views (:class:`CardiacViews`, the segmentation recipe's training data; enumerable augmentation,
+identical for teacher and student): sample i has ``degrade.views_per_sample`` views; view v has
+the key (:func:`view_params`) ``(dihedral id, rotation in millidegrees, shift y, shift x in
+pixels, gamma x 1000)``: the dihedral id and a seed come from
+:func:`kdhpc.data.degrade.view_key` of (slice name, v), and the seed draws the rotation
+(uniform, +-``degrade.max_rotation_deg``), the translation (integers,
++-``degrade.max_shift_fraction`` of S) and the gamma (log-uniform in ``degrade.gamma_range``);
+view 0 is the identity. A view is made from the raw cropped slice (:func:`make_view`):
+rotation and translation (bilinear for the image, nearest for the labels, zero = air outside),
+the dihedral flip/rotation, gamma on the min-max rescaled image (nnU-Net's contrast
+augmentation), z-score (:func:`normalize_slice`). The key travels in each batch (``view_key``) and the teacher
+cache stores it, so a cached logit always belongs to the student's exact input.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+import torch.nn.functional as F
 
+from kdhpc.config import DegradeConfig
+from kdhpc.data.degrade import dihedral, view_key
 from kdhpc.data.fastmri import DataFormatError, VolumeSliceDataset, atomic_output, check_finite
 
 LABELS = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
@@ -175,6 +193,13 @@ def fit_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
 def crop_or_pad(x: np.ndarray, size: int) -> np.ndarray:
     """Centre crop or zero-pad the last two dims to ``size x size`` (:func:`fit_to`)."""
     return fit_to(x, size, size)
+
+
+def normalize_slice(image: np.ndarray) -> np.ndarray:
+    """z-score one slice: ``(x - mean) / std`` over all its pixels (std 0: mean removed only)."""
+    image = np.asarray(image, dtype=np.float32)
+    std = float(image.std())
+    return ((image - image.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +470,137 @@ class ACDCSliceDataset(VolumeSliceDataset):
             image = resample_inplane(image, spacing, self.spacing)
             label = resample_inplane(label, spacing, self.spacing, label=True)
         if self.normalize:
-            std = float(image.std())
-            image = (image - image.mean()) / (std if std > 0 else 1.0)
+            image = normalize_slice(image)
         image = crop_or_pad(image, self.size)
         label = crop_or_pad(label.astype(np.int64), self.size)
         return {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label),
                 "volume": self.volumes[number][0], "slice": s, "affine": affine,
                 "spacing": spacing, "phase": phase}
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation views of a slice (module docstring)
+
+class ViewParams(NamedTuple):
+    """One augmentation view: the integers are its key (stored beside cached teacher logits)."""
+
+    dihedral: int
+    rotation_mdeg: int
+    shift_y: int
+    shift_x: int
+    gamma_milli: int
+
+
+IDENTITY = ViewParams(0, 0, 0, 0, 1000)
+
+
+def view_params(sample_name: str, view: int, degrade: DegradeConfig, size: int) -> ViewParams:
+    """The parameters of view ``view`` of the sample named ``sample_name`` (module docstring)."""
+    key = view_key(sample_name, view, degrade)  # checks 0 <= view < views_per_sample
+    if view == 0:
+        return IDENTITY
+    rng = np.random.default_rng(key.noise_seed)
+    max_mdeg = int(round(degrade.max_rotation_deg * 1000))
+    max_shift = int(math.floor(degrade.max_shift_fraction * size))
+    low, high = (math.log(g) for g in degrade.gamma_range)
+    return ViewParams(dihedral=key.dihedral,
+                      rotation_mdeg=int(rng.integers(-max_mdeg, max_mdeg + 1)),
+                      shift_y=int(rng.integers(-max_shift, max_shift + 1)),
+                      shift_x=int(rng.integers(-max_shift, max_shift + 1)),
+                      gamma_milli=int(round(1000 * math.exp(rng.uniform(low, high)))))
+
+
+def rigid_warp(image: torch.Tensor, label: torch.Tensor, rotation_deg: float, shift_y: float,
+               shift_x: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate about the centre by ``rotation_deg`` and shift by (``shift_y``, ``shift_x``) pixels.
+
+    ``image`` [H, W] float (bilinear), ``label`` [H, W] int64 (nearest); zeros enter from
+    outside. Output pixel p takes the input at ``R^-1 (p - c - t) + c`` (c the centre, t the
+    shift), in grid_sample's normalised coordinates (align_corners=False, square images).
+    """
+    height, width = image.shape
+    angle = math.radians(rotation_deg)
+    cos, sin = math.cos(angle), math.sin(angle)
+    inverse = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
+    shift = torch.tensor([2.0 * shift_x / width, 2.0 * shift_y / height], dtype=torch.float64)
+    theta = torch.cat([inverse, -(inverse @ shift)[:, None]], dim=1)[None].float()  # [1, 2, 3]
+    grid = F.affine_grid(theta, [1, 1, height, width], align_corners=False)  # [1, H, W, 2]
+    warped = F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0, 0]
+    labels = F.grid_sample(label[None, None].float(), grid, mode="nearest",
+                           padding_mode="zeros", align_corners=False)[0, 0]
+    return warped, labels.round().long()
+
+
+def gamma_contrast(image: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma`` with the slice's min and max."""
+    lo, hi = image.min(), image.max()
+    span = hi - lo
+    if span <= 0:
+        return image
+    return lo + span * ((image - lo) / span).clamp(0, 1) ** gamma
+
+
+def make_view(image: np.ndarray, label: np.ndarray,
+              params: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z-scored image [S, S] float32, labels [S, S] int64) of a raw S x S slice's view."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))   # [S, S]
+    y = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))     # [S, S]
+    if params.rotation_mdeg or params.shift_y or params.shift_x:
+        x, y = rigid_warp(x, y, params.rotation_mdeg / 1000.0, params.shift_y, params.shift_x)
+    if params.dihedral:
+        x, y = dihedral(x, params.dihedral), dihedral(y, params.dihedral)
+    if params.gamma_milli != 1000:
+        x = gamma_contrast(x, params.gamma_milli / 1000.0)
+    return torch.from_numpy(normalize_slice(x.contiguous().numpy())), y.contiguous()
+
+
+def center_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The central ``patch x patch`` square of the last two dims (all of ``x`` when 0)."""
+    size = x.shape[-1]
+    if not patch or patch >= size:
+        return x
+    start = (size - patch) // 2
+    return x[..., start:start + patch, start:start + patch].contiguous()
+
+
+class CardiacViews:
+    """Dataset of views (:mod:`kdhpc.train`) over the slices of one split (module docstring).
+
+    ``get_view(i, v)`` -> ``image`` float32 [1, P, P], ``label`` int64 [P, P] and ``view_key``
+    int64 [5] (:class:`ViewParams`), P = ``patch`` or S; with a patch also ``context``, the
+    whole view [1, S, S] the teacher sees. ``num_views`` = ``degrade.views_per_sample`` when
+    ``augment``, else 1 (evaluation reads view 0 only).
+    """
+
+    def __init__(self, slices: ACDCSliceDataset, degrade: DegradeConfig, size: int,
+                 patch: int = 0, augment: bool = True):
+        self.slices, self.degrade, self.size = slices, degrade, size
+        self.patch = patch if patch and patch < size else 0
+        self.num_views = degrade.views_per_sample if augment else 1
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def volume_of(self, index: int) -> str:
+        return self.slices.volumes[self.slices._index[index][0]][0]
+
+    def sample_name(self, index: int) -> str:
+        volume, s = self.slices._index[index]
+        return f"{self.slices.volumes[volume][0]}:{s}"
+
+    def view_key(self, index: int, view: int) -> list[int]:
+        if view not in range(self.num_views):
+            raise ValueError(f"view: expected 0..{self.num_views - 1}, found {view}")
+        return list(view_params(self.sample_name(index), view, self.degrade, self.size))
+
+    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
+        params = ViewParams(*self.view_key(index, view))
+        item = self.slices[index]
+        image, label = make_view(item["image"][0].numpy(), item["label"].numpy(), params)
+        out = {"image": center_patch(image, self.patch)[None],
+               "label": center_patch(label, self.patch),
+               "view_key": torch.tensor(list(params), dtype=torch.int64)}
+        if self.patch:
+            out["context"] = image[None]
+        return out

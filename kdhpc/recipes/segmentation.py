@@ -34,9 +34,10 @@ Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each re
   calls after warm-up, on a real test slice; the 1-thread rows also give the rate from the
   thread's CPU time, which a shared machine's load does not inflate.
 - ``export``: the KD student (full-resolution logits) as TorchScript, and as ONNX when ``onnx``
-  and ``onnxscript`` are installed (:func:`kdhpc.export.export_model`: parity on a random input
-  and CPU latency beside eager), each reloaded and checked against the eager model on test
-  slices (max |logit difference| and label agreement); a failed parity check stops the run.
+  and ``onnxscript`` are installed (:func:`kdhpc.export.export_segmenter`: parity on a random
+  input and CPU latency beside eager), each reloaded and checked against the eager model on
+  test slices (max |logit difference| and label agreement); a failed parity check stops the
+  run.
 - ``report``: ``<run_dir>/report.md``, ``metrics.json`` and ``panel.png`` (image, ground truth,
   teacher, no-KD student and KD student contours on one test slice). Paired t-test of KD vs
   no-KD per-volume Dice (and teacher vs KD), and the goals: KD >= no-KD, teacher - KD <= 0.01.
@@ -52,26 +53,22 @@ checkpoint with the best validation mean Dice (``train.best_metric`` left at its
 ``val_loss`` means ``val_dice_mean``, maximised; any other ``val_<metric>`` of
 :func:`volume_dice` may be named).
 
-Data (:class:`CardiacViews`): ACDC / M&Ms layout (``data.dataset: acdc`` with ``data.root``
-holding ``<split>/patientNNN/``; M&Ms converted to it, :mod:`kdhpc.data.acdc`), the ACDC
-download as unpacked (``data.root`` holding ``training/`` and ``testing/``: train / val a
+Data (:class:`kdhpc.data.acdc.CardiacViews`): ACDC / M&Ms layout (``data.dataset: acdc`` with
+``data.root`` holding ``<split>/patientNNN/``; M&Ms converted to it, :mod:`kdhpc.data.acdc`),
+the ACDC download as unpacked (``data.root`` holding ``training/`` and ``testing/``: train / val a
 seeded patient-level split of ``training/`` by ``data.val_fraction`` and ``data.split_seed``,
 test ``testing/``; symlinked patient folders followed), or the default cardiac set
-(``default_cardiac``). ``data.spacing`` resamples every slice in-plane to that spacing first. ED and ES frames; every short-axis slice is centre cropped or
-zero padded to ``S x S`` with ``S = data.crop`` (square; 192 for the published setting), then
-z-scored (:func:`kdhpc.segment.prepare_slice`, which ``python -m kdhpc.segment`` applies too).
+(``default_cardiac``). ``data.spacing`` resamples every slice in-plane to that spacing first.
+ED and ES frames; every short-axis slice is centre cropped or zero padded to ``S x S`` with
+``S = data.crop`` (square; 192 for the published setting), then z-scored
+(:func:`kdhpc.segment.prepare_slice`, which ``python -m kdhpc.segment`` applies too).
 
-Views (enumerable augmentation, identical for teacher and student): sample i has
-``degrade.views_per_sample`` views; view v has the key (:func:`view_params`)
-``(dihedral id, rotation in millidegrees, shift y, shift x in pixels, gamma x 1000)``: the
-dihedral id and a seed come from :func:`kdhpc.data.degrade.view_key` of (slice name, v), and
-the seed draws the rotation (uniform, +-:data:`MAX_ROTATION_DEG`), the translation (integers,
-+-:data:`MAX_SHIFT_FRACTION` of S) and the gamma (log-uniform in :data:`GAMMA_RANGE`); view 0
-is the identity. A view is made from the raw cropped slice (:func:`make_view`): rotation +
-translation (bilinear for the image, nearest for the labels, zero = air outside), the dihedral
-flip/rotation, gamma on the min-max rescaled image (nnU-Net's contrast augmentation), z-score.
-The key travels in each batch (``view_key``) and the teacher cache stores it, so a cached logit
-always belongs to the student's exact input.
+Views (enumerable augmentation, identical for teacher and student; :mod:`kdhpc.data.acdc`):
+``degrade.views_per_sample`` views per slice, view 0 the identity, the others a seeded rotation
+(``degrade.max_rotation_deg``), translation (``degrade.max_shift_fraction``), dihedral
+flip/rotation and gamma contrast (``degrade.gamma_range``), then z-scored; each view's key
+travels in its batch (``view_key``) and the teacher cache stores it, so a cached logit always
+belongs to the student's exact input.
 
 Patches: the teacher trains and predicts on whole S x S views (its InstanceNorm statistics of a
 patch differ from a whole slice's, and it is evaluated on whole slices). Students train on the
@@ -93,9 +90,8 @@ default uses Adam (lr 1e-3, poly decay): nnU-Net's SGD (lr 1e-2, momentum 0.99 N
 3e-5, poly 0.9; ``configs/seg_published.yaml``) is tuned for 1000 epochs x 250 iterations and
 trains far less in the few hundred steps a 10-minute CPU budget allows.
 
-Config fields this recipe would like (hard-wired meanwhile): ``degrade.max_rotation_deg``
-(float, 15), ``degrade.max_shift_fraction`` (float, 0.08), ``degrade.gamma_range`` (list of
-float, [0.7, 1.5]), ``model.student_expansion`` (float, 8: the registry's default is used).
+Config fields this recipe would like (hard-wired meanwhile): ``model.student_expansion`` (float,
+8: the registry's default is used).
 """
 
 from __future__ import annotations
@@ -106,19 +102,17 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdhpc.config import Config, ConfigError, DegradeConfig
-from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, download_split,
-                             is_acdc_download)
-from kdhpc.data.degrade import dihedral, view_key
+from kdhpc.config import Config, ConfigError
+from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, CardiacViews,
+                             center_patch, download_split, is_acdc_download)
 from kdhpc.data.fastmri import atomic_output
-from kdhpc.export import LOADERS, ExportError, FullResolution, export_model
+from kdhpc.export import export_segmenter
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
                           fill_verified_cache, latency_rows, save_gathered, teacher_stage,
                           teacher_training_config)
@@ -130,16 +124,11 @@ from kdhpc.models import count_parameters
 from kdhpc.models.external import (build_run_network, check_distinct_roles,
                                    full_resolution_logits, is_factory_spec, load_run_network,
                                    logit_levels, teacher_program)
-from kdhpc.segment import EXPORT_FOLDER, ONNX_FILE, TORCHSCRIPT_FILE, normalize_slice
+from kdhpc.segment import EXPORT_FOLDER
 
 NUM_CLASSES = len(LABELS)
 CLASSES = {1: "RV", 2: "myo", 3: "LV"}
 """Foreground classes (ACDC numbering) and their short names in metric keys."""
-
-MAX_ROTATION_DEG = 15.0
-MAX_SHIFT_FRACTION = 0.08
-GAMMA_RANGE = (0.7, 1.5)
-"""Augmentation ranges of the non-identity views (wanted as degrade.* config fields)."""
 
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 """Mirrorings of the teacher's flip test-time augmentation (nnU-Net's 2-D mirror axes)."""
@@ -147,9 +136,6 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 PATCH_ALIGNMENT = 16
 """crop - patch_size must be a multiple of this: the centred patch then starts at a multiple of
 8 = 2^3, a whole pixel of the lowest of the 4 deep-supervision levels."""
-
-PARITY_TOLERANCE = 1e-3
-"""Largest |logit difference| between an exported model and the eager one that passes."""
 
 MODEL_LABELS = {"teacher_tta": "teacher (flip TTA)", "teacher": "teacher (no TTA)",
                 "student_nokd": "student no-KD", "student_kd": "student KD"}
@@ -219,134 +205,6 @@ def selection_config(cfg: Config) -> Config:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, best_metric="val_dice_mean", best_mode="max"))
-
-
-# ---------------------------------------------------------------------------------------------
-# views
-
-class ViewParams(NamedTuple):
-    """One augmentation view: the integers are its key (stored beside cached teacher logits)."""
-
-    dihedral: int
-    rotation_mdeg: int
-    shift_y: int
-    shift_x: int
-    gamma_milli: int
-
-
-IDENTITY = ViewParams(0, 0, 0, 0, 1000)
-
-
-def view_params(sample_name: str, view: int, degrade: DegradeConfig, size: int) -> ViewParams:
-    """The parameters of view ``view`` of the sample named ``sample_name`` (module docstring)."""
-    key = view_key(sample_name, view, degrade)  # checks 0 <= view < views_per_sample
-    if view == 0:
-        return IDENTITY
-    rng = np.random.default_rng(key.noise_seed)
-    max_mdeg = int(round(MAX_ROTATION_DEG * 1000))
-    max_shift = int(math.floor(MAX_SHIFT_FRACTION * size))
-    low, high = (math.log(g) for g in GAMMA_RANGE)
-    return ViewParams(dihedral=key.dihedral,
-                      rotation_mdeg=int(rng.integers(-max_mdeg, max_mdeg + 1)),
-                      shift_y=int(rng.integers(-max_shift, max_shift + 1)),
-                      shift_x=int(rng.integers(-max_shift, max_shift + 1)),
-                      gamma_milli=int(round(1000 * math.exp(rng.uniform(low, high)))))
-
-
-def rigid_warp(image: torch.Tensor, label: torch.Tensor, rotation_deg: float, shift_y: float,
-               shift_x: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate about the centre by ``rotation_deg`` and shift by (``shift_y``, ``shift_x``) pixels.
-
-    ``image`` [H, W] float (bilinear), ``label`` [H, W] int64 (nearest); zeros enter from
-    outside. Output pixel p takes the input at ``R^-1 (p - c - t) + c`` (c the centre, t the
-    shift), in grid_sample's normalised coordinates (align_corners=False, square images).
-    """
-    height, width = image.shape
-    angle = math.radians(rotation_deg)
-    cos, sin = math.cos(angle), math.sin(angle)
-    inverse = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
-    shift = torch.tensor([2.0 * shift_x / width, 2.0 * shift_y / height], dtype=torch.float64)
-    theta = torch.cat([inverse, -(inverse @ shift)[:, None]], dim=1)[None].float()  # [1, 2, 3]
-    grid = F.affine_grid(theta, [1, 1, height, width], align_corners=False)  # [1, H, W, 2]
-    warped = F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)[0, 0]
-    labels = F.grid_sample(label[None, None].float(), grid, mode="nearest",
-                           padding_mode="zeros", align_corners=False)[0, 0]
-    return warped, labels.round().long()
-
-
-def gamma_contrast(image: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma`` with the slice's min and max."""
-    lo, hi = image.min(), image.max()
-    span = hi - lo
-    if span <= 0:
-        return image
-    return lo + span * ((image - lo) / span).clamp(0, 1) ** gamma
-
-
-def make_view(image: np.ndarray, label: np.ndarray,
-              params: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z-scored image [S, S] float32, labels [S, S] int64) of a raw S x S slice's view."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))   # [S, S]
-    y = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))     # [S, S]
-    if params.rotation_mdeg or params.shift_y or params.shift_x:
-        x, y = rigid_warp(x, y, params.rotation_mdeg / 1000.0, params.shift_y, params.shift_x)
-    if params.dihedral:
-        x, y = dihedral(x, params.dihedral), dihedral(y, params.dihedral)
-    if params.gamma_milli != 1000:
-        x = gamma_contrast(x, params.gamma_milli / 1000.0)
-    return torch.from_numpy(normalize_slice(x.contiguous().numpy())), y.contiguous()
-
-
-def center_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """The central ``patch x patch`` square of the last two dims (all of ``x`` when 0)."""
-    size = x.shape[-1]
-    if not patch or patch >= size:
-        return x
-    start = (size - patch) // 2
-    return x[..., start:start + patch, start:start + patch].contiguous()
-
-
-class CardiacViews:
-    """Dataset of views (:mod:`kdhpc.train`) over the slices of one split.
-
-    ``get_view(i, v)`` -> ``image`` float32 [1, P, P], ``label`` int64 [P, P] and ``view_key``
-    int64 [5] (:class:`ViewParams`), P = ``patch`` or S; with a patch also ``context``, the
-    whole view [1, S, S] the teacher sees. ``num_views`` = ``degrade.views_per_sample`` when
-    ``augment``, else 1 (evaluation reads view 0 only).
-    """
-
-    def __init__(self, slices: ACDCSliceDataset, degrade: DegradeConfig, size: int,
-                 patch: int = 0, augment: bool = True):
-        self.slices, self.degrade, self.size = slices, degrade, size
-        self.patch = patch if patch and patch < size else 0
-        self.num_views = degrade.views_per_sample if augment else 1
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def volume_of(self, index: int) -> str:
-        return self.slices.volumes[self.slices._index[index][0]][0]
-
-    def sample_name(self, index: int) -> str:
-        volume, s = self.slices._index[index]
-        return f"{self.slices.volumes[volume][0]}:{s}"
-
-    def view_key(self, index: int, view: int) -> list[int]:
-        if view not in range(self.num_views):
-            raise ValueError(f"view: expected 0..{self.num_views - 1}, found {view}")
-        return list(view_params(self.sample_name(index), view, self.degrade, self.size))
-
-    def get_view(self, index: int, view: int) -> dict[str, torch.Tensor]:
-        params = ViewParams(*self.view_key(index, view))
-        item = self.slices[index]
-        image, label = make_view(item["image"][0].numpy(), item["label"].numpy(), params)
-        out = {"image": center_patch(image, self.patch)[None],
-               "label": center_patch(label, self.patch),
-               "view_key": torch.tensor(list(params), dtype=torch.int64)}
-        if self.patch:
-            out["context"] = image[None]
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,60 +511,6 @@ def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
     return rows
 
 
-EXPORT_FILES = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
-EXPORT_LATENCY_ROUNDS = 10
-"""Interleaved eager / exported latency rounds of the export stage (the speed stage's numbers,
-``eval.latency_repeats``, are the ones the report uses; these are recorded beside the files)."""
-"""What the export stage writes into its folder (``python -m kdhpc.segment`` loads the first)."""
-
-
-def onnx_missing() -> str | None:
-    """Why ONNX export cannot run here (its optional packages are absent), or None."""
-    import importlib.util
-
-    absent = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    return (f"{' and '.join(absent)} not installed (pip install kdhpc[export]); TorchScript only"
-            if absent else None)
-
-
-def export_student(model: nn.Module, slices: torch.Tensor, out_dir: Path, repeats: int,
-                   log: Callable[[str], None] = print) -> dict:
-    """The KD student's full-resolution logits exported by :func:`kdhpc.export.export_model`
-    to TorchScript (always) and ONNX (when its packages are installed) in ``out_dir``, each
-    checked on a seeded random input (and timed beside eager), then reloaded and run on the
-    real test ``slices`` [N, 1, S, S] one at a time: max |logit difference| (at most
-    :data:`PARITY_TOLERANCE`, else the run stops) and the fraction of pixels with the same
-    label."""
-    size = int(slices.shape[-1])
-    eager = FullResolution(model).eval()
-    result: dict[str, Any] = {}
-    for fmt, name in EXPORT_FILES.items():
-        skipped = onnx_missing() if fmt == "onnx" else None
-        if skipped:
-            log(f"export: ONNX skipped: {skipped}")
-            result[fmt] = {"skipped": skipped}
-            continue
-        exported = export_model(eager, fmt, out_dir / name, (size, size), rounds=repeats,
-                                name=f"student_kd ({type(model).__name__})")
-        run = LOADERS[fmt](out_dir / name)
-        if run is None:  # onnxruntime absent: checked by onnx.checker only
-            result[fmt] = {"file": exported["file"], "parity": exported["parity"]["skipped"]}
-            continue
-        with torch.inference_mode():
-            reference = eager(slices)                                      # [N, K, S, S]
-            outputs = torch.cat([run(x[None]) for x in slices])
-        difference = float((reference - outputs).abs().max())
-        if not difference <= PARITY_TOLERANCE:
-            raise ExportError(f"export: {fmt} output differs from the eager student by "
-                              f"{difference:.3g} > {PARITY_TOLERANCE} on test slices "
-                              f"({exported['file']})")
-        result[fmt] = {"file": exported["file"], "max_abs_diff": difference,
-                       "label_agreement": float((reference.argmax(1) == outputs.argmax(1))
-                                                .float().mean()),
-                       "random_input": exported["parity"], "latency_ms": exported["latency_ms"]}
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # the recipe as data
 
@@ -801,9 +605,8 @@ def _export(run: Run, stage_dir: Path) -> dict:
         views = _recipe(run).views("test")
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
         kd = run.results["student_kd"]
-        return export_student(load_network(kd["arch"], kd["weights"], run.cfg), inputs,
-                              stage_dir,
-                              EXPORT_LATENCY_ROUNDS, run.stages.log)
+        return export_segmenter(load_network(kd["arch"], kd["weights"], run.cfg), inputs,
+                                stage_dir, log=run.stages.log)
     return from_rank0(export)
 
 
