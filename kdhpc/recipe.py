@@ -574,6 +574,24 @@ def timed_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
     return times
 
 
+def network_latency(networks: dict[str, Any], batch: dict, call: Callable[[Any, dict], Any],
+                    repeats: int) -> list[dict]:
+    """:func:`latency_rows` of ``call(network, batch)`` for each network on one batch (of one
+    slice), the networks and the batch's tensors moved to each device in turn."""
+    import torch
+
+    moved = {"batch": batch}
+
+    def to_device(device: str) -> None:
+        for network in networks.values():
+            network.to(device).eval()
+        moved["batch"] = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                          for k, v in batch.items()}
+
+    return latency_rows({name: (lambda net=net: call(net, moved["batch"]))
+                         for name, net in networks.items()}, repeats, to_device)
+
+
 def latency_rows(models: dict[str, Callable[[], Any]], repeats: int,
                  to_device: Callable[[str], None] | None = None) -> list[dict]:
     """Per-call latency of each model, forms interleaved, min and median, at one thread and at

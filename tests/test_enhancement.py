@@ -16,7 +16,7 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kdhpc import distill
-from kdhpc.recipe import Stages
+from kdhpc.recipe import Stages, read_predictions
 from kdhpc.config import Config, ConfigError, load_config
 from kdhpc.data.views import EnhancementViews, MultiTaskViews
 from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
@@ -250,14 +250,22 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     assert cache["mode"] == "precompute" and cache["records"] > 0
 
 
+def _saved(path: Path):
+    """(target, rois, dataset indices, {model: predictions}) kept by the evaluation, its volumes
+    concatenated in name order."""
+    saved = read_predictions([path])
+    volumes = sorted(key.split("/", 1)[1] for key in saved if key.startswith("index/"))
+    models = {key.split("/", 1)[0] for key in saved} - {"target", "roi", "index"}
+    stack = {name: np.concatenate([saved[f"{name}/{v}"] for v in volumes])
+             for name in ("target", "roi", "index", *models)}
+    return stack.pop("target"), stack.pop("roi"), stack.pop("index"), stack
+
+
 def test_report_numbers_equal_recomputation_from_saved_predictions(tiny_run):
     cfg, run_dir, _, root = tiny_run
     rows = _slice_rows(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    with h5py.File(run_dir / "evaluate" / "model_based-rank00000.h5", "r") as f:
-        target, rois = f["target"][:], f["roi"][:]
-        preds = {name: f[name][:] for name in f if name not in ("target", "roi", "index")}
-        index = f["index"][:]
+    target, rois, index, preds = _saved(run_dir / "evaluate" / "model_based-rank00000.h5")
     test_files = sorted((root / "singlecoil_test").glob("*.h5"))
     # Targets are the files' reconstructions (the default data need no crop).
     recon = np.concatenate([h5py.File(p, "r")["reconstruction_esc"][:] for p in test_files])
@@ -317,8 +325,8 @@ def test_report_numbers_equal_recomputation_from_saved_predictions(tiny_run):
 
 def test_superres_inputs_equal_an_independent_phase_encode_truncation(tiny_run):
     cfg, run_dir, _, root = tiny_run
-    with h5py.File(run_dir / "evaluate" / "task_based_superres-rank00000.h5", "r") as f:
-        target, degraded, index = f["target"][:], f["input"][:], f["index"][:]
+    target, _, index, preds = _saved(run_dir / "evaluate" / "task_based_superres-rank00000.h5")
+    degraded = preds["input"]
     for j in range(len(index)):
         k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(target[j].astype(np.float64)),
                                         norm="ortho"))

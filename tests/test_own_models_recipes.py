@@ -219,12 +219,14 @@ def test_user_networks_train_as_enhancement_teacher_students_and_multitask(lab, 
     torch.testing.assert_close(cached["output"], expected, rtol=1e-5, atol=1e-6)
     # The multi-task student was called with each sample's task: its evaluated outputs are the
     # module's own on the test inputs of each task.
-    import h5py
+    from kdhpc.recipe import read_predictions
 
     for task in E.TASKS:
         views = data.views("test", task)
-        with h5py.File(run_dir / "evaluate" / f"task_based_{task}-rank00000.h5", "r") as f:
-            index, saved = f["index"][()], f["multi-task EDSR KD"][()]
+        kept = read_predictions([run_dir / "evaluate" / f"task_based_{task}-rank00000.h5"])
+        volumes = sorted(k.split("/", 1)[1] for k in kept if k.startswith("index/"))
+        index = np.concatenate([kept[f"index/{v}"] for v in volumes])
+        saved = np.concatenate([kept[f"multi-task EDSR KD/{v}"] for v in volumes])
         items = [views.get_view(int(i), 0) for i in index]
         with torch.no_grad():
             out = multitask(torch.stack([v["input"] for v in items]),

@@ -18,6 +18,7 @@ from kdhpc.config import ConfigError, load_config, result_values
 from kdhpc.data.acdc import IDENTITY, ViewParams, center_patch, make_view, view_params
 from kdhpc.export import LOGIT_PARITY_TOLERANCE
 from kdhpc.losses import deep_supervision_weights, segmentation_kd_loss
+from kdhpc.recipe import read_predictions
 from kdhpc.recipes import segmentation as seg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,7 +226,7 @@ def test_tiny_run_resumed_the_killed_teacher_and_reports_recomputable_dice(tiny_
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rows = metrics["per_volume"]
-    predictions = seg.read_predictions(run_dir / "evaluate")
+    predictions = read_predictions(sorted((run_dir / "evaluate").glob("predictions-rank*.h5")))
     root = Path(json.loads((run_dir / "data" / "stage.json").read_text())["result"]["root"])
     size = cfg.data.crop[0]
     frames: dict[str, dict[str, list[float]]] = {}  # model -> patient -> per-frame mean Dice

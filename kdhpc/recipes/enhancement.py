@@ -106,7 +106,8 @@ from kdhpc.models.external import (build_run_network, check_distinct_roles, enha
                                    is_factory_spec, load_run_network, takes_task,
                                    teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          expect_dataset, load_teacher, save_gathered, split_folder,
+                          evaluate_volumes, expect_dataset, load_teacher, read_predictions,
+                          save_gathered, split_folder,
                           teacher_stage, teacher_training_config, teacher_weights,
                           timed_interleaved, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
@@ -281,64 +282,36 @@ def teacher_cache_parts(cfg: Config):
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
+def image_units(batch: dict, images: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, h, w]`` normalised images of a batch as ``[B, h, w]`` float64 in image units."""
+    return images[:, 0].double() * batch["scale"].double()[:, None, None]
+
+
 def evaluate_models(views: EnhancementViews, models: dict[str, nn.Module | None],
-                    batch_size: int, out_file: Path) -> list[dict]:
-    """Evaluate ``models`` (None = the degraded input itself) on ``views`` at view 0.
+                    batch_size: int, predictions: Path) -> list[dict]:
+    """Per-slice rows of ``models`` (None = the degraded input itself) on ``views`` at view 0
+    (:func:`kdhpc.recipe.evaluate_volumes`): PSNR, SSIM and SNR per ROI
+    (:func:`kdhpc.metrics.enhancement_slice_metrics`, data range = the volume's maximum) in image
+    units; predictions, targets and ROI maps kept in ``predictions``. This rank's rows."""
+    for model in models.values():
+        if model is not None:
+            model.eval()
 
-    This rank evaluates its share of whole volumes (:func:`kdhpc.train.rank_volume_indices`);
-    predictions, targets and ROI maps (image units: scaled back) go to ``out_file`` (HDF5,
-    written through a temporary name). Returns this rank's per-slice rows.
-    """
-    import h5py
+    def predict(model: nn.Module | None, batch: dict) -> torch.Tensor:
+        return image_units(batch, batch["input"] if model is None else enhance(model, batch))
 
-    from kdhpc.train import rank_volume_indices, volume_ids
+    def score(volume: str, items: list[int], batch: dict, outputs: dict) -> list[dict]:
+        target, rois = image_units(batch, batch["target"]).numpy(), batch["roi"].numpy()
+        peak = float(batch["volume_max"][0])  # fastMRI's data range: the file's maximum
+        return [{"task": views.task, "model": name, "index": index, "volume": volume,
+                 "slice": views.sample_name(index), "volume_max": peak,
+                 **enhancement_slice_metrics(target[j], pred.numpy()[j], rois[j], peak)}
+                for name, pred in outputs.items() for j, index in enumerate(items)]
 
-    volumes = volume_ids(views)
-    mine = rank_volume_indices(volumes, rank(), world_size())
-    by_volume: dict[int, list[int]] = {}
-    for i in mine:
-        by_volume.setdefault(volumes[i], []).append(i)
-    rows: list[dict] = []
-    stored: dict[str, list[np.ndarray]] = {name: [] for name in ["target", "roi", *models]}
-    indices: list[int] = []
-    for vol, items in by_volume.items():
-        batch_items = [views.get_view(i, 0) for i in items]
-        scale = torch.stack([b["scale"] for b in batch_items]).double()  # [S]
-        inputs = torch.stack([b["input"] for b in batch_items])  # [S, 1, h, w]
-        tasks = torch.stack([b["task"] for b in batch_items])  # [S]
-        target = (torch.stack([b["target"][0] for b in batch_items]).double()
-                  * scale[:, None, None]).numpy()  # [S, h, w]
-        rois = torch.stack([b["roi"] for b in batch_items]).numpy()
-        volume_max = float(batch_items[0]["volume_max"])  # fastMRI's data range: the file's max
-        preds = {}
-        for name, model in models.items():
-            if model is None:
-                out = inputs
-            else:
-                with torch.inference_mode():
-                    out = torch.cat([enhance(model, {"input": inputs[k:k + batch_size],
-                                                     "task": tasks[k:k + batch_size]})
-                                     for k in range(0, len(items), batch_size)])
-            preds[name] = (out[:, 0].double() * scale[:, None, None]).numpy()  # [S, h, w]
-        for name, pred in preds.items():
-            for j, index in enumerate(items):
-                row = {"task": views.task, "model": name, "index": index,
-                       "volume": views.volume_name(index), "slice": views.sample_name(index),
-                       "volume_max": volume_max,
-                       **enhancement_slice_metrics(target[j], pred[j], rois[j], volume_max)}
-                rows.append(row)
-            stored[name].append(pred.astype(np.float32))
-        stored["target"].append(target.astype(np.float32))
-        stored["roi"].append(rois.astype(np.int8))
-        indices += items
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f["index"] = np.array(indices, dtype=np.int64)
-        for name, parts in stored.items():
-            if parts:
-                f[name] = np.concatenate(parts)
-    tmp.replace(out_file)
-    return rows
+    return evaluate_volumes(views, models, batch_size, predict, score,
+                            volume_name=views.volume_name, predictions=predictions,
+                            keep=lambda batch: {"target": image_units(batch, batch["target"]),
+                                                "roi": batch["roi"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -953,9 +926,7 @@ def plot_alpha_curve(alpha_summary: list[dict], path: Path, task: str) -> Path:
 
 def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: str,
                         names: dict, grid: Sequence[float]) -> list[Path]:
-    """One panel per evaluated group: the middle test slice held by rank 0's prediction file."""
-    import h5py
-
+    """One panel per evaluated group: the middle slice of the first volume rank 0 kept."""
     from kdhpc.report import save_panel
 
     groups = [("model_based", ["input", "target", names["teacher"], *[names[a] for a in grid]])]
@@ -968,15 +939,13 @@ def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: st
             file = folder / f"{group}-rank00000.h5"
             if not file.is_file():
                 continue
-            with h5py.File(file, "r") as f:
-                if "target" not in f:
-                    continue
-                j = f["target"].shape[0] // 2
-                images = [f[m][j] for m in models]
-            top = float(images[1].max())
-            path = save_panel(images, models, out_dir / f"panel_{group}.png", rows=2,
-                              vmax=[top] * len(images))
-            paths.append(path)
+            saved = read_predictions([file])
+            volume = min(key.split("/", 1)[1] for key in saved if key.startswith("target/"))
+            images = [saved[f"{m}/{volume}"] for m in models]
+            j = images[0].shape[0] // 2
+            images = [image[j] for image in images]
+            paths.append(save_panel(images, models, out_dir / f"panel_{group}.png", rows=2,
+                                    vmax=[float(images[1].max())] * len(images)))
     return paths
 
 

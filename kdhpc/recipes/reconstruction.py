@@ -113,8 +113,8 @@ from kdhpc.models.external import (build_run_network, check_distinct_roles, is_f
 from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, key_value, latency_rows, load_teacher,
-                          longer_training_config, split_folder, teacher_stage,
+                          evaluate_volumes, expect_dataset, key_value, load_teacher,
+                          longer_training_config, network_latency, split_folder, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.report import save_panel, table, write_report
 from kdhpc.runtime import gather, rank
@@ -468,16 +468,15 @@ def evaluate_models(cfg: Config, views, models: dict[str, nn.Module],
     return per_volume
 
 
-def panel_images(views: SliceViews, models: dict[str, nn.Module], index: int
+def panel_images(batch: dict, models: dict[str, nn.Module],
+                 images: Callable[[dict, nn.Module | None], tuple] = metric_images
                  ) -> dict[str, np.ndarray]:
-    """Images of one test slice on the volume-max scale: input, target and each model's."""
-    batch = default_collate([views.get_view(index, 0)])
-    scale = metric_scale(batch)
-    out = {"input": (zero_filled(batch) * scale)[0, 0].numpy(),
-           "target": (batch["target"] * scale)[0, 0].numpy()}
+    """One slice's images as scored (``images``): input (ZF), target and each model's."""
     with torch.inference_mode():
+        target, zero = images(batch, None)
+        out = {"input": zero[0, 0].float().numpy(), "target": target[0, 0].float().numpy()}
         for row, model in models.items():
-            out[row] = (forward(model.eval(), batch) * scale)[0, 0].float().numpy()
+            out[row] = images(batch, model.eval())[1][0, 0].float().numpy()
     return out
 
 
@@ -534,17 +533,39 @@ def gap_summary(values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     return out
 
 
+def describe_kdmri(cfg: Config, steps: dict[str, int], volumes: int) -> dict[str, str]:
+    """The report's title, setup, training protocol and published reference (KD-MRI)."""
+    what = "super-resolution (VDSR)" if is_superres(cfg) else (
+        f"reconstruction (DC-CNN), {cfg.mask.acceleration:g}x {cfg.mask.kind} mask")
+    return {
+        "title": f"KD-MRI {cfg.recipe} report", "published": " (KD-MRI: 25-66%)",
+        "setup": f"{what}; data {cfg.data.dataset} ({volumes} test volumes), recipe "
+                 f"{cfg.recipe}, {cfg.train.epochs} epochs per stage, batch "
+                 f"{cfg.train.batch_size}, AT mode {cfg.loss.at_mode}, teacher targets "
+                 f"{cfg.teacher.mode}. Metrics per volume on the volume-max scale (data range "
+                 f"1), mean +- std over volumes.",
+        "protocol": f"Optimiser steps: teacher {steps['teacher']}, student {steps['student']}, "
+                    f"KD student {steps['student_at']} (attention transfer) + "
+                    f"{steps['student_kd']} (alpha = {cfg.loss.alpha:g} imitation); "
+                    + ("the no-KD student trained as many steps as the KD student "
+                       "(train.equal_budget)." if cfg.train.equal_budget else
+                       "KD-MRI's protocol gives the KD student both stages, i.e. more steps "
+                       "than the baseline (train.equal_budget evens them).")}
+
+
 def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: list[dict],
-                       params: dict[str, int], steps: dict[str, int], panel: Path) -> dict:
-    """report.md and metrics.json (rank 0); returns the printed text and key numbers."""
+                       params: dict[str, int], steps: dict[str, int], panel: Path,
+                       describe: Callable[[Config, dict, int], dict] = describe_kdmri) -> dict:
+    """report.md and metrics.json (rank 0) of the four-row image recipes (ZF, Teacher, Student,
+    KD-Student); ``describe(cfg, steps, test volumes)`` gives the recipe's title, setup,
+    protocol and published reference. Returns the printed text and key numbers."""
     values = per_metric(evaluation)
     rows = results_table(values)
     gaps = gap_summary(values)
     test = gaps["tests"]["KD-Student vs Student psnr"]
     p_value = test.get("p_value")
     fraction = gaps["gap_fraction_closed"]
-    what = "super-resolution (VDSR)" if is_superres(cfg) else (
-        f"reconstruction (DC-CNN), {cfg.mask.acceleration:g}x {cfg.mask.kind} mask")
+    text = describe(cfg, steps, len(values["Student"]["psnr"]))
     closed = "n/a (the teacher is not better)" if fraction is None else f"{100 * fraction:.1f}%"
     ci = test.get("ci95")
     gap = gaps["teacher_student_gap_db"]
@@ -553,7 +574,7 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
         + (f", i.e. {100 * ci[0] / gap:.0f}% to {100 * ci[1] / gap:.0f}% of the gap" if gap > 0
            else "") + ")")
     gap_text = (f"Teacher - Student PSNR gap {gap:+.3f} dB; KD gains {gaps['kd_gain_db']:+.3f} dB"
-                f"{ci_text}, closing {closed} of the gap (KD-MRI: 25-66%); paired t-test "
+                f"{ci_text}, closing {closed} of the gap{text['published']}; paired t-test "
                 f"KD-Student vs Student on per-volume PSNR: "
                 f"p = {'n/a' if p_value is None else f'{p_value:.3g}'} (n = {test['n']} "
                 f"volumes).")
@@ -569,13 +590,6 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
                f" (95% CI [{extra_ci[0]:+.3f}, {extra_ci[1]:+.3f}] dB")
             + f", p = {'n/a' if extra.get('p_value') is None else format(extra['p_value'], '.3g')}"
             + ("" if extra_ci is None else ")") + ".")
-    protocol = (f"Optimiser steps: teacher {steps['teacher']}, student {steps['student']}, KD "
-                f"student {steps['student_at']} (attention transfer) + {steps['student_kd']} "
-                f"(alpha = {cfg.loss.alpha:g} imitation); "
-                + ("the no-KD student trained as many steps as the KD student (train.equal_budget)."
-                   if cfg.train.equal_budget else
-                   "KD-MRI's protocol gives the KD student both stages, i.e. more steps than the "
-                   "baseline (train.equal_budget evens them)."))
     test_rows = [{"comparison": k.rsplit(" ", 1)[0], "metric": k.rsplit(" ", 1)[1],
                   "mean diff": ("-" if t.get("mean_difference") is None
                                 else f"{t['mean_difference']:+.4g}"),
@@ -588,15 +602,10 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
     latency_md = table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
                         for r in latency])
     main_table = table(rows)
-    n_volumes = len(values["Student"]["psnr"])
     sections = [
-        ("Setup", f"{what}; data {cfg.data.dataset} ({n_volumes} test volumes), recipe "
-                  f"{cfg.recipe}, {cfg.train.epochs} epochs per stage, batch "
-                  f"{cfg.train.batch_size}, AT mode {cfg.loss.at_mode}, teacher targets "
-                  f"{cfg.teacher.mode}. Metrics per volume on the volume-max scale "
-                  f"(data range 1), mean +- std over volumes."),
+        ("Setup", text["setup"]),
         ("Results (test split)", main_table),
-        ("Distillation gain", gap_text + "\n\n" + protocol + "\n\n" + table(test_rows)),
+        ("Distillation gain", gap_text + "\n\n" + text["protocol"] + "\n\n" + table(test_rows)),
         ("Parameters", table(param_rows) + f"\n\nThe student has {100 * reduction:.1f}% fewer "
                        f"parameters."),
         ("Latency per slice", latency_md + "\nBatch of one slice; teacher and student called in "
@@ -613,9 +622,9 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
                            for row in values},
                "gap": gaps, "parameters": params, "steps": steps, "latency": latency,
                "config_digest": digest(dataclasses.asdict(cfg))}
-    write_report(run_dir, f"KD-MRI {cfg.recipe} report", sections, metrics)
-    text = f"{main_table}\n\n{gap_text}"
-    return {"text": text, "gap_fraction_closed": fraction, "p_value": p_value}
+    write_report(run_dir, text["title"], sections, metrics)
+    return {"text": f"{main_table}\n\n{gap_text}", "gap_fraction_closed": fraction,
+            "p_value": p_value}
 
 
 def save_recon_panel(images: dict[str, np.ndarray], path: Path) -> Path:
@@ -748,26 +757,31 @@ def evaluate_stage(split: str, views: Callable[[Run, str], Any],
     return run_stage
 
 
-def _report(run: Run, stage_dir: Path) -> dict:
-    if rank() != 0:
-        return {}
-    cfg = run.cfg
-    test = _views(run, "test")
-    nets = _networks(run)
-    index = panel_index(test)
-    panel = save_recon_panel(panel_images(test, nets, index), run.run_dir / "panel.png")
-    one = default_collate([test.get_view(index, 0)])
-    args = [one["input"]] + ([one["kspace"], one["mask"]] if "mask" in one else [])
-    timed = {"Teacher": nets["Teacher"].eval(), "Student": nets["Student"].eval()}
-    latency = latency_rows({name: (lambda m=m: m(*[a.to(next(m.parameters()).device)
-                                                   for a in args])) for name, m in timed.items()},
-                           cfg.eval.latency_repeats,
-                           to_device=lambda device: [m.to(device) for m in timed.values()])
-    params = {row: count_parameters(net) for row, net in nets.items()}
-    steps = {"student_at": 0,  # none without attention transfer
-             **{name: run.results[name]["steps"] for name in training_stages(cfg)}}
-    return write_recon_report(cfg, run.run_dir, run.results["evaluate"]["per_volume"], latency,
-                              params, steps, panel)
+def report_stage(views: Callable[[Run, str], Any], networks: Callable[[Run], dict],
+                 steps: Callable[[Run], dict], call: Callable[[nn.Module, dict], Any],
+                 images: Callable[[dict, nn.Module | None], tuple] = metric_images,
+                 describe: Callable[[Config, dict, int], dict] = describe_kdmri
+                 ) -> Callable[[Run, Path], dict]:
+    """The report stage of the four-row image recipes: the panel of the central slice of the
+    first test volume (``images``), teacher and student latency on it (``call(network,
+    batch)``), parameter counts and the evaluation, written by :func:`write_recon_report`."""
+    def run_stage(run: Run, stage_dir: Path) -> dict:
+        if rank() != 0:
+            return {}
+        test, nets = views(run, "test"), networks(run)
+        one = default_collate([test.get_view(panel_index(test), 0)])
+        panel = save_recon_panel(panel_images(one, nets, images), run.run_dir / "panel.png")
+        latency = network_latency({"Teacher": nets["Teacher"], "Student": nets["Student"]}, one,
+                                  call, run.cfg.eval.latency_repeats)
+        params = {row: count_parameters(net) for row, net in nets.items()}
+        return write_recon_report(run.cfg, run.run_dir, run.results["evaluate"]["per_volume"],
+                                  latency, params, steps(run), panel, describe)
+    return run_stage
+
+
+def _steps(run: Run) -> dict[str, int]:
+    return {"student_at": 0,  # none without attention transfer
+            **{name: run.results[name]["steps"] for name in training_stages(run.cfg)}}
 
 
 def configured(cfg: Config, *keys: str) -> tuple[str, ...]:
@@ -834,7 +848,7 @@ def stages(cfg: Config) -> list[Stage]:
         *extra_kd,
         Stage("evaluate", evaluate_stage("test", _views, _networks), keys=("eval.batch_size",), consumes=trained,
               use="test"),
-        Stage("report", _report, keys=("eval", "loss"),
+        Stage("report", report_stage(_views, _networks, _steps, forward), keys=("eval", "loss"),
               consumes=("evaluate", *training_stages(cfg)), use="test"),
         Stage("evaluate_val", evaluate_stage("val", _views, _networks), keys=("eval.batch_size",), consumes=trained,
               use="validation"),

@@ -28,7 +28,7 @@ Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each re
   without TTA is reported too), the students without. Dice per class (RV, myocardium, LV) per
   volume (one volume = one patient frame) from :func:`kdhpc.metrics.dice`, with
   ``|P| + |G| = 0`` counting 1; mean Dice = mean of the three. Predictions are saved in
-  ``evaluate/predictions-rankRRRRR.npz``.
+  ``evaluate/predictions-rankRRRRR.h5``.
 - ``speed``: images/s of teacher and student at ``S x S`` (``data.crop``), batch 1, one CPU
   thread and all threads (and the GPU when present): median of ``eval.latency_repeats`` timed
   calls after warm-up, on a real test slice; the 1-thread rows also give the rate from the
@@ -100,7 +100,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -111,13 +110,13 @@ from torch import nn
 from kdhpc.config import Config, ConfigError
 from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, CardiacViews,
                              center_patch, download_split, is_acdc_download)
-from kdhpc.data.fastmri import atomic_output
 from kdhpc.export import export_segmenter
-from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, data_root, expect_dataset,
-                          fill_verified_cache, latency_rows, save_gathered, teacher_stage,
-                          teacher_training_config)
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
+                          evaluate_volumes, expect_dataset, latency_rows, load_teacher,
+                          read_predictions, save_gathered, teacher_stage,
+                          teacher_training_config, teacher_weights, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
-from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
+from kdhpc.teacher import teacher_source
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import count_parameters
@@ -341,7 +340,7 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch
 # stages
 
 class CardiacData:
-    """The run's datasets and the bodies of its training and cache stages."""
+    """The run's datasets: the slices of each split and their views."""
 
     def __init__(self, cfg: Config, root: Path):
         self.cfg, self.root = cfg, Path(root)
@@ -350,8 +349,7 @@ class CardiacData:
 
     def slices(self, split: str) -> ACDCSliceDataset:
         if split not in self._slices:
-            name = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split,
-                    "test": self.cfg.data.test_split}[split]
+            name = getattr(self.cfg.data, f"{split}_split")
             self._slices[split] = slice_dataset(self.cfg, self.root, name)
         return self._slices[split]
 
@@ -361,57 +359,6 @@ class CardiacData:
         train = split == "train"
         return CardiacViews(self.slices(split), self.cfg.degrade, self.size,
                             self.patch if train and not whole else 0, augment=train)
-
-    def train_network(self, stage_dir: Path, arch: str, weight: float, teacher=None,
-                      whole: bool = False, cfg: Config | None = None) -> dict:
-        from kdhpc.train import seed_everything, train
-
-        cfg = cfg or self.cfg
-        seed_everything(cfg.train.seed)  # the no-KD and KD students start from one init
-        model = build_run_network(cfg.model, arch)
-        result = train(selection_config(cfg), model, make_loss(cfg, weight),
-                       self.views("train", whole), val_set=self.views("val"), teacher=teacher,
-                       eval_fn=slice_counts, volume_metrics=volume_dice, run_dir=stage_dir)
-        return {"arch": arch, "weights": str(result.best_weights), "trained": True,
-                "kd_weight": weight, "steps": result.steps, "best_metric": result.best_metric,
-                "best_value": result.best_value, "best_step": result.best_step,
-                "resumed_from": result.resumed_from}
-
-    def teacher_stage(self, stage_dir: Path) -> dict:
-        cfg = self.cfg
-        if cfg.model.teacher_checkpoint:
-            load_network(cfg.model.teacher, cfg.model.teacher_checkpoint, cfg)  # checked here
-            return {"arch": cfg.model.teacher, "weights": cfg.model.teacher_checkpoint,
-                    "trained": False}
-        return self.train_network(stage_dir, cfg.model.teacher, 0.0, whole=True,
-                                  cfg=teacher_training_config(cfg))
-
-    def cache_stage(self, teacher: nn.Module, cache_dir: Path, data_config: dict) -> dict:
-        from kdhpc.teacher import teacher_fingerprint
-
-        sha = teacher_fingerprint(teacher)
-        if self.cfg.teacher.mode == "stream":
-            return {"mode": "stream", "teacher_sha256": sha}
-        views = self.views("train")
-        start = time.perf_counter()
-        fill_verified_cache(cache_dir, teacher, extract_logits, views, data_config, self.cfg)
-        size = sum(p.stat().st_size for p in cache_dir.glob("shard-*.h5"))
-        return from_rank0(lambda: {
-            "mode": "precompute", "cache_dir": str(cache_dir), "teacher_sha256": sha,
-            "records": len(views) * views.num_views, "bytes": size,
-            "seconds": time.perf_counter() - start})
-
-
-def teacher_weights(cfg: Config) -> str:
-    """``model.teacher_checkpoint``, else the weights of this run's finished teacher stage."""
-    if cfg.model.teacher_checkpoint:
-        return str(resolve_teacher_checkpoint(cfg)[0])
-    record = Path(cfg.run_dir) / "teacher" / "stage.json"
-    if not record.is_file():
-        raise ConfigError(f"model.teacher_checkpoint: expected trained teacher weights or a "
-                          f"finished teacher stage ({record}), found neither; run python -m "
-                          f"kdhpc.distill CONFIG first")
-    return json.loads(record.read_text())["result"]["weights"]
 
 
 def teacher_cache_parts(cfg: Config):
@@ -426,40 +373,29 @@ def teacher_cache_parts(cfg: Config):
 # evaluation
 
 def evaluate_models(views: CardiacViews, models: dict[str, tuple[nn.Module, bool]],
-                    batch_size: int, predictions_file: Path) -> list[dict]:
-    """Per-volume Dice of each model on this rank's volumes of ``views`` (view 0).
+                    batch_size: int, predictions: Path) -> list[dict]:
+    """Per-volume Dice of each model on ``views`` (view 0, :func:`kdhpc.recipe.evaluate_volumes`).
 
     ``models`` maps a key to ``(network, tta)``. Rows: ``{"volume", "model", "slices",
-    "dice_RV", "dice_myo", "dice_LV", "dice_mean"}``. The predicted labels go to
-    ``predictions_file`` (npz, ``<model>/<volume>`` -> uint8 [S, H, W], slices in order).
-    """
-    indices = views.slices.rank_indices(rank(), world_size())
-    by_volume: dict[str, list[int]] = {}
-    for i in indices:
-        by_volume.setdefault(views.volume_of(i), []).append(i)
-    rows, saved = [], {}
-    for volume, items in by_volume.items():
-        batches = [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
-        loaded = [[views.get_view(i, 0) for i in b] for b in batches]
-        gt = np.concatenate([np.stack([v["label"].numpy() for v in b]) for b in loaded])
-        for key, (model, tta) in models.items():
-            model.eval()
-            preds = []
-            with torch.inference_mode():
-                for b in loaded:
-                    x = torch.stack([v["image"] for v in b])  # [b, 1, S, S]
-                    preds.append(predict_probs(model, x, tta).argmax(1).to(torch.uint8).numpy())
-            pred = np.concatenate(preds)                      # [S_vol, S, S]
-            scores = dice(pred, gt, NUM_CLASSES)
+    "dice_RV", "dice_myo", "dice_LV", "dice_mean"}``; the predicted labels are kept in
+    ``predictions`` (``<model>/<volume>`` -> uint8 [S, H, W], slices in order)."""
+    for model, _ in models.values():
+        model.eval()
+
+    def predict(model: tuple[nn.Module, bool], batch: dict) -> torch.Tensor:
+        return predict_probs(model[0], batch["image"], model[1]).argmax(1).to(torch.uint8)
+
+    def score(volume: str, items: list[int], batch: dict, outputs: dict) -> list[dict]:
+        rows = []
+        for key, pred in outputs.items():
+            scores = dice(pred.numpy(), batch["label"].numpy(), NUM_CLASSES)
             row = {"volume": volume, "model": key, "slices": len(items),
                    **{f"dice_{name}": float(scores[k]) for k, name in CLASSES.items()}}
             row["dice_mean"] = float(np.mean([row[f"dice_{n}"] for n in CLASSES.values()]))
             rows.append(row)
-            saved[f"{key}/{volume}"] = pred
-    with atomic_output(predictions_file) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **saved)
-    return rows
+        return rows
+
+    return evaluate_volumes(views, models, batch_size, predict, score, predictions=predictions)
 
 
 def patient_of(volume: str) -> str:
@@ -532,38 +468,40 @@ def _recipe(run: Run) -> CardiacData:
     return run.memo("recipe", lambda: CardiacData(run.cfg, Path(run.results["data"]["root"])))
 
 
-def _teacher(run: Run) -> nn.Module:
-    result = run.results["teacher"]
-    return run.memo("teacher", lambda: load_network(result["arch"], result["weights"],
-                                                    run.cfg))
+def _network(run: Run, stage: str) -> nn.Module:
+    result = run.results[stage]
+    return run.memo(("net", stage), lambda: load_network(result["arch"],
+                                                         run.path(result["weights"]), run.cfg))
+
+
+def _train(run: Run, stage_dir: Path, arch: str, weight: float, teacher=None,
+           whole: bool = False, cfg: Config | None = None) -> dict:
+    """Students (and a trained teacher) on Dice + CE with KD weight ``weight``, selected on
+    validation Dice (:func:`selection_config`)."""
+    cfg, recipe = cfg or run.cfg, _recipe(run)
+    result = train_network(selection_config(cfg), stage_dir, arch, make_loss(cfg, weight),
+                           recipe.views("train", whole), recipe.views("val"),
+                           teacher=None if teacher is None else lambda: teacher,
+                           eval_fn=slice_counts, volume_metrics=volume_dice)
+    return {**result, "kd_weight": weight}
 
 
 def _train_teacher(run: Run, stage_dir: Path) -> dict:
-    return _recipe(run).train_network(stage_dir, run.cfg.model.teacher, 0.0, whole=True,
-                                      cfg=teacher_training_config(run.cfg))
-
-
-def _load_teacher(run: Run, stage_dir: Path) -> dict:
-    path, sha256 = resolve_teacher_checkpoint(run.cfg)
-    load_network(run.cfg.model.teacher, path, run.cfg)  # checked here
-    return {"arch": run.cfg.model.teacher, "weights": str(path), "file_sha256": sha256,
-            "trained": False}
+    # The teacher trains on whole views (its InstanceNorm statistics; module docstring).
+    return _train(run, stage_dir, run.cfg.model.teacher, 0.0, whole=True,
+                  cfg=teacher_training_config(run.cfg))
 
 
 def _fill_cache(run: Run, stage_dir: Path) -> dict:
-    from kdhpc.teacher import cache_config, default_cache_dir
-
-    return _recipe(run).cache_stage(_teacher(run), default_cache_dir(run.cfg),
-                                    cache_config(run.cfg))
+    return cache_stage(run.cfg, _network(run, "teacher"), extract_logits,
+                       _recipe(run).views("train"))
 
 
 def _student(weight: Callable[[Config], float], kd: bool) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        from kdhpc.teacher import teacher_source
-
-        teacher = teacher_source(run.cfg, _teacher(run), extract_logits) if kd else None
-        return _recipe(run).train_network(stage_dir, run.cfg.model.student, weight(run.cfg),
-                                          teacher)
+        source = (teacher_source(run.cfg, _network(run, "teacher"), extract_logits) if kd
+                  else None)
+        return _train(run, stage_dir, run.cfg.model.student, weight(run.cfg), source)
     return run_stage
 
 
@@ -572,15 +510,13 @@ STUDENTS = ("student_nokd", "student_kd")
 
 def _evaluate(split: str) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        teacher = _teacher(run)
+        teacher = _network(run, "teacher")
         nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
-                **{k: (load_network(run.results[k]["arch"], run.results[k]["weights"],
-                                    run.cfg), False)
-                   for k in STUDENTS}}
+                **{k: (_network(run, k), False) for k in STUDENTS}}
         if not run.cfg.eval.tta_flip:
             del nets["teacher_tta"]
         rows = evaluate_models(_recipe(run).views(split), nets, run.cfg.eval.batch_size,
-                               stage_dir / f"predictions-rank{rank():05d}.npz")
+                               stage_dir / f"predictions-rank{rank():05d}.h5")
         count = save_gathered(rows, stage_dir / "volumes.json")
         return {"volumes_file": str(stage_dir / "volumes.json"), "rows": count,
                 "world_size": world_size()}
@@ -592,10 +528,8 @@ def _speed(run: Run, stage_dir: Path) -> dict:
         recipe = _recipe(run)
         views = recipe.views("test")
         x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
-        kd = run.results["student_kd"]
-        rows = speed_rows({"teacher": _teacher(run), "student": load_network(
-                               kd["arch"], kd["weights"], run.cfg)},
-                          x, run.cfg.eval.latency_repeats)
+        rows = speed_rows({"teacher": _network(run, "teacher"),
+                           "student": _network(run, "student_kd")}, x, run.cfg.eval.latency_repeats)
         return {"rows": rows, "size": recipe.size}
     return from_rank0(measure)
 
@@ -604,8 +538,7 @@ def _export(run: Run, stage_dir: Path) -> dict:
     def export() -> dict:
         views = _recipe(run).views("test")
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
-        kd = run.results["student_kd"]
-        return export_segmenter(load_network(kd["arch"], kd["weights"], run.cfg), inputs,
+        return export_segmenter(_network(run, "student_kd"), inputs,
                                 stage_dir, log=run.stages.log)
     return from_rank0(export)
 
@@ -634,7 +567,8 @@ def stages(cfg: Config) -> list[Stage]:
     trained = ("data", "teacher", *STUDENTS)
     return [
         Stage("data", _data, keys=("recipe", "data", "default_data")),
-        teacher_stage(_train_teacher, ("model.teacher", *views), cfg, _load_teacher),
+        teacher_stage(_train_teacher, ("model.teacher", *views), cfg,
+                      load_teacher(lambda c, arch, path: load_network(arch, path, c))),
         Stage("teacher_cache", _fill_cache, keys=("teacher", "degrade"),
               consumes=("data", "teacher")),
         Stage("student_nokd", _student(lambda c: 0.0, False), keys=student, consumes=("data",)),
@@ -678,15 +612,6 @@ STAGE_NAMES = ("data", "teacher", "teacher_cache", "student_nokd", "student_kd",
 DICE_KEYS = tuple(f"dice_{name}" for name in CLASSES.values()) + ("dice_mean",)
 GAP_GOAL = 0.01
 """Goal of the issue: teacher mean Dice - KD student mean Dice <= this."""
-
-
-def read_predictions(evaluate_dir: Path) -> dict[str, np.ndarray]:
-    """Every rank's saved predictions, ``<model>/<volume>`` -> uint8 [S, H, W]."""
-    out: dict[str, np.ndarray] = {}
-    for path in sorted(evaluate_dir.glob("predictions-rank*.npz")):
-        with np.load(path) as data:
-            out.update({key: data[key] for key in data.files})
-    return out
 
 
 def panel_slice(views: CardiacViews, volume: str) -> tuple[int, int]:
@@ -753,7 +678,7 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
 
     # panel: middle slice of the first test volume
     views = recipe.views("test")
-    predictions = read_predictions(run_dir / "evaluate")
+    predictions = read_predictions(sorted((run_dir / "evaluate").glob("predictions-rank*.h5")))
     index, position = panel_slice(views, volumes[0])
     item = views.get_view(index, 0)
     image = item["image"][0].numpy()
