@@ -1,5 +1,5 @@
-"""Report building blocks shared by the recipes: result tables, paired comparisons, panels,
-per-item latency.
+"""Report building blocks shared by the recipes: result tables, paired comparisons, latency
+tables, panels.
 
 A recipe's final stage writes ``<run_dir>/report.md``, ``metrics.json`` and PNG figures with
 these, and prints the main table. Tables show ``mean +- std`` over volumes (docs/methods.md); the
@@ -9,44 +9,65 @@ paired tests compare per-volume (or per-slice) values of two models on the same 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from kdhpc.bench import markdown_table, time_ms
+from kdhpc.bench import markdown_table
 from kdhpc.config import write_atomic
-from kdhpc.metrics import format_mean_std, paired_test, summarize
+from kdhpc.metrics import format_mean_std, summarize
+
+
+def mean_std(values: Sequence[float], spec: str = ".4f") -> str:
+    """``mean +- std`` (sample std) of per-volume values; the mean alone for one value."""
+    if not len(values):
+        return "n/a"
+    stats = summarize(values)
+    if not math.isfinite(stats["std"]):
+        return f"{stats['mean']:{spec}}"
+    return format_mean_std(stats["mean"], stats["std"], fmt=spec)
 
 
 def mean_std_rows(per_model: Mapping[str, Mapping[str, Sequence[float]]],
-                  metrics: Sequence[str], fmt: str = ".4f") -> list[dict]:
-    """One row per model: ``{"model": name, metric: "mean +- std", ...}`` from per-volume
-    values ``per_model[name][metric]``."""
-    rows = []
-    for name, values in per_model.items():
-        row: dict[str, Any] = {"model": name}
-        for metric in metrics:
-            stats = summarize(values[metric])
-            row[metric] = format_mean_std(stats["mean"], stats["std"], fmt=fmt)
-        rows.append(row)
-    return rows
+                  metrics: Sequence[str], formats: Mapping[str, str] | str = ".4f",
+                  labels: Mapping[str, str] | None = None) -> list[dict]:
+    """A results table: one row per model, ``{"model": name, label: "mean +- std"}`` over the
+    per-volume values ``per_model[name][metric]``."""
+    def spec(metric: str) -> str:
+        return formats if isinstance(formats, str) else formats[metric]
+
+    return [{"model": name, **{(labels or {}).get(m, m): mean_std(values[m], spec(m))
+                               for m in metrics}} for name, values in per_model.items()]
 
 
-def paired_rows(per_model: Mapping[str, Mapping[str, Sequence[float]]],
-                pairs: Sequence[tuple[str, str]], metrics: Sequence[str]) -> list[dict]:
-    """Paired t-tests ``a`` vs ``b`` on per-volume values: mean difference (a - b) and p."""
-    rows = []
-    for a, b in pairs:
-        for metric in metrics:
-            test = paired_test(per_model[a][metric], per_model[b][metric])
-            rows.append({"comparison": f"{a} vs {b}", "metric": metric,
-                         "mean diff": f"{test['mean_difference']:+.4g}",
-                         "p": f"{test['p_value']:.3g}",
-                         "n": test["n"]})
-    return rows
+def number(value: Any, spec: str = ".3g") -> str:
+    """``value`` formatted, or "n/a" for a missing or undefined (NaN) one."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, spec)
+
+
+def with_ci(test: Mapping[str, Any], spec: str = "+.4g") -> str:
+    """A paired test's mean difference with its 95% CI: ``+0.123 [+0.01, +0.24]``."""
+    text = number(test.get("mean_difference"), spec)
+    ci = test.get("ci95")
+    return text if not ci else f"{text} [{number(ci[0], spec)}, {number(ci[1], spec)}]"
+
+
+def comparison_row(comparison: str, metric: str, test: Mapping[str, Any],
+                   spec: str = "+.4g") -> dict:
+    """A paired test (:func:`kdhpc.metrics.paired_test`) as a table row: the mean difference
+    with its 95% CI, the p-value and the number of pairs ("n/a" where undefined)."""
+    return {"comparison": comparison, "metric": metric, "mean diff [95% CI]": with_ci(test, spec),
+            "p": number(test.get("p_value"), ".3g"), "n": test["n"]}
+
+
+def latency_table(rows: Sequence[dict]) -> str:
+    """Markdown of :func:`kdhpc.recipe.latency_rows` rows, times to 0.01 ms."""
+    return table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()}
+                  for row in rows])
 
 
 def write_report(run_dir: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]],
@@ -94,19 +115,3 @@ def save_panel(images: Sequence[np.ndarray], titles: Sequence[str], path: str | 
     plt.close(fig)
     os.replace(tmp, path)
     return path
-
-
-def latency_ms(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int,
-               repeats: int = 20, forward: Callable[..., Any] | None = None) -> float:
-    """Median milliseconds of one inference call ``model(*inputs)`` with ``threads`` intra-op
-    threads (eval mode, inference mode), restoring the thread count afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    device = inputs[0].device
-    call = forward or model
-    try:
-        model.eval()
-        with torch.inference_mode():
-            return time_ms(lambda: call(*inputs), device, warmup=3, repeats=repeats)
-    finally:
-        torch.set_num_threads(previous)

@@ -94,30 +94,29 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from kdhpc.config import Config, ConfigError
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.views import TASKS, EnhancementViews, MultiTaskViews
 from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
-from kdhpc.metrics import enhancement_slice_metrics, paired_test, summarize, volume_table
+from kdhpc.metrics import enhancement_slice_metrics, paired_test, volume_table
 from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
 from kdhpc.models.edsr import TaskExperts
 from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
                                    is_factory_spec, load_run_network, takes_task,
                                    teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, load_teacher, read_predictions,
-                          save_gathered, split_folder,
-                          teacher_stage, teacher_training_config, teacher_weights,
-                          timed_interleaved, train_network)
+                          evaluate_volumes, expect_dataset, load_teacher, network_latency,
+                          read_predictions, save_gathered, split_folder, teacher_stage,
+                          teacher_training_config, teacher_weights, train_network)
+from kdhpc.report import (latency_table, mean_std, number, save_panel, table, with_ci,
+                          write_report)
 from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher import cache_config, teacher_source
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
 
 TASK_LABELS = {"denoise": "DNE", "superres": "SRE"}
-
-TIMING_SLICES = 1
-"""Test slices timed in each repeat (sec/slice = their total / their number)."""
 
 OUTPUT_KEY = "output"
 
@@ -383,50 +382,8 @@ def mixed_model(rows: list[dict], task: str, models: Sequence[str], reference: s
     return "\n".join(lines)
 
 
-def _fmt(value: float, spec: str = ".3g") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else format(value, spec)
-
-
-def _with_ci(test: dict, spec: str) -> str:
-    """A paired test's mean difference with its 95% CI: ``+0.123 [+0.01, +0.24]``."""
-    ci = test.get("ci95")
-    text = _fmt(test["mean_difference"], spec)
-    return text if not ci else f"{text} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
-
-
-def mean_std(values: Sequence[float], spec: str = ".3f") -> str:
-    if not values:
-        return "n/a"
-    stats = summarize(values)
-    std = stats["std"]
-    return f"{stats['mean']:{spec}} +- {std:{spec}}" if not math.isnan(std) else \
-        f"{stats['mean']:{spec}}"
-
-
 # ---------------------------------------------------------------------------------------------
 # timing
-
-def paired_timing(big: nn.Module, small: nn.Module, inputs: torch.Tensor,
-                  repeats: int) -> dict:
-    """Seconds per slice of both networks over ``inputs [S, 1, h, w]`` (one slice per call),
-    ``repeats`` rounds with the two called in turn (:func:`kdhpc.recipe.timed_interleaved`, one
-    warm-up round): the speed ratio from the minima (what the code can do; a loaded machine
-    inflates medians), the median ratio beside it, and a paired t-test over the rounds."""
-    def per_slice(model: nn.Module):
-        return lambda: [model(inputs[k:k + 1]) for k in range(inputs.shape[0])]
-
-    with torch.inference_mode():
-        ms = timed_interleaved({"big": per_slice(big.eval()), "small": per_slice(small.eval())},
-                               repeats)
-    big_s, small_s = ([t / 1e3 / inputs.shape[0] for t in ms[k]] for k in ("big", "small"))
-    test = paired_test(big_s, small_s) if repeats > 1 else {"p_value": math.nan,
-                                                            "statistic": math.nan}
-    return {"big_s": big_s, "small_s": small_s, "ratio": min(big_s) / min(small_s),
-            "median_ratio": float(np.median(big_s) / np.median(small_s)),
-            "p_value": test["p_value"], "t": test["statistic"], "slices": int(inputs.shape[0]),
-            "shape": list(inputs.shape[-2:]), "threads": torch.get_num_threads()}
-
 
 # ---------------------------------------------------------------------------------------------
 # the recipe as data
@@ -568,11 +525,10 @@ def _evaluate_val(run: Run, stage_dir: Path) -> dict:
 def _timing(run: Run, stage_dir: Path) -> dict:
     def measure() -> dict:
         recipe = _recipe(run)
-        views = recipe.views("test", recipe.task)
-        count = min(TIMING_SLICES, len(views))
-        inputs = torch.stack([views.get_view(i, 0)["input"] for i in range(count)])
-        return paired_timing(_network(run, "teacher"), _network(run, alpha_name(0.0)), inputs,
-                             run.cfg.eval.latency_repeats)
+        one = default_collate([recipe.views("test", recipe.task).get_view(0, 0)])
+        return {"rows": network_latency({"SwinIR": _network(run, "teacher"),
+                                         "EDSR": _network(run, alpha_name(0.0))}, one, enhance,
+                                        run.cfg.eval.latency_repeats)}
     return from_rank0(measure)
 
 
@@ -584,8 +540,8 @@ def _report(run: Run, stage_dir: Path) -> dict:
                "multitask": {k: run.results[f"multitask_{k}"] for k in ("nokd", "kd")},
                "cache": run.results["teacher_cache"], "data": run.results["data"]}
     return from_rank0(lambda: write_enhancement_report(
-        run.cfg, stage_dir, json.loads(Path(run.results["evaluate"]["slices"]).read_text()),
-        run.results["timing"], grid, results, [stage_dir.parent / "evaluate"]))
+        run.cfg, run.run_dir, json.loads(Path(run.results["evaluate"]["slices"]).read_text()),
+        run.results["timing"], grid, results, [run.run_dir / "evaluate"]))
 
 
 def check_config(cfg: Config) -> None:
@@ -720,13 +676,11 @@ def model_names(grid: Sequence[float]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # report
 
-def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], timing: dict,
+def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timing: dict,
                              grid: Sequence[float], results: dict,
                              prediction_dirs: Sequence[Path]) -> dict:
-    """report.md, metrics.json, alpha_curve.png and example panels in ``stage_dir`` (also
-    copied to the run directory); returns the summary (alpha table, task table, timing)."""
-    from kdhpc.report import table, write_report
-
+    """report.md, metrics.json, alpha_curve.png and example panels in ``run_dir``; returns the
+    summary (alpha table, task table, timing)."""
     task = model_task(cfg)
     names = model_names(grid)
     volumes = volume_table(rows)
@@ -758,15 +712,15 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
             vs_psnr = paired(volume_values(rows, task, model, "psnr"),
                              volume_values(rows, task, nokd, "psnr"))
             vs_teacher = paired(volume_values(rows, task, model, "snr"), teacher_snr)
-            row.update({"dSNR vs no-KD": _with_ci(vs, "+.3f"),
-                        "p (KD > no-KD)": _fmt(vs["p_greater"]),
-                        "dPSNR vs no-KD": _with_ci(vs_psnr, "+.3f"),
-                        "p (PSNR, 2-sided)": _fmt(vs_psnr["p_value"]),
-                        "p (SNR vs teacher, 2-sided)": _fmt(vs_teacher["p_value"])})
+            row.update({"dSNR vs no-KD": with_ci(vs, "+.3f"),
+                        "p (KD > no-KD)": number(vs["p_greater"]),
+                        "dPSNR vs no-KD": with_ci(vs_psnr, "+.3f"),
+                        "p (PSNR, 2-sided)": number(vs_psnr["p_value"]),
+                        "p (SNR vs teacher, 2-sided)": number(vs_teacher["p_value"])})
             entry.update({"vs_nokd_snr": vs, "vs_nokd_psnr": vs_psnr, "vs_teacher_snr": vs_teacher})
         elif key == 0.0:
             vs_teacher = paired(nokd_snr, teacher_snr)
-            row["p (SNR vs teacher, 2-sided)"] = _fmt(vs_teacher["p_value"])
+            row["p (SNR vs teacher, 2-sided)"] = number(vs_teacher["p_value"])
             entry["vs_teacher_snr"] = vs_teacher
         alpha_rows.append(row)
         alpha_summary.append(entry)
@@ -784,26 +738,22 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
                               volume_values(rows, t, other, m)) for m in ("psnr", "ssim", "snr")}
             task_tests.append({"task": t, "against": other, **test})
     test_rows = [{"task": TASK_LABELS[x["task"]], "comparison": f"multi-task KD vs {x['against']}",
-                  **{f"d{m.upper()} (95% CI)": _with_ci(x[m], "+.4f") for m in
+                  **{f"d{m.upper()} (95% CI)": with_ci(x[m], "+.4f") for m in
                      ("psnr", "ssim", "snr")},
-                  **{f"p {m.upper()} (2-sided)": _fmt(x[m]["p_value"]) for m in
+                  **{f"p {m.upper()} (2-sided)": number(x[m]["p_value"]) for m in
                      ("psnr", "ssim", "snr")}} for x in task_tests]
 
-    curve = stage_dir / "alpha_curve.png"
+    curve = run_dir / "alpha_curve.png"
     plot_alpha_curve(alpha_summary, curve, task)
-    panels = save_example_panels(prediction_dirs, stage_dir, task, names, grid)
+    panels = save_example_panels(prediction_dirs, run_dir, task, names, grid)
 
-    ratio = timing["ratio"]
+    ratio = timing["rows"][0]["speed-up"]
     timing_text = (
-        f"Per-slice inference on {timing['slices']} test slice(s) of {timing['shape'][0]}x"
-        f"{timing['shape'][1]}, {len(timing['big_s'])} paired repeats, {timing['threads']} "
-        f"thread(s), this machine: SwinIR ({cfg.model.teacher}) "
-        f"{mean_std(timing['big_s'], '.4f')} s/slice, EDSR ({cfg.model.student}) "
-        f"{mean_std(timing['small_s'], '.4f')} s/slice; speed ratio SwinIR/EDSR = "
-        f"{ratio:.2f}x from the minima of rounds calling the two in turn (median "
-        f"{timing.get('median_ratio', ratio):.2f}x; paired t = {_fmt(timing['t'])}, p = "
-        f"{_fmt(timing['p_value'])}). "
-        f"The paper: 5.162 vs 0.145 s/slice (35x) for its full-size models on its hardware.")
+        f"Per-slice inference (one whole test slice) of SwinIR ({cfg.model.teacher}) and EDSR "
+        f"({cfg.model.student}), called in turn, round by round; the speed-up is from the "
+        f"minima, and a row whose speed-up disagrees with the 1-thread row by more than 2x is "
+        f"marked unreliable. The paper: 5.162 vs 0.145 s/slice (35x) for its full-size models "
+        f"on its hardware.\n\n" + latency_table(timing["rows"]))
 
     findings = []
     for entry in alpha_summary:
@@ -811,17 +761,17 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
             vs = entry["vs_nokd_snr"]
             verdict = ">=" if vs["mean_difference"] >= 0 else "<"
             findings.append(f"- alpha {entry['alpha']:g}: KD SNR {verdict} no-KD (mean difference "
-                            f"{_with_ci(vs, '+.3f')} over {vs['n']} test volumes, one-sided "
-                            f"p(KD > no-KD) = {_fmt(vs['p_greater'])}; PSNR "
-                            f"{_with_ci(entry['vs_nokd_psnr'], '+.3f')} dB, two-sided p = "
-                            f"{_fmt(entry['vs_nokd_psnr']['p_value'])}).")
+                            f"{with_ci(vs, '+.3f')} over {vs['n']} test volumes, one-sided "
+                            f"p(KD > no-KD) = {number(vs['p_greater'])}; PSNR "
+                            f"{with_ci(entry['vs_nokd_psnr'], '+.3f')} dB, two-sided p = "
+                            f"{number(entry['vs_nokd_psnr']['p_value'])}).")
     for x in task_tests:
         if x["against"] == "multi-task EDSR no KD":
             findings.append(f"- {TASK_LABELS[x['task']]}: multi-task KD vs mixed-data no-KD: "
-                            f"dPSNR {_fmt(x['psnr']['mean_difference'], '+.3f')} dB "
-                            f"(p = {_fmt(x['psnr']['p_value'])}), dSSIM "
-                            f"{_fmt(x['ssim']['mean_difference'], '+.4f')} "
-                            f"(p = {_fmt(x['ssim']['p_value'])}).")
+                            f"dPSNR {number(x['psnr']['mean_difference'], '+.3f')} dB "
+                            f"(p = {number(x['psnr']['p_value'])}), dSSIM "
+                            f"{number(x['ssim']['mean_difference'], '+.4f')} "
+                            f"(p = {number(x['ssim']['p_value'])}).")
     teacher_res, students = results["teacher"], results["students"]
     shipped_experts = all(e.get("trained") is False for e in results["experts"].values())
     n_test = len({r["volume"] for r in rows if r["task"] == task})
@@ -879,14 +829,8 @@ def write_enhancement_report(cfg: Config, stage_dir: Path, rows: list[dict], tim
     ]
     summary = {"alpha_table": alpha_summary, "task_table": task_summary,
                "task_tests": task_tests, "timing": timing, "volumes": volumes}
-    write_report(stage_dir, "Enhancement KD (Shou et al.)", sections, summary)
-    run_dir = stage_dir.parent
-    for name in ["report.md", "metrics.json", curve.name, *[p.name for p in panels]]:
-        data = (stage_dir / name).read_bytes()
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(run_dir / name)
-    return {"report": str(run_dir / "report.md"), "text": (stage_dir / "report.md").read_text(),
+    write_report(run_dir, "Enhancement KD (Shou et al.)", sections, summary)
+    return {"report": str(run_dir / "report.md"), "text": (run_dir / "report.md").read_text(),
             "alpha_snr": {str(e["alpha"] if e["alpha"] is not None else e["model"]): e["snr"]
                           for e in alpha_summary},
             "speed_ratio": ratio}
@@ -927,8 +871,6 @@ def plot_alpha_curve(alpha_summary: list[dict], path: Path, task: str) -> Path:
 def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: str,
                         names: dict, grid: Sequence[float]) -> list[Path]:
     """One panel per evaluated group: the middle slice of the first volume rank 0 kept."""
-    from kdhpc.report import save_panel
-
     groups = [("model_based", ["input", "target", names["teacher"], *[names[a] for a in grid]])]
     for t in TASKS:
         groups.append((f"task_based_{t}", ["input", "target", f"EDSR {TASK_LABELS[t]} expert",

@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -116,7 +115,8 @@ from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root
                           evaluate_volumes, expect_dataset, key_value, load_teacher,
                           longer_training_config, network_latency, split_folder, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
-from kdhpc.report import save_panel, table, write_report
+from kdhpc.report import (comparison_row, latency_table, mean_std_rows, save_panel, table,
+                          write_report)
 from kdhpc.runtime import gather, rank
 from kdhpc.teacher import default_cache_dir, teacher_source
 
@@ -499,16 +499,7 @@ def per_metric(per_volume: dict[str, dict[str, dict[str, float]]]
 
 def results_table(values: dict[str, dict[str, list[float]]]) -> list[dict]:
     """KD-MRI's table: one row per model, ``mean +- std`` over volumes per metric."""
-    rows = []
-    for row in values:  # ZF, Teacher, Student, KD-Student (, KD-Student+U)
-        line: dict[str, Any] = {"model": row}
-        for metric in TABLE_METRICS:
-            stats = summarize(values[row][metric])
-            fmt = METRIC_FORMATS[metric]
-            std = stats["std"] if math.isfinite(stats["std"]) else 0.0
-            line[METRIC_LABELS[metric]] = f"{stats['mean']:{fmt}} +- {std:{fmt}}"
-        rows.append(line)
-    return rows
+    return mean_std_rows(values, TABLE_METRICS, METRIC_FORMATS, METRIC_LABELS)
 
 
 def gap_summary(values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -590,17 +581,11 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
                f" (95% CI [{extra_ci[0]:+.3f}, {extra_ci[1]:+.3f}] dB")
             + f", p = {'n/a' if extra.get('p_value') is None else format(extra['p_value'], '.3g')}"
             + ("" if extra_ci is None else ")") + ".")
-    test_rows = [{"comparison": k.rsplit(" ", 1)[0], "metric": k.rsplit(" ", 1)[1],
-                  "mean diff": ("-" if t.get("mean_difference") is None
-                                else f"{t['mean_difference']:+.4g}"),
-                  "p": "n/a" if t.get("p_value") is None else f"{t['p_value']:.3g}",
-                  "n": t["n"]} for k, t in gaps["tests"].items()]
+    test_rows = [comparison_row(*k.rsplit(" ", 1), t) for k, t in gaps["tests"].items()]
     param_rows = [{"model": "Teacher", "arch": cfg.model.teacher, "parameters": params["Teacher"]},
                   {"model": "Student", "arch": cfg.model.student, "parameters": params["Student"],
                    }]
     reduction = 1 - params["Student"] / params["Teacher"]
-    latency_md = table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
-                        for r in latency])
     main_table = table(rows)
     sections = [
         ("Setup", text["setup"]),
@@ -608,7 +593,7 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
         ("Distillation gain", gap_text + "\n\n" + text["protocol"] + "\n\n" + table(test_rows)),
         ("Parameters", table(param_rows) + f"\n\nThe student has {100 * reduction:.1f}% fewer "
                        f"parameters."),
-        ("Latency per slice", latency_md + "\nBatch of one slice; teacher and student called in "
+        ("Latency per slice", latency_table(latency) + "\nBatch of one slice; teacher and student called in "
                               "turn, round by round, minimum and median per call; the speed-up "
                               "is from the minima, and a row whose speed-up disagrees with the "
                               "1-thread row by more than 2x is marked unreliable (a loaded "

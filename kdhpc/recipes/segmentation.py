@@ -112,7 +112,7 @@ from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, CardiacV
                              center_patch, download_split, is_acdc_download)
 from kdhpc.export import export_segmenter
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, latency_rows, load_teacher,
+                          evaluate_volumes, expect_dataset, load_teacher, network_latency,
                           read_predictions, save_gathered, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
@@ -428,16 +428,9 @@ def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
     (:func:`kdhpc.recipe.latency_rows`: the networks called in turn, round by round, minimum and
     median per call; images/s from the minimum; a setting whose speed-up disagrees with the
     one-thread one by more than 2x is marked unreliable)."""
-    state = {"x": x}
-
-    def to_device(device: str) -> None:
-        for net in nets.values():
-            net.to(device).eval()
-        state["x"] = x.to(device)
-
-    calls = {name: (lambda net=net: net(state["x"])) for name, net in nets.items()}
     rows = []
-    for row in latency_rows(calls, repeats, to_device):
+    for row in network_latency(nets, {"image": x}, lambda net, batch: net(batch["image"]),
+                               repeats):
         for name, net in nets.items():
             rows.append({"model": name, "device": row["device"], "threads": row["threads"],
                          "params": count_parameters(net), "ms": row[f"{name} min ms"],
@@ -614,13 +607,6 @@ GAP_GOAL = 0.01
 """Goal of the issue: teacher mean Dice - KD student mean Dice <= this."""
 
 
-def panel_slice(views: CardiacViews, volume: str) -> tuple[int, int]:
-    """(dataset index, position within the volume) of ``volume``'s middle slice."""
-    items = [i for i in range(len(views)) if views.volume_of(i) == volume]
-    middle = len(items) // 2
-    return items[middle], middle
-
-
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds each finished stage took (from its record; earlier invocations included)."""
     out = {}
@@ -631,31 +617,23 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def _fmt_pm(values: Sequence[float]) -> str:
-    stats = summarize(values)
-    return (f"{stats['mean']:.4f} +- {stats['std']:.4f}" if stats["n"] > 1
-            else f"{stats['mean']:.4f}")
-
-
 def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, rows: list[dict],
                               speed: dict, exported: dict, results: dict,
                               elapsed: float) -> dict:
     """``report.md``, ``metrics.json`` and ``panel.png`` in ``run_dir``; returns the summary."""
-    from kdhpc.report import save_panel, table, write_report
+    from kdhpc.report import comparison_row, mean_std_rows, save_panel, table, write_report
 
     values = per_model(rows)
     volumes = sorted({r["volume"] for r in rows})
     reference = "teacher_tta" if "teacher_tta" in values else "teacher"
     means = {m: float(np.mean(values[m]["dice_mean"])) for m in values}
-    dice_rows = [{"model": MODEL_LABELS[m], **{k: _fmt_pm(values[m][k]) for k in DICE_KEYS}}
-                 for m in MODEL_LABELS if m in values]
+    dice_rows = mean_std_rows({MODEL_LABELS[m]: values[m] for m in MODEL_LABELS if m in values},
+                              DICE_KEYS)
     tests = {}
     for a, b in (("student_kd", "student_nokd"), (reference, "student_kd")):
         for key in DICE_KEYS:
             tests[f"{a} vs {b}: {key}"] = paired_test(values[a][key], values[b][key])
-    test_rows = [{"comparison": name.split(":")[0], "metric": name.split(": ")[1],
-                  "mean diff": f"{t['mean_difference']:+.4f}", "t": f"{t['statistic']:.3g}",
-                  "p": f"{t['p_value']:.3g}", "n": t["n"]} for name, t in tests.items()]
+    test_rows = [comparison_row(*name.split(": "), t, "+.4f") for name, t in tests.items()]
     kd_vs_nokd = tests["student_kd vs student_nokd: dice_mean"]
     kd_means, nokd_means = values["student_kd"]["dice_mean"], values["student_nokd"]["dice_mean"]
     wilcoxon = (paired_test(kd_means, nokd_means, method="wilcoxon")
@@ -679,8 +657,9 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
     # panel: middle slice of the first test volume
     views = recipe.views("test")
     predictions = read_predictions(sorted((run_dir / "evaluate").glob("predictions-rank*.h5")))
-    index, position = panel_slice(views, volumes[0])
-    item = views.get_view(index, 0)
+    indices = predictions[f"index/{volumes[0]}"]
+    position = len(indices) // 2
+    item = views.get_view(int(indices[position]), 0)
     image = item["image"][0].numpy()
     panel_models = [reference, "student_nokd", "student_kd"]
     overlays = [None, item["label"].numpy()] + [predictions[f"{m}/{volumes[0]}"][position]
