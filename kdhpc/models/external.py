@@ -349,6 +349,26 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def probe(key: str, name: str, call: Callable[[], Any], contract: str) -> Any:
+    """A user network's trial call, made before anything is written: any exception becomes a
+    ``ConfigError`` naming the config key, the network and the call this recipe makes."""
+    try:
+        with torch.no_grad():
+            return call()
+    except Exception as err:  # any failure of a user network's call: name the contract
+        raise ConfigError(f"{key}: {name!r} failed on a probe batch (this recipe calls "
+                          f"{contract}): {type(err).__name__}: {_first_line(err)}") from None
+
+
+def expect_output(key: str, name: str, output: Any, shape: tuple, contract: str,
+                  what: str = "a tensor") -> None:
+    """Refuse a probe output that is not a tensor of ``shape``, naming the key and the call."""
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != tuple(shape):
+        found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ConfigError(f"{key}: expected {name!r} to return {what} of shape {tuple(shape)} "
+                          f"(this recipe calls {contract}), found {found}")
+
+
 def build_run_network(model_cfg: Any, arch: str) -> nn.Module:
     """``arch`` (registry name or factory) built with ``model.<role>_kwargs`` when it is
     ``model.teacher`` / ``model.student`` itself, else with no arguments. Every failure is a

@@ -104,8 +104,8 @@ from kdhpc.metrics import enhancement_slice_metrics, paired_test, volume_table
 from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
 from kdhpc.models.edsr import TaskExperts
 from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
-                                   is_factory_spec, load_run_network, takes_task,
-                                   teacher_program)
+                                   expect_output, is_factory_spec, load_run_network, probe,
+                                   takes_task, teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
                           evaluate_volumes, expect_dataset, load_teacher, network_latency,
                           read_predictions, save_gathered, split_folder, teacher_stage,
@@ -588,20 +588,10 @@ def check_models(cfg: Config) -> None:
     for key, net in nets.items():
         name = str(program) if key == "model.teacher" and program is not None else (
             multitask if key == "model.multitask_student" else getattr(model, key[6:]))
-        call = "model(input, task)" if takes_task(net) else "model(input)"
-        try:
-            with torch.no_grad():
-                out = enhance(net.eval(), batch)
-        except Exception as err:  # any failure of a user network's call: name the contract
-            text = str(err).strip()
-            raise ConfigError(f"{key}: {name!r} failed on a probe batch (this recipe calls "
-                              f"{call} with input [B, 1, h, w]): {type(err).__name__}: "
-                              f"{text.splitlines()[0] if text else ''}") from None
-        if not isinstance(out, torch.Tensor) or out.shape != batch["input"].shape:
-            found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(f"{key}: expected {name!r} to return the input's shape "
-                              f"{tuple(batch['input'].shape)} (this recipe calls {call}), "
-                              f"found {found}")
+        call = ("model(input, task)" if takes_task(net) else "model(input)") + \
+            " with input [B, 1, h, w]"
+        out = probe(key, name, lambda: enhance(net.eval(), batch), call)
+        expect_output(key, name, out, batch["input"].shape, call, "the input's shape")
     if not takes_task(nets["model.multitask_student"]):
         raise ConfigError(f"model.multitask_student: expected a multi-task network whose forward "
                           f"takes a 'task' argument, found {multitask!r}")

@@ -107,8 +107,9 @@ from kdhpc.losses import (attention_transfer_loss, imitation_loss,
 from kdhpc.metrics import (VolumeMetricAccumulator, paired_test, reconstruction_slice_sums,
                            summarize, volume_metrics_from_sums)
 from kdhpc.models import DCCNN, VDSR, count_parameters, feature_layers
-from kdhpc.models.external import (build_run_network, check_distinct_roles, is_factory_spec,
-                                   load_run_network, role_of, teacher_program)
+from kdhpc.models.external import (build_run_network, check_distinct_roles, expect_output,
+                                   is_factory_spec, load_run_network, probe, role_of,
+                                   teacher_program)
 from kdhpc.models.taps import LayerPathError, LayerTaps
 from kdhpc.ops import attention_map
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
@@ -237,11 +238,6 @@ def build_network(cfg: Config, arch: str) -> nn.Module:
     return model
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _taps_of(model: nn.Module) -> LayerTaps | None:
     """The taps :func:`build_network` attached to ``model`` (or to the module a training
     engine wraps)."""
@@ -325,19 +321,11 @@ def check_models(cfg: Config) -> None:
     names = {role: str(program) if role == "teacher" and program is not None
              else getattr(model, role) for role in ROLES}
     for role, net in nets.items():
-        try:
-            with torch.no_grad():
-                output, outputs = (forward(net.eval(), batch, features=True) if attention
-                                   else (forward(net.eval(), batch), []))
-        except Exception as err:  # any failure of a user network's call: name the contract
-            raise ConfigError(f"model.{role}: {names[role]!r} failed on a probe batch "
-                              f"(this recipe calls {call_signature(cfg)}): "
-                              f"{type(err).__name__}: {_first_line(err)}") from None
-        if not isinstance(output, torch.Tensor) or output.shape != batch["input"].shape:
-            found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
-            raise ConfigError(f"model.{role}: expected {names[role]!r} to return a "
-                              f"tensor of shape {tuple(batch['input'].shape)} (this recipe "
-                              f"calls {call_signature(cfg)}), found {found}")
+        output, outputs = probe(f"model.{role}", names[role], lambda: (
+            forward(net.eval(), batch, features=True) if attention
+            else (forward(net.eval(), batch), [])), call_signature(cfg))
+        expect_output(f"model.{role}", names[role], output, batch["input"].shape,
+                      call_signature(cfg))
         shapes[role] = [tuple(t.shape[-2:]) if t.dim() == 4 else tuple(t.shape) for t in outputs]
     for i, (t, s) in enumerate(zip(shapes["teacher"], shapes["student"])):
         if t != s or len(t) != 2:

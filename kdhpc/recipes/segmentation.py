@@ -120,9 +120,9 @@ from kdhpc.teacher import teacher_source
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import count_parameters
-from kdhpc.models.external import (build_run_network, check_distinct_roles,
+from kdhpc.models.external import (build_run_network, check_distinct_roles, expect_output,
                                    full_resolution_logits, is_factory_spec, load_run_network,
-                                   logit_levels, teacher_program)
+                                   logit_levels, probe, teacher_program)
 from kdhpc.segment import EXPORT_FOLDER
 
 NUM_CLASSES = len(LABELS)
@@ -243,20 +243,10 @@ def check_models(cfg: Config) -> None:
     for role, net in nets.items():
         name = str(program) if role == "teacher" and program is not None else getattr(
             cfg.model, role)
-        try:
-            with torch.no_grad():
-                levels[role] = logit_levels(net.eval()(x))
-        except Exception as err:  # any failure of a user network's call: name the contract
-            text = str(err).strip()
-            raise ConfigError(f"model.{role}: {name!r} failed on a probe batch (this recipe "
-                              f"calls {CALL}): {type(err).__name__}: "
-                              f"{text.splitlines()[0] if text else ''}") from None
+        levels[role] = probe(f"model.{role}", name, lambda: logit_levels(net.eval()(x)), CALL)
         for i, level in enumerate(levels[role]):
-            expected = (2, NUM_CLASSES, size >> i, size >> i)
-            if tuple(level.shape) != expected:
-                raise ConfigError(f"model.{role}: expected {name!r} to return level {i} of shape "
-                                  f"{expected} for a batch [2, 1, {size}, {size}] (this recipe "
-                                  f"calls {CALL}), found {tuple(level.shape)}")
+            expect_output(f"model.{role}", name, level, (2, NUM_CLASSES, size >> i, size >> i),
+                          CALL, f"level {i}")
     if len(levels["teacher"]) < len(levels["student"]):
         raise ConfigError(f"model.student: expected at most as many deep-supervision levels as "
                           f"the teacher ({len(levels['teacher'])}; KD pairs level i with level "
