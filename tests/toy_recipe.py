@@ -16,9 +16,11 @@ from torch import nn
 
 from kdhpc.config import Config, ConfigError
 from kdhpc.metrics import paired_test, psnr
-from kdhpc.recipe import TRAIN_KEYS, Recipe, Run, Stage, teacher_stage
+from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, evaluate_volumes, teacher_stage,
+                          train_network)
+from kdhpc.runtime import gather
 from kdhpc.teacher import StreamTeacher
-from kdhpc.train import load_weights, seed_everything, train
+from kdhpc.train import load_weights
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 VOLUMES, SLICES, SIZE = 10, 2, 8
@@ -85,29 +87,28 @@ def kd_loss(alpha: float):
 
 def fit(arch: str, alpha: float, with_teacher: bool):
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        seed_everything(run.cfg.train.seed)
-        teacher = (StreamTeacher(network(run, "teacher"), lambda m, b: {"output": m(b["input"])})
+        teacher = (lambda: StreamTeacher(network(run, "teacher"),
+                                         lambda m, b: {"output": m(b["input"])})
                    if with_teacher else None)
-        model = NETWORKS[getattr(run.cfg.model, arch)]()
-        result = train(run.cfg, model, kd_loss(alpha if with_teacher else 0.0),
-                       data(run, "train"), val_set=data(run, "val"), teacher=teacher,
-                       run_dir=stage_dir)
-        return {"arch": getattr(run.cfg.model, arch), "steps": result.steps,
-                "weights": str(result.best_weights.relative_to(run.run_dir))}
+        return train_network(run.cfg, stage_dir, getattr(run.cfg.model, arch),
+                             kd_loss(alpha if with_teacher else 0.0), data(run, "train"),
+                             data(run, "val"), build=lambda name: NETWORKS[name](),
+                             teacher=teacher)
     return run_stage
 
 
 def evaluate(split: str):
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        views = data(run, split)
-        out = {}
-        with torch.inference_mode():
-            for row, stage in (("teacher", "teacher"), ("no_kd", "student"),
-                               ("student", "student_kd")):
-                pred = network(run, stage)(torch.from_numpy(views.inputs)).numpy()
-                cut = [slice(v * SLICES, (v + 1) * SLICES) for v in range(VOLUMES)]
-                out[row] = [psnr(views.targets[c, 0], pred[c, 0], 1.0) for c in cut]
-        return {"psnr": out}
+        nets = {row: network(run, stage) for row, stage in
+                (("teacher", "teacher"), ("no_kd", "student"), ("student", "student_kd"))}
+        rows = gather(evaluate_volumes(
+            data(run, split), nets, 8, lambda net, batch: net(batch["input"]),
+            lambda volume, items, batch, out: [
+                {"volume": int(volume), "row": row,
+                 "psnr": psnr(batch["target"][:, 0].numpy(), pred[:, 0].numpy(), 1.0)}
+                for row, pred in out.items()]))
+        return {"psnr": {row: [r["psnr"] for r in sorted(rows, key=lambda r: r["volume"])
+                               if r["row"] == row] for row in nets}}
     return run_stage
 
 
