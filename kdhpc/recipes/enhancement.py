@@ -21,8 +21,9 @@ training view, shared by EDSR students at each alpha of ``loss.alpha_grid``; alp
 student (trained on the input/reference pairs only); all students start from the same initial
 weights. Task-based KD: an EDSR denoising (DNE) expert and an EDSR super-resolution (SRE) expert
 (``model.experts`` may name trained ones, DNE first, as files or ``pretrained:<name>``; without
-them the expert of ``degrade.task`` is the no-KD student itself, trained identically), one cache of the *routed* experts (:class:`TaskExperts`:
-each view's task picks its expert) over the mixed training set, and the multi-task sibling of
+them the expert of ``degrade.task`` is the no-KD student itself, trained identically), one
+cache of the *routed* experts (:class:`kdhpc.models.edsr.TaskExperts`: each view's task picks
+its expert) over the mixed training set, and the multi-task sibling of
 ``model.student`` (``edsr_small`` -> ``edsr_multitask_small``: FiLM conditioning by a learned
 per-task embedding, see :mod:`kdhpc.models.edsr`) trained on the mixed pairs without KD and with
 KD at ``loss.alpha`` (the paper's multi-task figure uses 0.75).
@@ -31,13 +32,13 @@ Loss (:func:`kdhpc.losses.enhancement_loss`):
 ``alpha * L1(S, T) + (1 - alpha) * (l1_weight L1 + ssim_weight (1 - SSIM) + perceptual_weight P)``.
 The perceptual term P compares frozen features of an MRI-trained network, nothing downloaded:
 ``loss.perceptual_checkpoint`` (a state dict of the ``model.teacher`` architecture) when given,
-else the trained SwinIR teacher; its *early layers* (:class:`EarlyLayers`: the input conv and
-the first :data:`PERCEPTUAL_DEPTH` Swin layer(s), or residual block(s) for an EDSR) give the
+else the trained SwinIR teacher; its *early layers* (:class:`kdhpc.losses.EarlyLayers`: the input conv and
+the first :data:`kdhpc.losses.PERCEPTUAL_DEPTH` Swin layer(s), or residual block(s) for an EDSR) give the
 features. Every EDSR (students, experts, multi-task) uses that same feature network, so their
 data terms are identical; the SwinIR teacher itself is trained without P unless a checkpoint
 is given (it cannot judge itself before it is trained), and the report says so.
 
-Data (:class:`EnhancementViews`, a wrapper of :class:`kdhpc.data.views.SliceViews` and its
+Data (:class:`kdhpc.data.views.EnhancementViews`, a wrapper of :class:`kdhpc.data.views.SliceViews` and its
 conventions): fastMRI-layout volumes (the default brain set, or ``data.dataset: fastmri`` with
 ``data.root`` holding ``<challenge>_<split>/`` or ``<split>/`` folders); targets are the files'
 reconstructions, centre-cropped to ``data.crop`` and divided by the volume maximum; a view
@@ -57,14 +58,15 @@ data range = the volume's target maximum) and SNR in ROIs (:func:`kdhpc.metrics.
 mean over a tissue ROI / sample std over the background ROI of the same slice. ROIs come from
 the ``tissue`` label map in the files (default data: 0 background, 1 CSF, 2 GM, 3 WM; a user's
 fastMRI files may carry the same dataset): tissue ROIs GM and WM, background = label 0 farther
-than :data:`ROI_MARGIN` pixels from the head. Without a label map, ROIs are automatic
-(:func:`roi_labels`). Comparisons are paired over test volumes (:func:`volume_values`: PSNR
+than :data:`kdhpc.metrics.ROI_MARGIN` pixels from the head. Without a label map, ROIs are
+automatic (:func:`kdhpc.metrics.roi_labels`). Comparisons are paired over test volumes (:func:`volume_values`: PSNR
 of the whole volume, mean SSIM and mean SNR over its slices and ROIs), with the 95% CI of the
 mean difference; "KD >= no-KD" is also tested one-sided; the p-values of the several alphas are
 not corrected for multiple comparisons. A linear mixed model (SNR ~ model, random intercept per
 (slice, ROI) unit; the paper's random-effects model) is added when statsmodels imports.
-Timing: per-slice inference of SwinIR and EDSR on the same :data:`TIMING_SLICES` test inputs,
-``eval.latency_repeats`` paired repeats (order alternating), paired t-test and speed ratio.
+Timing: per-slice inference of SwinIR and EDSR on one whole test slice
+(:func:`kdhpc.recipe.network_latency`: called in turn for ``eval.latency_repeats`` rounds, the
+speed ratio from the minima, at one thread and all threads).
 
 The multi-task student is derived from ``model.student`` (:func:`multitask_arch`), or named by
 ``model.multitask_student``.

@@ -29,10 +29,11 @@ Stages (declared in :func:`stages`, run by :func:`kdhpc.recipe.execute`, each re
   volume (one volume = one patient frame) from :func:`kdhpc.metrics.dice`, with
   ``|P| + |G| = 0`` counting 1; mean Dice = mean of the three. Predictions are saved in
   ``evaluate/predictions-rankRRRRR.h5``.
-- ``speed``: images/s of teacher and student at ``S x S`` (``data.crop``), batch 1, one CPU
-  thread and all threads (and the GPU when present): median of ``eval.latency_repeats`` timed
-  calls after warm-up, on a real test slice; the 1-thread rows also give the rate from the
-  thread's CPU time, which a shared machine's load does not inflate.
+- ``speed``: images/s of teacher and student at ``S x S`` (``data.crop``), batch 1, on a real
+  test slice, one CPU thread and all threads (and the GPU when present)
+  (:func:`kdhpc.recipe.network_latency`: called in turn for ``eval.latency_repeats`` rounds,
+  images/s from the minimum per call, the median beside it, a row flagged when the machine's
+  load makes it unreliable).
 - ``export``: the KD student (full-resolution logits) as TorchScript, and as ONNX when ``onnx``
   and ``onnxscript`` are installed (:func:`kdhpc.export.export_segmenter`: parity on a random
   input and CPU latency beside eager), each reloaded and checked against the eager model on
