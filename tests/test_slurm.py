@@ -314,7 +314,7 @@ def test_segmentation_alpha_temperature_sweep_runs_on_slurm(cluster, tmp_path):
     for alpha in ("0.5", "1"):
         weights = []
         for t in ("1", "4"):
-            record = json.loads((sweep_dir / "trials" / f"alpha{alpha}-temperature{t}" /
-                                 "student_kd" / "stage.json").read_text())["result"]
-            weights.append(Path(record["weights"]).read_bytes())
+            trial = sweep_dir / "trials" / f"alpha{alpha}-temperature{t}"
+            record = json.loads((trial / "student_kd" / "stage.json").read_text())["result"]
+            weights.append((trial / record["weights"]).read_bytes())  # run-relative
         assert weights[0] != weights[1]
