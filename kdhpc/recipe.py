@@ -414,6 +414,20 @@ def train_network(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, tr
             "best_value": result.best_value, "best_step": result.best_step}
 
 
+def load_network(arch: str, weights: str | os.PathLike, cfg: Config | None = None,
+                 foreign: bool | None = None):
+    """``arch`` with the weights at ``weights`` (eval mode), built and loaded as
+    :func:`kdhpc.models.external.load_run_network` does with ``cfg``'s model section (factory
+    keyword arguments; ``model.teacher_checkpoint`` in its layouts, or a TorchScript /
+    torch.export teacher); without ``cfg``: the network with its defaults and a plain state
+    dict."""
+    from kdhpc.models.external import load_run_network
+
+    if cfg is None:
+        return load_run_network(Config().model, arch, weights, foreign=False)
+    return load_run_network(cfg.model, arch, weights, foreign=foreign)
+
+
 def load_teacher(load: Callable[[Config, str, Path], Any]) -> Callable[["Run", Path], dict]:
     """The teacher stage of a run with ``model.teacher_checkpoint``: the file resolved and
     checked (:func:`kdhpc.teacher.pretrained.resolve_teacher_checkpoint`), loaded by the

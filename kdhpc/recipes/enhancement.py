@@ -106,10 +106,10 @@ from kdhpc.metrics import enhancement_slice_metrics, paired_test, volume_table
 from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
 from kdhpc.models.edsr import TaskExperts
 from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
-                                   expect_output, is_factory_spec, load_run_network, probe,
+                                   expect_output, is_factory_spec, probe,
                                    takes_task, teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, load_teacher, network_latency,
+                          evaluate_volumes, expect_dataset, load_network, load_teacher, network_latency,
                           read_predictions, save_gathered, split_folder, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.report import (latency_table, mean_std, number, save_panel, table, with_ci,
@@ -180,17 +180,6 @@ def alpha_name(alpha: float) -> str:
 def extract_output(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """The teacher targets this recipe distils: the enhanced image ``[B, 1, h, w]``."""
     return {OUTPUT_KEY: enhance(model, batch)}
-
-
-def load_network(arch: str, weights: str | Path, cfg: Config | None = None,
-                 foreign: bool | None = None) -> nn.Module:
-    """``arch`` with the weights at ``weights`` (eval mode), built and loaded as
-    :func:`kdhpc.models.external.load_run_network` does with ``cfg``'s model section (factory
-    keyword arguments; ``model.teacher_checkpoint`` in its layouts, or a TorchScript /
-    torch.export teacher); without ``cfg`` a network with its defaults and a plain state dict."""
-    if cfg is None:
-        return load_run_network(Config().model, arch, weights, foreign=False)
-    return load_run_network(cfg.model, arch, weights, foreign=foreign)
 
 
 def perceptual_network(cfg: Config, teacher: nn.Module | None) -> PerceptualLoss | None:

@@ -100,7 +100,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -113,7 +112,7 @@ from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, CardiacV
                              center_patch, download_split, is_acdc_download)
 from kdhpc.export import export_segmenter
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, load_teacher, network_latency,
+                          evaluate_volumes, expect_dataset, load_network, load_teacher, network_latency,
                           read_predictions, save_gathered, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
@@ -122,7 +121,7 @@ from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
 from kdhpc.models import count_parameters
 from kdhpc.models.external import (build_run_network, check_distinct_roles, expect_output,
-                                   full_resolution_logits, is_factory_spec, load_run_network,
+                                   full_resolution_logits, is_factory_spec,
                                    logit_levels, probe, teacher_program)
 from kdhpc.segment import EXPORT_FOLDER
 
@@ -214,16 +213,6 @@ CALL = ("model(image) with image [B, 1, S, S] (a z-scored slice), returning logi
         "[B, 4, S, S] or a list of deep-supervision logits [B, 4, S / 2^i, S / 2^i], highest "
         "resolution first")
 """How this recipe calls every network, registry or user-defined (a user network's contract)."""
-
-
-def load_network(arch: str, weights: str | os.PathLike, cfg: Config | None = None) -> nn.Module:
-    """``arch`` with the weights at ``weights`` (eval mode), built and loaded as
-    :func:`kdhpc.models.external.load_run_network` does with ``cfg``'s model section (factory
-    keyword arguments, the teacher checkpoint's layouts, a TorchScript / torch.export teacher);
-    without ``cfg``: the registry or factory network with its defaults and a plain state dict."""
-    if cfg is None:
-        return load_run_network(Config().model, arch, weights, foreign=False)
-    return load_run_network(cfg.model, arch, weights)
 
 
 def check_models(cfg: Config) -> None:
