@@ -85,18 +85,51 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     return markdown_table(rows, columns)
 
 
-def save_panel(images: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike,
-               rows: int = 1, cmap: str = "gray", vmax: Sequence[float | None] | None = None,
-               overlays: Sequence[np.ndarray | None] | None = None) -> Path:
-    """A grid of 2-D images with titles (qualitative figures); ``overlays`` are label maps drawn
-    as contours. Written through a temporary file."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write a figure through a temporary file (a reader never sees half a PNG)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_curves(curves: Mapping[str, Sequence[tuple[float, float, float]]],
+                levels: Mapping[str, tuple[float, str]], path: str | os.PathLike, xlabel: str,
+                ylabel: str, title: str) -> Path:
+    """A metric against a setting (alpha): one line per curve of ``(x, mean, error bar)``
+    points, and horizontal lines ``levels[label] = (y, linestyle)`` (teacher, baselines)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for label, points in curves.items():
+        x, y, err = zip(*sorted(points))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+    for (label, (y, style)), color in zip(levels.items(), ("k", "tab:green", "gray", "tab:red")):
+        ax.axhline(y, color=color, linestyle=style, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def save_panel(images: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike,
+               rows: int = 1, cmap: str = "gray", vmax: Sequence[float | None] | None = None,
+               overlays: Sequence[np.ndarray | None] | None = None) -> Path:
+    """A grid of 2-D images with titles (qualitative figures); ``overlays`` are label maps drawn
+    as contours. Written through a temporary file."""
     cols = int(np.ceil(len(images) / rows))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
@@ -108,10 +141,4 @@ def save_panel(images: Sequence[np.ndarray], titles: Sequence[str], path: str | 
             ax.contour(labels, levels=np.arange(0.5, labels.max() + 0.5), linewidths=0.8,
                        cmap="autumn")
         ax.set_title(titles[i], fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)

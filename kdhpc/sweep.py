@@ -846,43 +846,26 @@ def plot_sweep(plan: SweepPlan, done: dict[str, dict], metric: str,
                teacher: dict | None) -> Path:
     """``sweep.png``: ``metric`` (mean +- std) against alpha (else the first swept key), one
     line per value of the other swept keys, the teacher's mean as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from kdhpc.report import save_curves
 
     keys = [k for k, _ in plan.grid]
     x_key = ALPHA_KEY if ALPHA_KEY in keys else keys[0]
     other = [k for k in keys if k != x_key]
-    lines: dict[tuple, list[tuple[float, float, float]]] = {}
+    lines: dict[str, list[tuple[float, float, float]]] = {}
     for trial in plan.trials:
         if trial.name not in done:
             continue
         values = np.asarray(done[trial.name]["per_volume"]["student"][metric], dtype=float)
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        label = tuple((k, trial.point[k]) for k in other)
-        lines.setdefault(label, []).append((float(trial.point[x_key]), float(values.mean()), std))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, points in lines.items():
-        points.sort()
-        x, y, err = (np.array(v) for v in zip(*points))
-        name = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in label)
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name or "student")
-    if teacher is not None:
-        ax.axhline(float(np.mean(teacher[metric])), color="k", linestyle="--", label="teacher")
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(f"{metric} (validation, mean +- std)")
-    ax.set_title(f"sweep {plan.sweep_dir.name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plan.sweep_dir / "sweep.png"
-    tmp = path.with_name(f".sweep.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+        name = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_value(trial.point[k])}"
+                         for k in other)
+        lines.setdefault(name or "student", []).append(
+            (float(trial.point[x_key]), float(values.mean()), std))
+    levels = {} if teacher is None else {"teacher": (float(np.mean(teacher[metric])), "--")}
+    return save_curves(lines, levels, plan.sweep_dir / "sweep.png", x_key,
+                       f"{metric} (validation, mean +- std)", f"sweep {plan.sweep_dir.name}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,8 +112,8 @@ from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root
                           evaluate_volumes, expect_dataset, load_network, load_teacher, network_latency,
                           read_predictions, save_gathered, split_folder, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
-from kdhpc.report import (latency_table, mean_std, number, save_panel, table, with_ci,
-                          write_report)
+from kdhpc.report import (latency_table, mean_std, number, save_curves, save_panel, table,
+                          with_ci, write_report)
 from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher import cache_config, teacher_source
 from kdhpc.teacher.pretrained import resolve_teacher_checkpoint
@@ -818,35 +818,15 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
 
 
 def plot_alpha_curve(alpha_summary: list[dict], path: Path, task: str) -> Path:
-    """SNR (mean +- standard error over ROI units) vs alpha, with teacher, no-KD and input
-    lines; written through a temporary file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [e for e in alpha_summary if e["alpha"] is not None]
-    by_model = {e["model"]: e for e in alpha_summary}
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    alphas = [e["alpha"] for e in points]
-    means = [e["snr"] for e in points]
-    errors = [e["snr_std"] / math.sqrt(e["snr_n"]) if e["snr_n"] > 1 else 0.0 for e in points]
-    ax.errorbar(alphas, means, yerr=errors, marker="o", capsize=3, label="EDSR student")
-    for name, style in (("SwinIR teacher", "--"), ("input", ":")):
-        if name in by_model:
-            ax.axhline(by_model[name]["snr"], linestyle=style, color="gray" if name == "input"
-                       else "tab:red", label=name)
-    ax.axhline(points[0]["snr"], linestyle="-.", color="tab:green", label="EDSR no KD")
-    ax.set_xlabel("alpha (weight of the KD term)")
-    ax.set_ylabel("SNR in ROIs")
-    ax.set_title(f"{TASK_LABELS[task]}: SNR vs alpha")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    """SNR (mean +- standard error over test volumes) vs alpha, with the teacher, the no-KD
+    student and the input as levels."""
+    points = [(e["alpha"], e["snr"], e["snr_std"] / math.sqrt(e["snr_n"]) if e["snr_n"] > 1
+               else 0.0) for e in alpha_summary if e["alpha"] is not None]
+    by_model = {e["model"]: e["snr"] for e in alpha_summary}
+    levels = {"SwinIR teacher": (by_model["SwinIR teacher"], "--"),
+              "EDSR no KD": (points[0][1], "-."), "input": (by_model["input"], ":")}
+    return save_curves({"EDSR student": points}, levels, path, "alpha (weight of the KD term)",
+                       "SNR in ROIs", f"{TASK_LABELS[task]}: SNR vs alpha")
 
 
 def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: str,
