@@ -119,7 +119,6 @@ from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher import teacher_source
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
-from kdhpc.models import count_parameters
 from kdhpc.models.external import (build_run_network, check_distinct_roles, expect_output,
                                    full_resolution_logits, is_factory_spec,
                                    logit_levels, probe, teacher_program)
@@ -401,26 +400,6 @@ def per_model(rows: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# speed and export
-
-def speed_rows(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict]:
-    """images/s of each network at batch 1 on one CPU thread, all CPU threads and the GPU if any
-    (:func:`kdhpc.recipe.latency_rows`: the networks called in turn, round by round, minimum and
-    median per call; images/s from the minimum; a setting whose speed-up disagrees with the
-    one-thread one by more than 2x is marked unreliable)."""
-    rows = []
-    for row in network_latency(nets, {"image": x}, lambda net, batch: net(batch["image"]),
-                               repeats):
-        for name, net in nets.items():
-            rows.append({"model": name, "device": row["device"], "threads": row["threads"],
-                         "params": count_parameters(net), "ms": row[f"{name} min ms"],
-                         "median_ms": row[f"{name} median ms"],
-                         "images_per_s": 1e3 / row[f"{name} min ms"],
-                         "load": row["load"], "reliable": row["reliable"]})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # the recipe as data
 
 def _data(run: Run, stage_dir: Path) -> dict:
@@ -501,8 +480,9 @@ def _speed(run: Run, stage_dir: Path) -> dict:
         recipe = _recipe(run)
         views = recipe.views("test")
         x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
-        rows = speed_rows({"teacher": _network(run, "teacher"),
-                           "student": _network(run, "student_kd")}, x, run.cfg.eval.latency_repeats)
+        rows = network_latency({"teacher": _network(run, "teacher"),
+                                "student": _network(run, "student_kd")}, {"image": x},
+                               lambda net, batch: net(batch["image"]), run.cfg.eval.latency_repeats)
         return {"rows": rows, "size": recipe.size}
     return from_rank0(measure)
 
@@ -601,7 +581,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
                               speed: dict, exported: dict, results: dict,
                               elapsed: float) -> dict:
     """``report.md``, ``metrics.json`` and ``panel.png`` in ``run_dir``; returns the summary."""
-    from kdhpc.report import comparison_row, mean_std_rows, save_panel, table, write_report
+    from kdhpc.report import (comparison_row, latency_table, mean_std_rows, save_panel, table,
+                              write_report)
 
     values = per_model(rows)
     volumes = sorted({r["volume"] for r in rows})
@@ -622,17 +603,9 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
     goals = {"kd_ge_nokd": means["student_kd"] >= means["student_nokd"],
              "gap_to_teacher": gap, "gap_le_goal": gap <= GAP_GOAL}
 
-    speed_table = []
-    for row in speed["rows"]:
-        speed_table.append({"model": row["model"], "device": row["device"],
-                            "threads": row["threads"], "params": row["params"],
-                            "min ms/image": f"{row['ms']:.1f}",
-                            "median ms/image": f"{row['median_ms']:.1f}",
-                            "images/s": f"{row['images_per_s']:.1f}",
-                            "load": row["load"], "reliable": row["reliable"]})
-    one_thread = {r["model"]: r for r in speed["rows"]
-                  if r["device"] == "cpu" and r["threads"] == 1}
-    speedup = one_thread["student"]["images_per_s"] / one_thread["teacher"]["images_per_s"]
+    one_thread = speed["rows"][0]  # images/s from the minimum per call on one CPU thread
+    per_second = {m: 1e3 / one_thread[f"{m} min ms"] for m in ("teacher", "student")}
+    speedup = one_thread["speed-up"]
 
     # panel: middle slice of the first test volume
     views = recipe.views("test")
@@ -680,9 +653,9 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
         f"{'met' if goals['kd_ge_nokd'] else 'NOT met'}.",
         f"- {MODEL_LABELS[reference]} mean Dice {means[reference]:.4f}; gap to the KD student "
         f"{gap:+.4f}: goal <= {GAP_GOAL} {'met' if goals['gap_le_goal'] else 'NOT met'}.",
-        f"- student {one_thread['student']['images_per_s']:.1f} images/s on one CPU thread "
-        f"({'>=' if one_thread['student']['images_per_s'] >= 10 else '<'} 10, real time), "
-        f"{speedup:.1f}x the teacher's {one_thread['teacher']['images_per_s']:.1f} (same run).",
+        f"- student {per_second['student']:.1f} images/s on one CPU thread "
+        f"({'>=' if per_second['student'] >= 10 else '<'} 10, real time), "
+        f"{speedup:.1f}x the teacher's {per_second['teacher']:.1f} (same run).",
     ])
     export_lines = []
     for kind, check in exported.items():
@@ -705,10 +678,11 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
         ("Paired t-tests over test patients (not corrected for multiple comparisons)",
          table(test_rows)),
         (f"Speed at {recipe.size} x {recipe.size}, batch 1",
-         "Teacher and student called in turn, round by round; images/s from the minimum per "
-         "call (what the code can do), the median beside it (what a loaded machine gave); a "
-         "row whose speed-up disagrees with the one-thread row by more than 2x is marked "
-         "unreliable.\n\n" + table(speed_table)),
+         "Teacher and student called in turn, round by round; milliseconds per image, the "
+         "minimum (what the code can do) and the median (what a loaded machine gave); a row "
+         "whose speed-up disagrees with the one-thread row by more than 2x is marked unreliable. "
+         f"Parameters: teacher {results['teacher'].get('params', 'n/a'):,}, student "
+         f"{results['student_kd']['params']:,}.\n\n" + latency_table(speed["rows"])),
         ("Export", "\n".join(export_lines)),
         ("Panel", f"![panel]({panel.name}) test volume {volumes[0]}, slice {position}"),
         ("Wall time", f"This invocation: {elapsed:.1f} s.\n\n" + table(timing)),
