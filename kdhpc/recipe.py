@@ -107,6 +107,13 @@ class Run:
         path = Path(relative)
         return path if path.is_absolute() else self.run_dir / path
 
+    def network(self, stage: str) -> Any:
+        """The network stage ``stage`` trained or loaded (:func:`load_network` of its record's
+        ``arch`` and ``weights``), built once per run."""
+        result = self.results[stage]
+        return self.memo(("network", stage), lambda: load_network(
+            result["arch"], self.path(result["weights"]), self.cfg))
+
 
 def recipe_of(cfg: Config) -> Recipe:
     """The declaration of ``cfg.recipe``: a name of :data:`RECIPES`, or the dotted path of any

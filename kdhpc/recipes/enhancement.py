@@ -390,14 +390,8 @@ def _recipe(run: Run) -> "EnhancementData":
     return run.memo("recipe", lambda: EnhancementData(run.cfg, Path(run.results["data"]["root"])))
 
 
-def _network(run: Run, stage: str) -> nn.Module:
-    result = run.results[stage]
-    return run.memo(("net", stage), lambda: load_network(result["arch"],
-                                                         run.path(result["weights"]), run.cfg))
-
-
 def _perceptual(run: Run) -> PerceptualLoss | None:
-    return run.memo("perceptual", lambda: perceptual_network(run.cfg, _network(run, "teacher")))
+    return run.memo("perceptual", lambda: perceptual_network(run.cfg, run.network("teacher")))
 
 
 def _train(run: Run, stage_dir: Path, arch: str, train_set, val_set, alpha: float,
@@ -420,7 +414,7 @@ def _train_teacher(run: Run, stage_dir: Path) -> dict:
 
 def _fill_cache(run: Run, stage_dir: Path) -> dict:
     recipe = _recipe(run)
-    return cache_stage(run.cfg, _network(run, "teacher"), extract_output,
+    return cache_stage(run.cfg, run.network("teacher"), extract_output,
                        recipe.views("train", recipe.task))
 
 
@@ -428,7 +422,7 @@ def _model_student(alpha: Callable[[Config], float]) -> Callable[[Run, Path], di
     """A model-based EDSR student at ``alpha(cfg)`` (0: no KD) on ``degrade.task``."""
     def run_stage(run: Run, stage_dir: Path) -> dict:
         recipe, a = _recipe(run), alpha(run.cfg)
-        source = None if a == 0 else teacher_source(run.cfg, _network(run, "teacher"),
+        source = None if a == 0 else teacher_source(run.cfg, run.network("teacher"),
                                                     extract_output)
         return _train(run, stage_dir, run.cfg.model.student, recipe.views("train", recipe.task),
                       recipe.views("val", recipe.task), a, _perceptual(run), source)
@@ -455,7 +449,7 @@ def _expert(task: str) -> Callable[[Run, Path], dict]:
 
 
 def _experts(run: Run) -> TaskExperts:
-    return run.memo("experts", lambda: TaskExperts([_network(run, f"expert_{t}") for t in TASKS]))
+    return run.memo("experts", lambda: TaskExperts([run.network(f"expert_{t}") for t in TASKS]))
 
 
 def _expert_cache(run: Run) -> dict:
@@ -484,14 +478,14 @@ def _multitask(kd: bool) -> Callable[[Run, Path], dict]:
 def _evaluate(run: Run, stage_dir: Path) -> dict:
     recipe = _recipe(run)
     names = model_names(alpha_grid(run.cfg))
-    nets = {"input": None, names["teacher"]: _network(run, "teacher"),
-            **{names[a]: _network(run, alpha_name(a)) for a in alpha_grid(run.cfg)}}
+    nets = {"input": None, names["teacher"]: run.network("teacher"),
+            **{names[a]: run.network(alpha_name(a)) for a in alpha_grid(run.cfg)}}
     rows = evaluate_models(recipe.views("test", recipe.task), nets, run.cfg.eval.batch_size,
                            stage_dir / f"model_based-rank{rank():05d}.h5")
     for t in TASKS:
         nets = {"input": None, f"EDSR {TASK_LABELS[t]} expert": _experts(run).experts[
-            TASKS.index(t)], "multi-task EDSR no KD": _network(run, "multitask_nokd"),
-                "multi-task EDSR KD": _network(run, "multitask_kd")}
+            TASKS.index(t)], "multi-task EDSR no KD": run.network("multitask_nokd"),
+                "multi-task EDSR KD": run.network("multitask_kd")}
         rows += evaluate_models(recipe.views("test", t), nets, run.cfg.eval.batch_size,
                                 stage_dir / f"task_based_{t}-rank{rank():05d}.h5")
     return _save_rows(rows, stage_dir)
@@ -507,7 +501,7 @@ SWEEP_MODELS = {"teacher": "teacher", "no_kd": alpha_name(0.0), "student": "stud
 
 def _evaluate_val(run: Run, stage_dir: Path) -> dict:
     recipe = _recipe(run)
-    nets = {key: _network(run, stage) for key, stage in SWEEP_MODELS.items()}
+    nets = {key: run.network(stage) for key, stage in SWEEP_MODELS.items()}
     rows = evaluate_models(recipe.views("val", recipe.task, whole=True), nets,
                            run.cfg.eval.batch_size, stage_dir / f"val-rank{rank():05d}.h5")
     return _save_rows(rows, stage_dir)
@@ -517,8 +511,8 @@ def _timing(run: Run, stage_dir: Path) -> dict:
     def measure() -> dict:
         recipe = _recipe(run)
         one = default_collate([recipe.views("test", recipe.task).get_view(0, 0)])
-        return {"rows": network_latency({"SwinIR": _network(run, "teacher"),
-                                         "EDSR": _network(run, alpha_name(0.0))}, one, enhance,
+        return {"rows": network_latency({"SwinIR": run.network("teacher"),
+                                         "EDSR": run.network(alpha_name(0.0))}, one, enhance,
                                         run.cfg.eval.latency_repeats)}
     return from_rank0(measure)
 

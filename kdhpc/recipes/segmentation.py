@@ -420,12 +420,6 @@ def _recipe(run: Run) -> CardiacData:
     return run.memo("recipe", lambda: CardiacData(run.cfg, Path(run.results["data"]["root"])))
 
 
-def _network(run: Run, stage: str) -> nn.Module:
-    result = run.results[stage]
-    return run.memo(("net", stage), lambda: load_network(result["arch"],
-                                                         run.path(result["weights"]), run.cfg))
-
-
 def _train(run: Run, stage_dir: Path, arch: str, weight: float, teacher=None,
            whole: bool = False, cfg: Config | None = None) -> dict:
     """Students (and a trained teacher) on Dice + CE with KD weight ``weight``, selected on
@@ -445,13 +439,13 @@ def _train_teacher(run: Run, stage_dir: Path) -> dict:
 
 
 def _fill_cache(run: Run, stage_dir: Path) -> dict:
-    return cache_stage(run.cfg, _network(run, "teacher"), extract_logits,
+    return cache_stage(run.cfg, run.network("teacher"), extract_logits,
                        _recipe(run).views("train"))
 
 
 def _student(weight: Callable[[Config], float], kd: bool) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        source = (teacher_source(run.cfg, _network(run, "teacher"), extract_logits) if kd
+        source = (teacher_source(run.cfg, run.network("teacher"), extract_logits) if kd
                   else None)
         return _train(run, stage_dir, run.cfg.model.student, weight(run.cfg), source)
     return run_stage
@@ -462,9 +456,9 @@ STUDENTS = ("student_nokd", "student_kd")
 
 def _evaluate(split: str) -> Callable[[Run, Path], dict]:
     def run_stage(run: Run, stage_dir: Path) -> dict:
-        teacher = _network(run, "teacher")
+        teacher = run.network("teacher")
         nets = {"teacher_tta": (teacher, True), "teacher": (teacher, False),
-                **{k: (_network(run, k), False) for k in STUDENTS}}
+                **{k: (run.network(k), False) for k in STUDENTS}}
         if not run.cfg.eval.tta_flip:
             del nets["teacher_tta"]
         rows = evaluate_models(_recipe(run).views(split), nets, run.cfg.eval.batch_size,
@@ -480,8 +474,8 @@ def _speed(run: Run, stage_dir: Path) -> dict:
         recipe = _recipe(run)
         views = recipe.views("test")
         x = views.get_view(len(views) // 2, 0)["image"][None]  # [1, 1, S, S], a real slice
-        rows = network_latency({"teacher": _network(run, "teacher"),
-                                "student": _network(run, "student_kd")}, {"image": x},
+        rows = network_latency({"teacher": run.network("teacher"),
+                                "student": run.network("student_kd")}, {"image": x},
                                lambda net, batch: net(batch["image"]), run.cfg.eval.latency_repeats)
         return {"rows": rows, "size": recipe.size}
     return from_rank0(measure)
@@ -491,7 +485,7 @@ def _export(run: Run, stage_dir: Path) -> dict:
     def export() -> dict:
         views = _recipe(run).views("test")
         inputs = torch.stack([views.get_view(i, 0)["image"] for i in range(min(4, len(views)))])
-        return export_segmenter(_network(run, "student_kd"), inputs,
+        return export_segmenter(run.network("student_kd"), inputs,
                                 stage_dir, log=run.stages.log)
     return from_rank0(export)
 
