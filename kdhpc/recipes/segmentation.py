@@ -119,6 +119,7 @@ from kdhpc.runtime import from_rank0, rank, world_size
 from kdhpc.teacher import teacher_source
 from kdhpc.losses import segmentation_kd_loss
 from kdhpc.metrics import dice, dice_counts, paired_test, summarize
+from kdhpc.models import count_parameters
 from kdhpc.models.external import (build_run_network, check_distinct_roles, expect_output,
                                    full_resolution_logits, is_factory_spec,
                                    logit_levels, probe, teacher_program)
@@ -494,6 +495,7 @@ def _report(run: Run, stage_dir: Path) -> dict:
     rows = json.loads(Path(run.results["evaluate"]["volumes_file"]).read_text())
     results = {name: run.results[name] for name in ("data", "teacher", *STUDENTS)}
     results["cache"] = run.results["teacher_cache"]
+    results["params"] = {k: count_parameters(run.network(k)) for k in ("teacher", "student_kd")}
     return from_rank0(lambda: write_segmentation_report(
         run.cfg, run.run_dir, _recipe(run), rows, run.results["speed"],
         run.results[EXPORT_FOLDER], results, sum(stage_seconds(run.run_dir).values())))
@@ -675,8 +677,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
          "Teacher and student called in turn, round by round; milliseconds per image, the "
          "minimum (what the code can do) and the median (what a loaded machine gave); a row "
          "whose speed-up disagrees with the one-thread row by more than 2x is marked unreliable. "
-         f"Parameters: teacher {results['teacher'].get('params', 'n/a'):,}, student "
-         f"{results['student_kd']['params']:,}.\n\n" + latency_table(speed["rows"])),
+         f"Parameters: teacher {results['params']['teacher']:,}, student "
+         f"{results['params']['student_kd']:,}.\n\n" + latency_table(speed["rows"])),
         ("Export", "\n".join(export_lines)),
         ("Panel", f"![panel]({panel.name}) test volume {volumes[0]}, slice {position}"),
         ("Wall time", f"This invocation: {elapsed:.1f} s.\n\n" + table(timing)),
