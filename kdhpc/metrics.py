@@ -56,7 +56,7 @@ the ``runstats`` package both projects use). ``paired_test`` gives paired t / Wi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -882,6 +882,49 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "ttest") -
             "ci95": [float(np.mean(diff)) - half, float(np.mean(diff)) + half],
             "n": int(sample_a.size)}
 
+
+
+def paired_units(a: Mapping[Any, float], b: Mapping[Any, float]) -> dict[str, Any]:
+    """:func:`paired_test` of ``a`` against ``b`` on the units (volumes) both have, plus
+    ``p_greater``, the one-sided p of a > b; equal samples give difference 0 and p 1, fewer
+    than 2 common units NaNs (a report row, not an error)."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return {"n": len(keys), "mean_difference": math.nan, "p_value": math.nan,
+                "p_greater": math.nan, "ci95": None}
+    x, y = [a[k] for k in keys], [b[k] for k in keys]
+    if np.allclose(x, y, rtol=0, atol=0):
+        return {"n": len(keys), "mean_difference": 0.0, "p_value": 1.0, "p_greater": 1.0,
+                "ci95": [0.0, 0.0]}
+    test = paired_test(x, y)
+    t, p = test["statistic"], test["p_value"]
+    return {**test, "p_greater": p / 2 if t > 0 else 1 - p / 2}
+
+
+def mixed_effects_table(units: Mapping[str, Mapping[Any, float]], value: str,
+                        reference: str) -> str:
+    """statsmodels' linear mixed model ``value ~ C(model)`` with a random intercept per unit
+    (``units[model][unit] = value``; the repeated-measures comparison of several models on the
+    same units), fixed effects against ``reference`` as markdown; a note when statsmodels is not
+    installed or the fit fails."""
+    try:
+        import pandas as pd
+        import statsmodels.formula.api as smf
+    except ImportError:
+        return ("statsmodels (or pandas) is not installed, so the linear mixed-effects model was "
+                "not fitted; the paired t-tests above stand in for it.")
+    frame = pd.DataFrame([{value: v, "model": m, "unit": str(k)}
+                          for m, values in units.items() for k, v in values.items()])
+    try:
+        fit = smf.mixedlm(f"{value} ~ C(model, Treatment(reference={reference!r}))", frame,
+                          groups=frame["unit"]).fit()
+    except Exception as err:  # a singular fit must not lose the rest of the report
+        return f"The mixed-effects model could not be fitted: {type(err).__name__}: {err}"
+    lines = ["| term | estimate | std err | p |", "|---|---|---|---|"]
+    for term in fit.fe_params.index:
+        lines.append(f"| {term} | {fit.fe_params[term]:+.4g} | {fit.bse[term]:.3g} | "
+                     f"{fit.pvalues[term]:.3g} |")
+    return "\n".join(lines)
 
 # ---------------------------------------------------------------------------------------------
 # enhancement: SNR in ROIs, per-slice and per-volume PSNR / SSIM

@@ -20,7 +20,7 @@ from kdhpc.recipe import Stages, read_predictions
 from kdhpc.config import Config, ConfigError, load_config
 from kdhpc.data.views import EnhancementViews, MultiTaskViews
 from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
-from kdhpc.metrics import ROI_MARGIN, roi_labels
+from kdhpc.metrics import ROI_MARGIN, paired_units, roi_labels
 from kdhpc.models import build_model
 from kdhpc.models.edsr import TaskExperts
 from kdhpc.recipes import enhancement as E
@@ -177,7 +177,7 @@ def test_paired_gives_the_one_sided_p_of_greater():
     rng = np.random.default_rng(3)
     a = {k: v for k, v in enumerate(rng.normal(1.0, 1.0, 12))}
     b = {k: v for k, v in enumerate(rng.normal(0.4, 1.0, 12))}
-    result = E.paired(a, b)
+    result = paired_units(a, b)
     x, y = [a[k] for k in range(12)], [b[k] for k in range(12)]
     assert result["p_greater"] == pytest.approx(
         scipy.stats.ttest_rel(x, y, alternative="greater").pvalue)

@@ -102,7 +102,8 @@ from kdhpc.config import Config, ConfigError
 from kdhpc.data.fastmri import FastMRISliceDataset
 from kdhpc.data.views import TASKS, EnhancementViews, MultiTaskViews
 from kdhpc.losses import EarlyLayers, PerceptualLoss, enhancement_loss
-from kdhpc.metrics import enhancement_slice_metrics, paired_test, volume_table
+from kdhpc.metrics import (enhancement_slice_metrics, mixed_effects_table, paired_units,
+                           volume_table)
 from kdhpc.models import EDSR, MODEL_NAMES, SwinIR
 from kdhpc.models.edsr import TaskExperts
 from kdhpc.models.external import (build_run_network, check_distinct_roles, enhance,
@@ -330,47 +331,6 @@ def volume_values(rows: list[dict], task: str, model: str, metric: str) -> dict[
         units.setdefault(row["volume"], []).extend(
             value for key, value in row.items() if key.startswith("snr_"))
     return {volume: float(np.mean(values)) for volume, values in units.items() if values}
-
-
-def paired(a: dict, b: dict) -> dict:
-    """Paired t-test of a against b on their common units (volumes), with the 95% CI of the
-    mean difference and the one-sided p of a > b."""
-    keys = sorted(set(a) & set(b))
-    if len(keys) < 2:
-        return {"n": len(keys), "mean_difference": math.nan, "p_value": math.nan,
-                "p_greater": math.nan, "ci95": None}
-    x, y = [a[k] for k in keys], [b[k] for k in keys]
-    if np.allclose(x, y, rtol=0, atol=0):
-        return {"n": len(keys), "mean_difference": 0.0, "p_value": 1.0, "p_greater": 1.0,
-                "ci95": [0.0, 0.0]}
-    test = paired_test(x, y)
-    t, p = test["statistic"], test["p_value"]
-    return {**test, "p_greater": p / 2 if t > 0 else 1 - p / 2}
-
-
-def mixed_model(rows: list[dict], task: str, models: Sequence[str], reference: str) -> str:
-    """statsmodels' linear mixed model ``snr ~ C(model)`` with a random intercept per (slice,
-    ROI) unit (the paper's random-effects comparison), as markdown; a note when statsmodels is
-    not installed."""
-    try:
-        import pandas as pd
-        import statsmodels.formula.api as smf
-    except ImportError:
-        return ("statsmodels (or pandas) is not installed, so the linear mixed-effects model was "
-                "not fitted; the paired t-tests above stand in for it.")
-    data = [{"snr": v, "model": m, "unit": f"{k[0]}|{k[1]}"}
-            for m in models for k, v in snr_units(rows, task, m).items()]
-    frame = pd.DataFrame(data)
-    try:
-        fit = smf.mixedlm(f"snr ~ C(model, Treatment(reference={reference!r}))", frame,
-                          groups=frame["unit"]).fit()
-    except Exception as err:  # a singular fit must not lose the rest of the report
-        return f"The mixed-effects model could not be fitted: {type(err).__name__}: {err}"
-    lines = ["| term | estimate | std err | p |", "|---|---|---|---|"]
-    for term in fit.fe_params.index:
-        lines.append(f"| {term} | {fit.fe_params[term]:+.4g} | {fit.bse[term]:.3g} | "
-                     f"{fit.pvalues[term]:.3g} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,10 +643,10 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
                "SSIM (vol)": s["ssim_text"]}
         entry = {"model": model, "alpha": key if isinstance(key, float) else None, **s}
         if isinstance(key, float) and key > 0:
-            vs = paired(volume_values(rows, task, model, "snr"), nokd_snr)
-            vs_psnr = paired(volume_values(rows, task, model, "psnr"),
+            vs = paired_units(volume_values(rows, task, model, "snr"), nokd_snr)
+            vs_psnr = paired_units(volume_values(rows, task, model, "psnr"),
                              volume_values(rows, task, nokd, "psnr"))
-            vs_teacher = paired(volume_values(rows, task, model, "snr"), teacher_snr)
+            vs_teacher = paired_units(volume_values(rows, task, model, "snr"), teacher_snr)
             row.update({"dSNR vs no-KD": with_ci(vs, "+.3f"),
                         "p (KD > no-KD)": number(vs["p_greater"]),
                         "dPSNR vs no-KD": with_ci(vs_psnr, "+.3f"),
@@ -694,7 +654,7 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
                         "p (SNR vs teacher, 2-sided)": number(vs_teacher["p_value"])})
             entry.update({"vs_nokd_snr": vs, "vs_nokd_psnr": vs_psnr, "vs_teacher_snr": vs_teacher})
         elif key == 0.0:
-            vs_teacher = paired(nokd_snr, teacher_snr)
+            vs_teacher = paired_units(nokd_snr, teacher_snr)
             row["p (SNR vs teacher, 2-sided)"] = number(vs_teacher["p_value"])
             entry["vs_teacher_snr"] = vs_teacher
         alpha_rows.append(row)
@@ -709,7 +669,7 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
                               "PSNR (vol)": s["psnr_text"], "SSIM (vol)": s["ssim_text"]})
             task_summary.append({"task": t, "model": model, **s})
         for other in ("multi-task EDSR no KD", expert):
-            test = {m: paired(volume_values(rows, t, "multi-task EDSR KD", m),
+            test = {m: paired_units(volume_values(rows, t, "multi-task EDSR KD", m),
                               volume_values(rows, t, other, m)) for m in ("psnr", "ssim", "snr")}
             task_tests.append({"task": t, "against": other, **test})
     test_rows = [{"task": TASK_LABELS[x["task"]], "comparison": f"multi-task KD vs {x['against']}",
@@ -794,8 +754,9 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
                   f"ROIs); differences with the 95% CI of the paired mean difference."),
         ("Model-based KD (alpha table)", table(alpha_rows, ALPHA_COLUMNS)),
         ("Alpha curve", f"![SNR vs alpha]({curve.name})"),
-        ("Mixed-effects model (SNR)", mixed_model(
-            rows, task, [names["teacher"], *[names[a] for a in grid]], nokd)),
+        ("Mixed-effects model (SNR)", mixed_effects_table(
+            {m: snr_units(rows, task, m) for m in [names["teacher"], *[names[a] for a in grid]]},
+            "snr", nokd)),
         ("Task-based KD", table(task_rows) + "\n\n" + table(test_rows)),
         ("Inference time", timing_text),
         ("Findings", "\n".join(findings)),
