@@ -394,7 +394,8 @@ def split_folder(cfg: Config, root: Path, split: str) -> Path:
 
 def train_network(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, train_set,
                   val_set=None, *, build: Callable[[str], Any] | None = None,
-                  teacher: Callable[[], Any] | None = None, eval_fn: Callable | None = None, volume_metrics: Callable | None = None,
+                  teacher: Callable[[], Any] | None = None, eval_fn: Callable | None = None,
+                  volume_metrics: Callable | None = None,
                   init: str | None = None) -> dict:
     """Every training stage: ``arch`` built by ``build`` (default: the registry or a factory,
     :func:`kdhpc.models.external.build_run_network`) from the seed's initial weights (the same
@@ -416,7 +417,8 @@ def train_network(cfg: Config, stage_dir: Path, arch: str, loss_fn: Callable, tr
                    teacher=teacher() if teacher is not None else None, eval_fn=eval_fn,
                    volume_metrics=volume_metrics, run_dir=stage_dir)
     return {"arch": arch, "weights": str(result.best_weights.relative_to(cfg.run_dir)),
-            "sha256": teacher_fingerprint(load_weights(result.best_weights)), "trained": True, "params": count_parameters(model), "steps": result.steps,
+            "sha256": teacher_fingerprint(load_weights(result.best_weights)), "trained": True,
+            "params": count_parameters(model), "steps": result.steps,
             "resumed_from": result.resumed_from, "best_metric": result.best_metric,
             "best_value": result.best_value, "best_step": result.best_step}
 
@@ -525,58 +527,60 @@ def evaluate_volumes(views, models: dict[str, Any], batch_size: int,
     slices collated and ``predictions`` model name -> ``[S, ...]`` tensor. ``volume_name(index)``
     names an item's volume (default ``str(views.volume_of(index))``).
 
-    With ``predictions`` (a path) every prediction is written there (HDF5, through a temporary
-    name) as ``<model>/<volume>``, beside ``index/<volume>`` (the items' dataset indices) and the
-    arrays ``keep(batch)`` adds as ``<key>/<volume>``. Returns this rank's rows
-    (:func:`save_gathered` collects every rank's)."""
+    With ``predictions`` (a path) every prediction is written there volume by volume (HDF5,
+    through a temporary name; float64 kept as float32: figures and re-checks read them, the
+    scores are computed before) as ``<model>/<volume>``, beside ``index/<volume>`` (the items'
+    dataset indices) and the arrays ``keep(batch)`` adds as ``<key>/<volume>``. Returns this
+    rank's rows (:func:`save_gathered` collects every rank's)."""
+    import contextlib
+
+    import h5py
+    import numpy as np
+    import torch
     from torch.utils.data import default_collate
 
     from kdhpc.train import rank_volume_indices, volume_ids
-    import torch
 
     volumes = volume_ids(views)
     by_volume: dict[int, list[int]] = {}
     for index in rank_volume_indices(volumes, rank(), world_size()):
         by_volume.setdefault(volumes[index], []).append(index)
     rows: list[dict] = []
-    saved: dict[str, Any] = {}
-    with torch.inference_mode():
+    tmp = None if predictions is None else predictions.with_name(f".{predictions.name}.tmp")
+    with (contextlib.nullcontext() if tmp is None else h5py.File(tmp, "w")) as kept, \
+            torch.inference_mode():
         for items in by_volume.values():
             name = volume_name(items[0]) if volume_name else str(views.volume_of(items[0]))
-            loaded = [views.get_view(i, 0) for i in items]
-            parts = [default_collate(loaded[k:k + batch_size])
-                     for k in range(0, len(loaded), batch_size)]
-            batch = default_collate(loaded)
+            batch = default_collate([views.get_view(i, 0) for i in items])
+            parts = [{key: value[k:k + batch_size] for key, value in batch.items()}
+                     for k in range(0, len(items), batch_size)]
             outputs = {key: torch.cat([predict(model, part) for part in parts])
                        for key, model in models.items()}
             rows += score(name, items, batch, outputs)
-            if predictions is not None:
+            if kept is not None:
                 arrays = {"index": torch.tensor(items), **(keep(batch) if keep else {}),
                           **outputs}
-                saved.update({f"{key}/{name}": value.cpu().numpy()
-                              for key, value in arrays.items()})
-    if predictions is not None:
-        import h5py
-
-        tmp = predictions.with_name(f".{predictions.name}.tmp")
-        with h5py.File(tmp, "w") as f:
-            for key, value in saved.items():
-                f[key] = value
+                for key, value in arrays.items():
+                    value = value.cpu().numpy()
+                    kept[f"{key}/{name}"] = (value.astype(np.float32)
+                                             if value.dtype == np.float64 else value)
+    if tmp is not None:
         tmp.replace(predictions)
     return rows
 
 
-def read_predictions(files) -> dict[str, Any]:
+def read_predictions(files, volume: str | None = None) -> dict[str, Any]:
     """The arrays :func:`evaluate_volumes` kept in ``files`` (every rank's), ``<key>/<volume>``
-    -> numpy array."""
+    -> numpy array; only ``volume``'s when given."""
     import h5py
 
     out: dict[str, Any] = {}
     for path in files:
         with h5py.File(path, "r") as f:
             for key in f:
-                for volume in f[key]:
-                    out[f"{key}/{volume}"] = f[key][volume][()]
+                for name in f[key] if volume is None else [volume]:
+                    if name in f[key]:
+                        out[f"{key}/{name}"] = f[key][name][()]
     return out
 
 

@@ -32,13 +32,15 @@ Loss (:func:`kdhpc.losses.enhancement_loss`):
 ``alpha * L1(S, T) + (1 - alpha) * (l1_weight L1 + ssim_weight (1 - SSIM) + perceptual_weight P)``.
 The perceptual term P compares frozen features of an MRI-trained network, nothing downloaded:
 ``loss.perceptual_checkpoint`` (a state dict of the ``model.teacher`` architecture) when given,
-else the trained SwinIR teacher; its *early layers* (:class:`kdhpc.losses.EarlyLayers`: the input conv and
-the first :data:`kdhpc.losses.PERCEPTUAL_DEPTH` Swin layer(s), or residual block(s) for an EDSR) give the
+else the trained SwinIR teacher; its *early layers* (:class:`kdhpc.losses.EarlyLayers`: the
+input conv and the first :data:`kdhpc.losses.PERCEPTUAL_DEPTH` Swin layer(s), or residual
+block(s) for an EDSR) give the
 features. Every EDSR (students, experts, multi-task) uses that same feature network, so their
 data terms are identical; the SwinIR teacher itself is trained without P unless a checkpoint
 is given (it cannot judge itself before it is trained), and the report says so.
 
-Data (:class:`kdhpc.data.views.EnhancementViews`, a wrapper of :class:`kdhpc.data.views.SliceViews` and its
+Data (:class:`kdhpc.data.views.EnhancementViews`, a wrapper of
+:class:`kdhpc.data.views.SliceViews` and its
 conventions): fastMRI-layout volumes (the default brain set, or ``data.dataset: fastmri`` with
 ``data.root`` holding ``<challenge>_<split>/`` or ``<split>/`` folders); targets are the files'
 reconstructions, centre-cropped to ``data.crop`` and divided by the volume maximum; a view
@@ -59,7 +61,8 @@ mean over a tissue ROI / sample std over the background ROI of the same slice. R
 the ``tissue`` label map in the files (default data: 0 background, 1 CSF, 2 GM, 3 WM; a user's
 fastMRI files may carry the same dataset): tissue ROIs GM and WM, background = label 0 farther
 than :data:`kdhpc.metrics.ROI_MARGIN` pixels from the head. Without a label map, ROIs are
-automatic (:func:`kdhpc.metrics.roi_labels`). Comparisons are paired over test volumes (:func:`volume_values`: PSNR
+automatic (:func:`kdhpc.metrics.roi_labels`). Comparisons are paired over test volumes
+(:func:`volume_values`: PSNR
 of the whole volume, mean SSIM and mean SNR over its slices and ROIs), with the 95% CI of the
 mean difference; "KD >= no-KD" is also tested one-sided; the p-values of the several alphas are
 not corrected for multiple comparisons. A linear mixed model (SNR ~ model, random intercept per
@@ -110,7 +113,8 @@ from kdhpc.models.external import (build_run_network, check_distinct_roles, enha
                                    expect_output, is_factory_spec, probe,
                                    takes_task, teacher_program)
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, load_network, load_teacher, network_latency,
+                          evaluate_volumes, expect_dataset, load_network, load_teacher,
+                          network_latency,
                           read_predictions, save_gathered, split_folder, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.report import (latency_table, mean_std, number, save_curves, save_panel, table,
@@ -486,7 +490,7 @@ def _report(run: Run, stage_dir: Path) -> dict:
                "cache": run.results["teacher_cache"], "data": run.results["data"]}
     return from_rank0(lambda: write_enhancement_report(
         run.cfg, run.run_dir, json.loads(Path(run.results["evaluate"]["slices"]).read_text()),
-        run.results["timing"], grid, results, [run.run_dir / "evaluate"]))
+        run.results["timing"], grid, results, run.run_dir / "evaluate"))
 
 
 def check_config(cfg: Config) -> None:
@@ -613,7 +617,7 @@ def model_names(grid: Sequence[float]) -> dict:
 
 def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timing: dict,
                              grid: Sequence[float], results: dict,
-                             prediction_dirs: Sequence[Path]) -> dict:
+                             evaluate_dir: Path) -> dict:
     """report.md, metrics.json, alpha_curve.png and example panels in ``run_dir``; returns the
     summary (alpha table, task table, timing)."""
     task = model_task(cfg)
@@ -680,7 +684,7 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
 
     curve = run_dir / "alpha_curve.png"
     plot_alpha_curve(alpha_summary, curve, task)
-    panels = save_example_panels(prediction_dirs, run_dir, task, names, grid)
+    panels = save_example_panels(evaluate_dir, run_dir, rows, task, names, grid)
 
     ratio = timing["rows"][0]["speed-up"]
     timing_text = (
@@ -711,13 +715,18 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
     shipped_experts = all(e.get("trained") is False for e in results["experts"].values())
     n_test = len({r["volume"] for r in rows if r["task"] == task})
     n_slices = len({r["slice"] for r in rows if r["task"] == task})
+    teacher_steps = (teacher_res.get("steps", "?") if teacher_res.get("trained", True)
+                     else "its shipped steps")
+    features = ("user checkpoint" if cfg.loss.perceptual_checkpoint
+                else "SwinIR teacher early layers")
     limits = (
         f"This schedule trains each EDSR student"
         f"{'' if shipped_experts else ' and expert'} for {students[0.0].get('steps', '?')} "
         f"optimiser steps (the multi-task EDSRs for "
         f"{results['multitask']['nokd'].get('steps', '?')} on both tasks' pairs, the SwinIR "
-        f"teacher for {teacher_res.get('steps', '?') if teacher_res.get('trained', True) else 'its shipped steps'}"
-        f"{'; the experts are the given model.experts' if shipped_experts else ''}) of batch {cfg.train.batch_size} "
+        f"teacher for {teacher_steps}"
+        f"{'; the experts are the given model.experts' if shipped_experts else ''}) of batch "
+        f"{cfg.train.batch_size} "
         f"({cfg.data.patch_size}-pixel patches) on "
         f"{results['data']['train_slices']} training slices and tests on {n_slices} slices of "
         f"{n_test} volume(s): far from convergence and from the paper's data, so it shows the "
@@ -726,7 +735,8 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
         f"(see the table), in which case distilling it cannot be expected to help. Paired tests "
         f"are over the {n_test} test volumes; the p-values of the several alphas and tests are "
         f"not corrected for multiple comparisons; one training seed per model means "
-        f"seed-to-seed variation is not measured within a run. Timing is for the CPU sizes here, on a shared machine.")
+        f"seed-to-seed variation is not measured within a run. Timing is for the CPU sizes "
+        f"here, on a shared machine.")
     if not teacher_res.get("perceptual") and teacher_res.get("trained"):
         limits += (" The SwinIR teacher was trained without the perceptual term (no feature "
                    "network exists before it is trained; set loss.perceptual_checkpoint).")
@@ -747,7 +757,7 @@ def write_enhancement_report(cfg: Config, run_dir: Path, rows: list[dict], timin
                   f"alpha grid {list(grid)}; multi-task KD alpha {cfg.loss.alpha:g}; loss "
                   f"weights L1 {cfg.loss.l1_weight:g}, SSIM {cfg.loss.ssim_weight:g}, perceptual "
                   f"{cfg.loss.perceptual_weight:g} (features: "
-                  f"{'user checkpoint' if cfg.loss.perceptual_checkpoint else 'SwinIR teacher early layers'}); "
+                  f"{features}); "
                   f"teacher targets: {results['cache'].get('mode')}. SNR = mean(tissue ROI) / "
                   f"std(background ROI) per slice; PSNR/SSIM per volume (mean +- std over "
                   f"volumes); SNR mean +- std over volumes (each the mean of its slices' "
@@ -784,26 +794,25 @@ def plot_alpha_curve(alpha_summary: list[dict], path: Path, task: str) -> Path:
                        "SNR in ROIs", f"{TASK_LABELS[task]}: SNR vs alpha")
 
 
-def save_example_panels(prediction_dirs: Sequence[Path], out_dir: Path, task: str,
+def save_example_panels(evaluate_dir: Path, out_dir: Path, rows: list[dict], task: str,
                         names: dict, grid: Sequence[float]) -> list[Path]:
-    """One panel per evaluated group: the middle slice of the first volume rank 0 kept."""
-    groups = [("model_based", ["input", "target", names["teacher"], *[names[a] for a in grid]])]
+    """One panel per evaluated group: the middle slice of its task's first test volume."""
+    groups = [("model_based", task, ["input", "target", names["teacher"],
+                                     *[names[a] for a in grid]])]
     for t in TASKS:
-        groups.append((f"task_based_{t}", ["input", "target", f"EDSR {TASK_LABELS[t]} expert",
-                                           "multi-task EDSR no KD", "multi-task EDSR KD"]))
+        groups.append((f"task_based_{t}", t, ["input", "target", f"EDSR {TASK_LABELS[t]} expert",
+                                              "multi-task EDSR no KD", "multi-task EDSR KD"]))
     paths = []
-    for folder in prediction_dirs:
-        for group, models in groups:
-            file = folder / f"{group}-rank00000.h5"
-            if not file.is_file():
-                continue
-            saved = read_predictions([file])
-            volume = min(key.split("/", 1)[1] for key in saved if key.startswith("target/"))
-            images = [saved[f"{m}/{volume}"] for m in models]
-            j = images[0].shape[0] // 2
-            images = [image[j] for image in images]
-            paths.append(save_panel(images, models, out_dir / f"panel_{group}.png", rows=2,
-                                    vmax=[float(images[1].max())] * len(images)))
+    for group, group_task, models in groups:
+        volumes = sorted({r["volume"] for r in rows if r["task"] == group_task})
+        files = sorted(evaluate_dir.glob(f"{group}-rank*.h5"))
+        if not volumes or not files:
+            continue
+        saved = read_predictions(files, volumes[0])
+        images = [saved[f"{m}/{volumes[0]}"] for m in models]
+        images = [image[image.shape[0] // 2] for image in images]
+        paths.append(save_panel(images, models, out_dir / f"panel_{group}.png", rows=2,
+                                vmax=[float(images[1].max())] * len(images)))
     return paths
 
 

@@ -581,7 +581,8 @@ def write_recon_report(cfg: Config, run_dir: Path, evaluation: dict, latency: li
         ("Distillation gain", gap_text + "\n\n" + text["protocol"] + "\n\n" + table(test_rows)),
         ("Parameters", table(param_rows) + f"\n\nThe student has {100 * reduction:.1f}% fewer "
                        f"parameters."),
-        ("Latency per slice", latency_table(latency) + "\nBatch of one slice; teacher and student called in "
+        ("Latency per slice", latency_table(latency) + "\nBatch of one slice; teacher and "
+                              "student called in "
                               "turn, round by round, minimum and median per call; the speed-up "
                               "is from the minima, and a row whose speed-up disagrees with the "
                               "1-thread row by more than 2x is marked unreliable (a loaded "
@@ -819,11 +820,13 @@ def stages(cfg: Config) -> list[Stage]:
         *kd,
         *extra_cache,
         *extra_kd,
-        Stage("evaluate", evaluate_stage("test", _views, _networks), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate", evaluate_stage("test", _views, _networks), keys=("eval.batch_size",),
+              consumes=trained,
               use="test"),
         Stage("report", report_stage(_views, _networks, _steps, forward), keys=("eval", "loss"),
               consumes=("evaluate", *training_stages(cfg)), use="test"),
-        Stage("evaluate_val", evaluate_stage("val", _views, _networks), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate_val", evaluate_stage("val", _views, _networks),
+              keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]
 

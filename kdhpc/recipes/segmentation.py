@@ -112,7 +112,8 @@ from kdhpc.data.acdc import (DOWNLOAD_SPLITS, LABELS, ACDCSliceDataset, CardiacV
                              center_patch, download_split, is_acdc_download)
 from kdhpc.export import export_segmenter
 from kdhpc.recipe import (TRAIN_KEYS, Recipe, Run, Stage, cache_stage, data_root,
-                          evaluate_volumes, expect_dataset, load_network, load_teacher, network_latency,
+                          evaluate_volumes, expect_dataset, load_network, load_teacher,
+                          network_latency,
                           read_predictions, save_gathered, teacher_stage,
                           teacher_training_config, teacher_weights, train_network)
 from kdhpc.runtime import from_rank0, rank, world_size
@@ -605,7 +606,8 @@ def write_segmentation_report(cfg: Config, run_dir: Path, recipe: CardiacData, r
 
     # panel: middle slice of the first test volume
     views = recipe.views("test")
-    predictions = read_predictions(sorted((run_dir / "evaluate").glob("predictions-rank*.h5")))
+    predictions = read_predictions(sorted((run_dir / "evaluate").glob("predictions-rank*.h5")),
+                                   volumes[0])
     indices = predictions[f"index/{volumes[0]}"]
     position = len(indices) // 2
     item = views.get_view(int(indices[position]), 0)

@@ -298,14 +298,16 @@ def stages(cfg: Config) -> list[Stage]:
               keys=(*student_keys, *TRAIN_KEYS, *DATA_TERMS, *target_keys, "loss.alpha",
                     "loss.at_mode", "loss.cascade_weight", "loss.at_weight"),
               consumes=("data", "teacher", *cache)),
-        Stage("evaluate", evaluate_stage("test", _views, _networks, metric_images), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate", evaluate_stage("test", _views, _networks, metric_images),
+              keys=("eval.batch_size",), consumes=trained,
               use="test"),
         Stage("report", report_stage(_views, _networks, _steps,
                                      lambda net, batch: net(batch["kspace"], batch["mask"]),
                                      metric_images, describe_varnet),
               keys=("eval", "loss"), consumes=("evaluate", *trained),
               use="test"),
-        Stage("evaluate_val", evaluate_stage("val", _views, _networks, metric_images), keys=("eval.batch_size",), consumes=trained,
+        Stage("evaluate_val", evaluate_stage("val", _views, _networks, metric_images),
+              keys=("eval.batch_size",), consumes=trained,
               use="validation"),
     ]
 
